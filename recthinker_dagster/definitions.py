@@ -1,0 +1,39 @@
+"""The Dagster code location: ``dagster dev`` (with workspace.yaml) loads ``defs`` from here."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from recthinker_dagster.defs.datasets import build_dataset_assets
+from recthinker_dagster.defs.jobs import pipeline_jobs
+from recthinker_dagster.defs.model import base_model
+from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+
+DEFAULT_DATASETS = ("ml-1m", "amazon-cds")
+
+
+def configured_datasets() -> list[str]:
+    raw = os.environ.get("RECTHINKER_DATASETS", ",".join(DEFAULT_DATASETS))
+    return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def build_definitions(datasets: list[str] | None = None, resources: dict | None = None) -> dg.Definitions:
+    datasets = list(datasets or configured_datasets())
+    assets_and_checks = [base_model]
+    for dataset in datasets:
+        assets_and_checks.extend(build_dataset_assets(dataset))
+    assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
+    checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=pipeline_jobs(datasets),
+        resources=resources or {"paths": ProjectPaths(), "dvc": DVCVersioning(), "mlflow": MLflowTracking()},
+        # One process: steps share imports and the machine's two cores; DVC is locked anyway.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions()

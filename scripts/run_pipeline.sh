@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set everything up, then materialize the whole pipeline with one profile.
+#
+#   bash scripts/run_pipeline.sh [smoke|demo|full]     (default: demo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${1:-${RECTHINKER_PROFILE:-demo}}
+bash scripts/setup.sh
+export DAGSTER_HOME=${DAGSTER_HOME:-$(pwd)/dagster_home}
+echo "[run] dagster job execute -j pipeline_$PROFILE"
+.venv/bin/dagster job execute -m recthinker_dagster.definitions -j "pipeline_$PROFILE"

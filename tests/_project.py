@@ -1,0 +1,72 @@
+"""A throwaway RecThinker project (DVC repo, MLflow store, data folder) for Dagster tests."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@dataclass
+class Project:
+    root: Path
+    resources: dict
+
+    @property
+    def paths(self) -> ProjectPaths:
+        return self.resources["paths"]
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.resources["mlflow"].tracking_uri
+
+
+def make_project(root: Path) -> Project:
+    from dvc.repo import Repo
+
+    root.mkdir(parents=True, exist_ok=True)
+    Repo.init(str(root), no_scm=True)
+    with Repo(str(root)) as repo:
+        with repo.config.edit() as conf:
+            conf["remote"]["local"] = {"url": str(root / "dvc_remote")}
+            conf["core"]["remote"] = "local"
+    resources = {
+        "paths": ProjectPaths(root=str(root), data_dir=str(root / "data"), cache_dir=str(REPO_ROOT / ".cache")),
+        "dvc": DVCVersioning(root=str(root)),
+        "mlflow": MLflowTracking(
+            tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", artifact_root=str(root / "mlflow" / "artifacts")
+        ),
+    }
+    return Project(root, resources)
+
+
+def write_small_movielens(folder: Path, n_lines: int = 4000) -> None:
+    """The first ``n_lines`` real ML-1M ratings plus the full movies and users files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(SHARED_DATA / "ml-1m" / "ratings.dat.gz", "rb") as handle:
+        lines = [next(handle) for _ in range(n_lines)]
+    (folder / "ratings.dat").write_bytes(b"".join(lines))
+    for name in ("movies.dat", "users.dat"):
+        (folder / name).write_bytes(gzip.decompress((SHARED_DATA / "ml-1m" / f"{name}.gz").read_bytes()))
+
+
+def run_config(dataset: str, profile: str = "smoke", **task_overrides) -> dg.RunConfig:
+    from recthinker_dagster.defs.config import IngestConfig, TaskSplitConfig
+    from recthinker_dagster.defs.datasets import key_prefix
+
+    prefix = key_prefix(dataset)
+    return dg.RunConfig(
+        ops={
+            f"{prefix}__raw_dataset": IngestConfig(profile=profile, allow_download=False),
+            f"{prefix}__ingest": IngestConfig(profile=profile, allow_download=False),
+            f"{prefix}__task_splits": TaskSplitConfig(profile=profile, **task_overrides),
+        }
+    )

@@ -1,0 +1,133 @@
+"""Real Dagster runs of the ingestion and protocol assets: DVC versions, MLflow runs,
+blocking checks, and bad input that fails cleanly and keeps the last good artifacts."""
+
+from __future__ import annotations
+
+import dagster as dg
+import mlflow
+import polars as pl
+import pytest
+from _project import make_project, run_config, write_small_movielens
+
+from recthinker_dagster.defs import datasets as dataset_defs
+from recthinker_dagster.defs.datasets import build_dataset_assets
+
+
+def _materialize(project, dataset, config=None, raise_on_error=True):
+    return dg.materialize(
+        build_dataset_assets(dataset),
+        resources=project.resources,
+        run_config=config or run_config(dataset),
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=raise_on_error,
+    )
+
+
+def _parquet_bytes(project, asset, dataset, name=None):
+    return (project.paths.asset_dir(asset, dataset) / (name or f"{asset}.parquet")).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("synthetic-project"))
+    result = _materialize(project, "synthetic")
+    return project, result
+
+
+def test_synthetic_pipeline_materializes_every_asset_and_passes_checks(synthetic_run):
+    project, result = synthetic_run
+    assert result.success
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {f"synthetic/{a}" for a in ("raw_dataset", "interactions", "items", "users", "task_splits")}
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 4 and all(c.passed for c in checks), [c.metadata for c in checks]
+    tasks = pl.read_parquet(project.paths.asset_dir("task_splits", "synthetic") / "tasks_eval.parquet")
+    assert set(tasks["group"]) == {"sparse", "dense"}
+
+
+def test_data_version_is_the_dvc_hash_and_the_remote_has_it(synthetic_run):
+    project, result = synthetic_run
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        key = materialization.asset_key
+        if key.path[-1] == "raw_dataset":
+            continue
+        folder = project.paths.asset_dir(key.path[-1], "synthetic")
+        dvc_md5 = project.resources["dvc"].tracked_md5(folder)
+        assert dvc_md5 and dvc_md5.endswith(".dir")
+        assert materialization.metadata["dvc_md5"].value == dvc_md5
+        assert materialization.tags["dagster/data_version"] == dvc_md5
+    remote = project.root / "dvc_remote"
+    assert any(p.is_file() for p in remote.rglob("*")), "dvc push put nothing in the remote"
+
+
+def test_every_materialization_is_an_mlflow_run_with_tags(synthetic_run):
+    project, result = synthetic_run
+    mlflow.set_tracking_uri(project.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["recthinker"], output_format="list")
+    by_asset = {run.data.tags["asset"]: run for run in runs}
+    assert set(by_asset) >= {"synthetic/interactions", "synthetic/task_splits"}
+    run = by_asset["synthetic/task_splits"]
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["dvc_md5"].endswith(".dir")
+    assert run.data.params["n_candidates"] == "20"
+    assert run.data.metrics["tasks"] > 0
+    assert by_asset["synthetic/interactions"].data.metrics["rows"] > 0
+
+
+def test_failing_blocking_check_stops_downstream_assets(tmp_path, monkeypatch):
+    project = make_project(tmp_path / "project")
+
+    def always_fails(frame):
+        from recthinker_dagster.quality import validate_interactions
+
+        report = validate_interactions(frame.with_columns(pl.lit(9.0, pl.Float32).alias("rating")))
+        assert not report.success
+        return report
+
+    monkeypatch.setitem(dataset_defs._VALIDATORS, "interactions", always_fails)
+    result = _materialize(project, "synthetic", raise_on_error=False)
+    failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
+    assert [c.check_name for c in failed] == ["interactions_quality"]
+    assert "rating" in str(failed[0].metadata["failures"].value)
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "synthetic/task_splits" not in materialized
+
+
+def test_malformed_file_fails_with_location_and_keeps_last_good_version(tmp_path):
+    project = make_project(tmp_path / "project")
+    folder = project.paths.data_path / "ml-1m"
+    write_small_movielens(folder)
+    assert _materialize(project, "ml-1m").success
+    good = {a: _parquet_bytes(project, a, "ml-1m") for a in ("interactions", "items", "users")}
+    good_md5 = project.resources["dvc"].tracked_md5(project.paths.asset_dir("interactions", "ml-1m"))
+
+    lines = (folder / "ratings.dat").read_text().splitlines()
+    lines[4] = "1::1193::9::978300760"  # a rating of 9 on line 5
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
+    result = _materialize(project, "ml-1m", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.to_string() if failure.step_failure_data.error else ""
+    assert "ratings.dat" in message and "line 5" in message and "rating" in message
+    for asset, content in good.items():
+        assert _parquet_bytes(project, asset, "ml-1m") == content
+    assert project.resources["dvc"].tracked_md5(project.paths.asset_dir("interactions", "ml-1m")) == good_md5
+    leftovers = [p.name for p in project.paths.asset_dir("interactions").iterdir() if p.name.startswith(".")]
+    assert not [name for name in leftovers if "staging" in name]
+
+
+def test_earlier_version_is_restorable_from_dvc(tmp_path):
+    project = make_project(tmp_path / "project")
+    write_small_movielens(project.paths.data_path / "ml-1m", n_lines=3000)
+    assert _materialize(project, "ml-1m").success
+    folder = project.paths.asset_dir("interactions", "ml-1m")
+    first_md5, first_bytes = project.resources["dvc"].tracked_md5(folder), _parquet_bytes(project, "interactions", "ml-1m")
+
+    write_small_movielens(project.paths.data_path / "ml-1m", n_lines=4000)
+    assert _materialize(project, "ml-1m").success
+    assert project.resources["dvc"].tracked_md5(folder) != first_md5
+
+    project.resources["dvc"].restore(folder, first_md5)
+    assert _parquet_bytes(project, "interactions", "ml-1m") == first_bytes
+    assert project.resources["dvc"].tracked_md5(folder) == first_md5
