@@ -32,9 +32,16 @@ def staged_directory(final_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     retired = final_dir.parent / f".{final_dir.name}.retired-{token}"
-    if final_dir.exists():
+    had_previous = final_dir.exists()
+    if had_previous:
         os.replace(final_dir, retired)
-    os.replace(staging, final_dir)
+    try:
+        os.replace(staging, final_dir)
+    except BaseException:
+        if had_previous:
+            os.replace(retired, final_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 

@@ -131,3 +131,23 @@ def test_earlier_version_is_restorable_from_dvc(tmp_path):
     project.resources["dvc"].restore(folder, first_md5)
     assert _parquet_bytes(project, "interactions", "ml-1m") == first_bytes
     assert project.resources["dvc"].tracked_md5(folder) == first_md5
+
+
+def test_base_model_asset_is_versioned_and_logged(tmp_path, prepared_base_model):
+    from recthinker_dagster.defs.config import BaseModelConfig
+    from recthinker_dagster.defs.model import base_model
+
+    project = make_project(tmp_path / "project")
+    prepared_folder, _ = prepared_base_model
+    result = dg.materialize(
+        [base_model],
+        resources=project.resources,
+        run_config=dg.RunConfig(ops={"base_model": BaseModelConfig(profile="smoke", source=str(prepared_folder))}),
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    materialization = result.asset_materializations_for_node("base_model")[0]
+    folder = project.paths.asset_dir("base_model")
+    assert (folder / "model.safetensors").exists()
+    assert materialization.metadata["dvc_md5"].value == project.resources["dvc"].tracked_md5(folder)
+    assert "paris" in materialization.metadata["sanity_output"].value.lower()
+    assert materialization.metadata["verification"].value["weights_max_abs_diff"] == 0.0

