@@ -18,7 +18,7 @@ from recthinker_dagster.data.sources import dataset_files, load_dataset
 from recthinker_dagster.defs.config import IngestConfig, TaskSplitConfig
 from recthinker_dagster.defs.publishing import preview, publish
 from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
-from recthinker_dagster.protocol import build_task_splits, protocol_config_for
+from recthinker_dagster.protocol import build_task_splits, group_sizes, protocol_config_for
 from recthinker_dagster.quality import validate_interactions, validate_items, validate_tasks, validate_users
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
 
@@ -160,6 +160,7 @@ def build_dataset_assets(dataset: str) -> list:
         interactions = read_table(paths, "interactions", dataset)
         protocol = protocol_config_for(dataset, **config.overrides())
         splits = build_task_splits(interactions, protocol, dataset)
+        population = group_sizes(interactions, protocol)
         seconds = time.perf_counter() - started
         folder = paths.asset_dir("task_splits", dataset)
         remove_stale_staging(folder.parent)
@@ -183,11 +184,13 @@ def build_dataset_assets(dataset: str) -> list:
                 "train_interactions": splits.train_interactions.height,
                 "build_seconds": seconds,
                 **count_metrics,
+                **{f"users_{group}": n for group, n in population.items()},
             },
             metadata={
                 "tasks": splits.tasks.height,
                 "train_interactions": splits.train_interactions.height,
                 "tasks_by_split_and_group": dg.MetadataValue.md(counts.to_pandas().to_markdown(index=False)),
+                "users_per_group": dg.MetadataValue.json(population),
                 "protocol": dg.MetadataValue.json(_jsonable(protocol)),
                 "preview": preview(splits.tasks.drop("history_item_ids")),
             },
