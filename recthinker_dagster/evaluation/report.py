@@ -1,0 +1,91 @@
+"""Results tables and plots from ``summarize`` outputs, one summary per system.
+
+A summary has key columns (e.g. ``group``), ``n_tasks``, and per metric ``<m>``,
+``<m>_lo`` and ``<m>_hi`` (see ``evaluation.baselines.summarize``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import polars as pl
+
+from recthinker_dagster.evaluation.baselines import METRICS
+
+LABELS = {"ndcg@1": "NDCG@1", "ndcg@5": "NDCG@5", "ndcg@10": "NDCG@10", "hr@1": "HR@1",
+          "hr@5": "HR@5", "hr@10": "HR@10", "mrr": "MRR"}
+
+
+def key_columns(summary: pl.DataFrame) -> list[str]:
+    """The grouping columns of a summary (everything that is not a metric or a count)."""
+    columns = summary.columns
+    return [c for c in columns if c not in ("system", "n_tasks")
+            and not c.endswith(("_lo", "_hi")) and f"{c}_lo" not in columns]
+
+
+def combine_summaries(summaries: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
+    """One frame with a leading ``system`` column, systems in the given order."""
+    frames = [s.with_columns(system=pl.lit(name)).select("system", *s.columns)
+              for name, s in summaries.items()]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+def format_ci(mean: float, lo: float, hi: float) -> str:
+    """``0.412 [0.35, 0.47]``."""
+    return f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def results_table_markdown(summary_frames: Mapping[str, pl.DataFrame],
+                           metrics: Sequence[str] = METRICS) -> str:
+    """One Markdown table: a row per system and group, a column per metric (mean [95% CI])."""
+    combined = combine_summaries(summary_frames)
+    keys = key_columns(combined)
+    metrics = [m for m in metrics if m in combined.columns]
+    header = ["system", *keys, "n", *(LABELS.get(m, m) for m in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (len(keys) + 2))
+             + "|" + "|".join(["---:"] * len(metrics)) + "|"]
+    for row in combined.iter_rows(named=True):
+        cells = [row["system"], *(str(row[k]) for k in keys), str(row.get("n_tasks", ""))]
+        cells += [format_ci(row[m], row[f"{m}_lo"], row[f"{m}_hi"]) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ndcg_by_system(summary: Mapping[str, pl.DataFrame] | pl.DataFrame, path: Path,
+                        metric: str = "ndcg@10", title: str | None = None) -> Path:
+    """A PNG bar chart of ``metric`` per system (x axis) and group (bars), with CI error bars.
+
+    ``summary``: ``{system: summary}`` or a combined frame with a ``system`` column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    frame = combine_summaries(summary) if isinstance(summary, Mapping) else summary
+    systems = list(dict.fromkeys(frame["system"].to_list()))
+    groups = list(dict.fromkeys(frame["group"].to_list())) if "group" in frame.columns else [None]
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(systems) + 1), 3.5))
+    for g, group in enumerate(groups):
+        part = frame if group is None else frame.filter(pl.col("group") == group)
+        lookup = {r["system"]: r for r in part.iter_rows(named=True)}
+        means = np.array([lookup[s][metric] if s in lookup else np.nan for s in systems])
+        lo = np.array([lookup[s][f"{metric}_lo"] if s in lookup else np.nan for s in systems])
+        hi = np.array([lookup[s][f"{metric}_hi"] if s in lookup else np.nan for s in systems])
+        x = np.arange(len(systems)) + (g - (len(groups) - 1) / 2) * width
+        ax.bar(x, means, width, label=group or metric,
+               yerr=np.vstack([means - lo, hi - means]), capsize=3)
+    ax.set_xticks(np.arange(len(systems)), systems, rotation=20, ha="right")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_ylim(0, 1)
+    ax.set_title(title or f"{LABELS.get(metric, metric)} by system (95% bootstrap CI)")
+    if groups != [None]:
+        ax.legend(title="group")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+    return path

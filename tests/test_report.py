@@ -1,0 +1,72 @@
+"""Results table and NDCG plot from baseline summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recthinker_dagster.data.synthetic import generate_synthetic
+from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize
+from recthinker_dagster.evaluation.report import (
+    combine_summaries,
+    format_ci,
+    plot_ndcg_by_system,
+    results_table_markdown,
+)
+from recthinker_dagster.protocol import build_task_splits, protocol_config_for
+from recthinker_dagster.recommenders.itemknn import ItemKNN
+from recthinker_dagster.recommenders.popularity import Popularity
+from recthinker_dagster.recommenders.random_rec import RandomRecommender
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def summaries():
+    data = generate_synthetic(n_users=150, n_items=200, seed=5)
+    config = protocol_config_for("synthetic", sparse_max=30, dense_min=60, n_eval_users_per_group=15,
+                                 n_valid_users_per_group=0, n_train_users_per_group=0)
+    splits = build_task_splits(data.interactions, config, "synthetic")
+    tasks = splits.tasks.filter(split="eval")
+    assert set(tasks["group"]) == {"sparse", "dense"}
+    systems = {"random": RandomRecommender(seed=0), "popularity": Popularity(), "itemknn": ItemKNN()}
+    return {name: summarize(evaluate_recommender(model.fit(splits.train_interactions), tasks))
+            for name, model in systems.items()}
+
+
+def test_format_ci():
+    assert format_ci(0.41234, 0.3512, 0.4701) == "0.412 [0.35, 0.47]"
+
+
+def test_table_has_every_system_and_group(summaries):
+    table = results_table_markdown(summaries)
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| system | group | n | NDCG@1 | NDCG@5 | NDCG@10 | HR@1")
+    assert lines[0].rstrip().endswith("MRR |") and set(lines[1]) <= set("|-: ")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert {(r[0], r[1]) for r in rows} == {(s, g) for s in summaries for g in ("sparse", "dense")}
+    assert len(rows) == 6 and all(len(r) == len(lines[0].strip("|").split("|")) for r in rows)
+    pop_dense = summaries["popularity"].filter(pl.col("group") == "dense").row(0, named=True)
+    expected = format_ci(pop_dense["ndcg@10"], pop_dense["ndcg@10_lo"], pop_dense["ndcg@10_hi"])
+    assert expected in next(line for line in lines if "| popularity | dense |" in line)
+    narrow = results_table_markdown(summaries, metrics=("ndcg@1", "ndcg@5", "ndcg@10"))
+    assert narrow.splitlines()[0] == "| system | group | n | NDCG@1 | NDCG@5 | NDCG@10 |"
+
+
+def test_combined_summary_keeps_system_order(summaries):
+    combined = combine_summaries(summaries)
+    assert combined.columns[0] == "system"
+    assert list(dict.fromkeys(combined["system"])) == list(summaries)
+
+
+def test_plot_writes_a_valid_png(summaries, tmp_path):
+    import matplotlib.image
+
+    path = plot_ndcg_by_system(summaries, tmp_path / "plots" / "ndcg.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert np.ptp(image) > 0  # not blank
+    again = plot_ndcg_by_system(combine_summaries(summaries), tmp_path / "combined.png")
+    assert again.read_bytes()[:8] == PNG_SIGNATURE
