@@ -9,7 +9,12 @@ import dagster as dg
 from recthinker_dagster.defs.datasets import build_dataset_assets
 from recthinker_dagster.defs.jobs import pipeline_jobs
 from recthinker_dagster.defs.model import base_model
-from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+from recthinker_dagster.defs.resources import (
+    DVCVersioning,
+    MLflowTracking,
+    ProjectPaths,
+)
+from recthinker_dagster.defs.tools import build_tool_assets
 
 DEFAULT_DATASETS = ("ml-1m", "amazon-cds")
 
@@ -24,6 +29,7 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
     assets_and_checks = [base_model]
     for dataset in datasets:
         assets_and_checks.extend(build_dataset_assets(dataset))
+        assets_and_checks.extend(build_tool_assets(dataset))
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     return dg.Definitions(

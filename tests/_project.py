@@ -58,15 +58,16 @@ def write_small_movielens(folder: Path, n_lines: int = 4000) -> None:
         (folder / name).write_bytes(gzip.decompress((SHARED_DATA / "ml-1m" / f"{name}.gz").read_bytes()))
 
 
-def run_config(dataset: str, profile: str = "smoke", **task_overrides) -> dg.RunConfig:
-    from recthinker_dagster.defs.config import IngestConfig, TaskSplitConfig
+def run_config(dataset: str, profile: str = "smoke", with_tools: bool = False, **task_overrides) -> dg.RunConfig:
+    from recthinker_dagster.defs.config import IngestConfig, TaskSplitConfig, ToolIndexesConfig
     from recthinker_dagster.defs.datasets import key_prefix
 
     prefix = key_prefix(dataset)
-    return dg.RunConfig(
-        ops={
-            f"{prefix}__raw_dataset": IngestConfig(profile=profile, allow_download=False),
-            f"{prefix}__ingest": IngestConfig(profile=profile, allow_download=False),
-            f"{prefix}__task_splits": TaskSplitConfig(profile=profile, **task_overrides),
-        }
-    )
+    ops = {
+        f"{prefix}__raw_dataset": IngestConfig(profile=profile, allow_download=False),
+        f"{prefix}__ingest": IngestConfig(profile=profile, allow_download=False),
+        f"{prefix}__task_splits": TaskSplitConfig(profile=profile, **task_overrides),
+    }
+    if with_tools:
+        ops[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile=profile, bpr_epochs=2)
+    return dg.RunConfig(ops=ops)

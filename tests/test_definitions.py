@@ -16,7 +16,7 @@ def _asset_keys(definitions: dg.Definitions) -> set[str]:
 def test_default_definitions_load_with_both_datasets():
     keys = _asset_keys(defs)
     for prefix in ("ml_1m", "amazon_cds"):
-        for asset in ("raw_dataset", "interactions", "items", "users", "task_splits"):
+        for asset in ("raw_dataset", "interactions", "items", "users", "task_splits", "cf_model", "tool_suite"):
             assert f"{prefix}/{asset}" in keys
     assert "base_model" in keys
 
@@ -27,6 +27,7 @@ def test_every_table_and_the_protocol_has_a_blocking_check():
     for prefix in ("ml_1m", "amazon_cds"):
         assert checks[f"{prefix}/interactions"] == "interactions_quality"
         assert checks[f"{prefix}/task_splits"] == "protocol_quality"
+        assert checks[f"{prefix}/tool_suite"] == "no_target_leakage"
     for check_def in defs.asset_checks or []:
         for spec in check_def.check_specs:
             assert spec.blocking, spec.key

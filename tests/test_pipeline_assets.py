@@ -11,13 +11,14 @@ from _project import make_project, run_config, write_small_movielens
 
 from recthinker_dagster.defs import datasets as dataset_defs
 from recthinker_dagster.defs.datasets import build_dataset_assets
+from recthinker_dagster.defs.tools import INDEX_ASSETS, build_tool_assets
 
 
-def _materialize(project, dataset, config=None, raise_on_error=True):
+def _materialize(project, dataset, config=None, raise_on_error=True, with_tools=False):
     return dg.materialize(
-        build_dataset_assets(dataset),
+        build_dataset_assets(dataset) + (build_tool_assets(dataset) if with_tools else []),
         resources=project.resources,
-        run_config=config or run_config(dataset),
+        run_config=config or run_config(dataset, with_tools=with_tools),
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=raise_on_error,
     )
@@ -30,7 +31,7 @@ def _parquet_bytes(project, asset, dataset, name=None):
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("synthetic-project"))
-    result = _materialize(project, "synthetic")
+    result = _materialize(project, "synthetic", with_tools=True)
     return project, result
 
 
@@ -38,9 +39,11 @@ def test_synthetic_pipeline_materializes_every_asset_and_passes_checks(synthetic
     project, result = synthetic_run
     assert result.success
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {f"synthetic/{a}" for a in ("raw_dataset", "interactions", "items", "users", "task_splits")}
+    tables = ("raw_dataset", "interactions", "items", "users", "task_splits", "tool_suite", *INDEX_ASSETS.values())
+    assert materialized == {f"synthetic/{a}" for a in tables}
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 4 and all(c.passed for c in checks), [c.metadata for c in checks]
+    assert len(checks) == 5 and all(c.passed for c in checks), [c.metadata for c in checks]
+    assert {c.check_name for c in checks} >= {"protocol_quality", "no_target_leakage"}
     tasks = pl.read_parquet(project.paths.asset_dir("task_splits", "synthetic") / "tasks_eval.parquet")
     assert set(tasks["group"]) == {"sparse", "dense"}
 
@@ -53,6 +56,7 @@ def test_data_version_is_the_dvc_hash_and_the_remote_has_it(synthetic_run):
         if key.path[-1] == "raw_dataset":
             continue
         folder = project.paths.asset_dir(key.path[-1], "synthetic")
+        assert folder.is_dir(), folder
         dvc_md5 = project.resources["dvc"].tracked_md5(folder)
         assert dvc_md5 and dvc_md5.endswith(".dir")
         assert materialization.metadata["dvc_md5"].value == dvc_md5
@@ -73,6 +77,10 @@ def test_every_materialization_is_an_mlflow_run_with_tags(synthetic_run):
     assert run.data.params["n_candidates"] == "20"
     assert run.data.metrics["tasks"] > 0
     assert by_asset["synthetic/interactions"].data.metrics["rows"] > 0
+    cf_run = by_asset["synthetic/cf_model"]
+    assert cf_run.data.metrics["valid_ndcg_at_10"] > 0
+    losses = mlflow.MlflowClient(project.tracking_uri).get_metric_history(cf_run.info.run_id, "train_loss")
+    assert len(losses) == 2 and losses[1].value < losses[0].value
 
 
 def test_failing_blocking_check_stops_downstream_assets(tmp_path, monkeypatch):
@@ -92,6 +100,36 @@ def test_failing_blocking_check_stops_downstream_assets(tmp_path, monkeypatch):
     assert "rating" in str(failed[0].metadata["failures"].value)
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "synthetic/task_splits" not in materialized
+
+
+def test_leakage_check_fails_when_an_index_knows_a_target(synthetic_run, tmp_path):
+    import shutil
+
+    from recthinker_dagster.defs.tools import load_tasks
+    from recthinker_dagster.tools import UserProfiles
+
+    project, _ = synthetic_run
+    leaky = make_project(tmp_path / "leaky")
+    shutil.copytree(project.root / "assets", leaky.root / "assets")
+    paths = leaky.paths
+    # Rebuild the profiles index from *all* interactions: eval targets become visible.
+    interactions = pl.read_parquet(paths.asset_dir("interactions", "synthetic") / "interactions.parquet")
+    items = pl.read_parquet(paths.asset_dir("items", "synthetic") / "items.parquet")
+    folder = paths.asset_dir("user_profiles", "synthetic")
+    shutil.rmtree(folder)
+    UserProfiles.build(interactions, items, None).save(folder)
+    assert load_tasks(paths, "synthetic").height > 0
+
+    result = dg.materialize(
+        build_tool_assets("synthetic"),
+        selection=dg.AssetSelection.all_asset_checks(),
+        resources=leaky.resources,
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    evaluation = result.get_asset_check_evaluations()[0]
+    assert not evaluation.passed
+    assert evaluation.metadata["leaking_tasks"].value > 0
 
 
 def test_malformed_file_fails_with_location_and_keeps_last_good_version(tmp_path):

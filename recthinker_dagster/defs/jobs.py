@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recthinker_dagster.defs.config import BaseModelConfig, IngestConfig, TaskSplitConfig
+from recthinker_dagster.defs.config import (
+    BaseModelConfig,
+    IngestConfig,
+    TaskSplitConfig,
+    ToolIndexesConfig,
+)
 from recthinker_dagster.profiles import PROFILES
 
 
@@ -21,6 +26,7 @@ def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
         ops[f"{prefix}__raw_dataset"] = IngestConfig(profile=profile)
         ops[f"{prefix}__ingest"] = IngestConfig(profile=profile)
         ops[f"{prefix}__task_splits"] = TaskSplitConfig(profile=profile)
+        ops[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile=profile)
     return dg.RunConfig(ops=ops)
 
 

@@ -7,7 +7,11 @@ import dagster as dg
 
 from recthinker_dagster.defs.config import BaseModelConfig
 from recthinker_dagster.defs.publishing import publish
-from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+from recthinker_dagster.defs.resources import (
+    DVCVersioning,
+    MLflowTracking,
+    ProjectPaths,
+)
 from recthinker_dagster.models.base_model import prepare_base_model
 from recthinker_dagster.storage import remove_stale_staging
 

@@ -9,7 +9,11 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+from recthinker_dagster.defs.resources import (
+    DVCVersioning,
+    MLflowTracking,
+    ProjectPaths,
+)
 from recthinker_dagster.storage import folder_size_bytes
 
 
@@ -25,6 +29,7 @@ def publish(
     metrics: dict[str, float],
     metadata: dict[str, Any],
     texts: dict[str, str] | None = None,
+    series: dict[str, list[float]] | None = None,
 ) -> dg.MaterializeResult:
     """Add ``folder`` to DVC, log an MLflow run, and build the MaterializeResult.
 
@@ -47,6 +52,7 @@ def publish(
             "dvc_file": version.get("dvc_file", ""),
         },
         texts=texts,
+        series=series,
     )
     context.log.info(f"{key_path}: DVC {md5 or '(disabled)'}, MLflow run {run_id or '(disabled)'}")
     return dg.MaterializeResult(

@@ -151,8 +151,12 @@ class MLflowTracking(dg.ConfigurableResource):
         tags: dict[str, str] | None = None,
         artifacts: dict[str, Path] | None = None,
         texts: dict[str, str] | None = None,
+        series: dict[str, list[float]] | None = None,
     ) -> str:
-        """Log one finished run; return its run id ('' when disabled)."""
+        """Log one finished run; return its run id ('' when disabled).
+
+        ``series`` are per-step curves (a loss per epoch, say), logged with their step.
+        """
         if not self.enabled:
             return ""
         import mlflow
@@ -162,12 +166,20 @@ class MLflowTracking(dg.ConfigurableResource):
             if params:
                 mlflow.log_params({k: _param_value(v) for k, v in params.items()})
             if metrics:
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+                mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items() if v is not None})
+            for name, values in (series or {}).items():
+                for step, value in enumerate(values):
+                    mlflow.log_metric(metric_name(name), float(value), step=step)
             for name, path in (artifacts or {}).items():
                 mlflow.log_artifact(str(path), artifact_path=name)
             for name, text in (texts or {}).items():
                 mlflow.log_text(text, name)
             return run.info.run_id
+
+
+def metric_name(name: str) -> str:
+    """MLflow-safe metric name: ``ndcg@10`` -> ``ndcg_at_10``."""
+    return name.replace("@", "_at_")
 
 
 def _param_value(value: Any) -> str:
