@@ -15,6 +15,7 @@ from recthinker_dagster.defs.resources import (
     ProjectPaths,
 )
 from recthinker_dagster.defs.tools import build_tool_assets
+from recthinker_dagster.defs.trajectories import build_trajectory_assets
 
 DEFAULT_DATASETS = ("ml-1m", "amazon-cds")
 
@@ -30,6 +31,7 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
     for dataset in datasets:
         assets_and_checks.extend(build_dataset_assets(dataset))
         assets_and_checks.extend(build_tool_assets(dataset))
+        assets_and_checks.extend(build_trajectory_assets(dataset))
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     return dg.Definitions(

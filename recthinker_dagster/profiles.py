@@ -17,8 +17,11 @@ class Profile:
     n_eval_users_per_group: int
     n_valid_users_per_group: int
     n_train_users_per_group: int
+    teacher_samples_per_task: int = 1
     n_candidates: int = 20
     prompt_history_len: int = 10
+    max_turns: int = 6  # agent budgets, shared by teachers, training rollouts and evaluation
+    max_tool_calls: int = 8
     seed: int = 2026
 
     def as_dict(self) -> dict:
@@ -27,8 +30,14 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", n_eval_users_per_group=10, n_valid_users_per_group=5, n_train_users_per_group=20),
-    "demo": Profile("demo", n_eval_users_per_group=100, n_valid_users_per_group=25, n_train_users_per_group=200),
-    "full": Profile("full", n_eval_users_per_group=500, n_valid_users_per_group=100, n_train_users_per_group=2000),
+    "demo": Profile(
+        "demo", n_eval_users_per_group=100, n_valid_users_per_group=25, n_train_users_per_group=200,
+        teacher_samples_per_task=2,
+    ),
+    "full": Profile(
+        "full", n_eval_users_per_group=500, n_valid_users_per_group=100, n_train_users_per_group=2000,
+        teacher_samples_per_task=4,
+    ),
 }
 
 DEFAULT_PROFILE = "demo"

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:-${RECTHINKER_PROFILE:-demo}}
 bash scripts/setup.sh
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export DAGSTER_HOME=${DAGSTER_HOME:-$(pwd)/dagster_home}
 echo "[run] dagster job execute -j pipeline_$PROFILE"
 .venv/bin/dagster job execute -m recthinker_dagster.definitions -j "pipeline_$PROFILE"

@@ -189,3 +189,37 @@ def test_base_model_asset_is_versioned_and_logged(tmp_path, prepared_base_model)
     assert materialization.metadata["dvc_md5"].value == project.resources["dvc"].tracked_md5(folder)
     assert "paris" in materialization.metadata["sanity_output"].value.lower()
     assert materialization.metadata["verification"].value["weights_max_abs_diff"] == 0.0
+
+
+def test_teacher_trajectories_resume_after_an_interruption(synthetic_run):
+    from recthinker_dagster.agent.generation import read_records
+    from recthinker_dagster.defs.config import TeacherConfig
+    from recthinker_dagster.defs.trajectories import build_trajectory_assets, work_file_for
+
+    project, _ = synthetic_run
+    assets = build_trajectory_assets("synthetic")
+    config = TeacherConfig(profile="smoke", samples_per_task=2)
+    run_config = dg.RunConfig(ops={"synthetic__teacher_trajectories": config})
+
+    def materialize():
+        return dg.materialize(assets, resources=project.resources, run_config=run_config, instance=dg.DagsterInstance.ephemeral())
+
+    first = materialize().asset_materializations_for_node("synthetic__teacher_trajectories")[0]
+    published = project.paths.asset_dir("teacher_trajectories", "synthetic") / "trajectories.jsonl"
+    records, _ = read_records(published)
+    n_tasks = pl.read_parquet(project.paths.asset_dir("task_splits", "synthetic") / "tasks_train.parquet").height
+    assert len(records) == first.metadata["trajectories"].value == 2 * n_tasks
+    assert first.metadata["resumed"].value == 0 and first.metadata["valid_rate"].value > 0.9
+    assert "**tool**" in first.metadata["example_trajectory"].value
+
+    # A killed run leaves half the records and a cut-off line in its work file.
+    tasks = pl.read_parquet(project.paths.asset_dir("task_splits", "synthetic") / "tasks_train.parquet")
+    work_file = work_file_for(project.paths, "synthetic", config.resolved(), tasks["task_id"].to_list())
+    lines = published.read_text().splitlines(keepends=True)
+    work_file.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:50])
+    second = materialize().asset_materializations_for_node("synthetic__teacher_trajectories")[0]
+    assert second.metadata["resumed"].value == len(lines) // 2
+    resumed, dropped = read_records(published)
+    assert dropped == 0 and len(resumed) == len(records)
+    assert {(r["task_id"], r["sample_index"]) for r in resumed} == {(r["task_id"], r["sample_index"]) for r in records}
+    assert not work_file.exists()

@@ -84,3 +84,32 @@ class ToolIndexesConfig(ProfileConfig):
         """Only the fields set here; ``ToolIndexConfig`` supplies the rest."""
         names = ("bpr_dim", "bpr_epochs", "bpr_seed", "relations_k", "similar_users_k")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+class TeacherConfig(ProfileConfig):
+    teacher: str = Field(
+        default="scripted",
+        description="'scripted' (offline investigator over the real tools) or 'llm' (any OpenAI-compatible server).",
+    )
+    samples_per_task: Optional[int] = Field(default=None, description="Trajectories per train task (profile default).")
+    max_turns: Optional[int] = None
+    max_tool_calls: Optional[int] = None
+    batch_size: int = Field(default=64, description="Tasks per teacher batch (one checkpoint per batch).")
+    llm_base_url: Optional[str] = Field(default=None, description="LLM teacher server; empty uses $OPENAI_BASE_URL.")
+    llm_model: Optional[str] = Field(default=None, description="LLM teacher model; empty uses $RECTHINKER_LLM_MODEL.")
+    temperature: float = 0.7
+
+    def resolved(self) -> dict:
+        profile = self.resolved_profile()
+        return {
+            "teacher": self.teacher,
+            "samples_per_task": self.samples_per_task or profile.teacher_samples_per_task,
+            "max_turns": self.max_turns or profile.max_turns,
+            "max_tool_calls": self.max_tool_calls if self.max_tool_calls is not None else profile.max_tool_calls,
+            "prompt_history_len": profile.prompt_history_len,
+            "batch_size": self.batch_size,
+            "seed": profile.seed,
+            "llm_base_url": self.llm_base_url or "",
+            "llm_model": self.llm_model or "",
+            "temperature": self.temperature,
+        }

@@ -12,6 +12,7 @@ from recthinker_dagster.defs.config import (
     BaseModelConfig,
     IngestConfig,
     TaskSplitConfig,
+    TeacherConfig,
     ToolIndexesConfig,
 )
 from recthinker_dagster.profiles import PROFILES
@@ -27,6 +28,7 @@ def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
         ops[f"{prefix}__ingest"] = IngestConfig(profile=profile)
         ops[f"{prefix}__task_splits"] = TaskSplitConfig(profile=profile)
         ops[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile=profile)
+        ops[f"{prefix}__teacher_trajectories"] = TeacherConfig(profile=profile)
     return dg.RunConfig(ops=ops)
 
 
