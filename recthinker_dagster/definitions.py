@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from recthinker_dagster.defs.datasets import build_dataset_assets
+from recthinker_dagster.defs.evaluation import build_evaluation_assets
 from recthinker_dagster.defs.jobs import pipeline_jobs
 from recthinker_dagster.defs.model import base_model
 from recthinker_dagster.defs.resources import (
@@ -32,6 +33,7 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
         assets_and_checks.extend(build_dataset_assets(dataset))
         assets_and_checks.extend(build_tool_assets(dataset))
         assets_and_checks.extend(build_trajectory_assets(dataset))
+        assets_and_checks.extend(build_evaluation_assets(dataset))
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     return dg.Definitions(

@@ -18,6 +18,7 @@ class Profile:
     n_valid_users_per_group: int
     n_train_users_per_group: int
     teacher_samples_per_task: int = 1
+    sasrec_train_windows: int = 50_000  # training sequences SASRec sees (sets its epochs)
     n_candidates: int = 20
     prompt_history_len: int = 10
     max_turns: int = 6  # agent budgets, shared by teachers, training rollouts and evaluation
@@ -29,14 +30,17 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", n_eval_users_per_group=10, n_valid_users_per_group=5, n_train_users_per_group=20),
+    "smoke": Profile(
+        "smoke", n_eval_users_per_group=10, n_valid_users_per_group=5, n_train_users_per_group=20,
+        sasrec_train_windows=5_000,
+    ),
     "demo": Profile(
         "demo", n_eval_users_per_group=100, n_valid_users_per_group=25, n_train_users_per_group=200,
         teacher_samples_per_task=2,
     ),
     "full": Profile(
         "full", n_eval_users_per_group=500, n_valid_users_per_group=100, n_train_users_per_group=2000,
-        teacher_samples_per_task=4,
+        teacher_samples_per_task=4, sasrec_train_windows=200_000,
     ),
 }
 

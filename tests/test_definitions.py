@@ -16,7 +16,7 @@ def _asset_keys(definitions: dg.Definitions) -> set[str]:
 def test_default_definitions_load_with_both_datasets():
     keys = _asset_keys(defs)
     for prefix in ("ml_1m", "amazon_cds"):
-        for asset in ("raw_dataset", "interactions", "items", "users", "task_splits", "cf_model", "tool_suite"):
+        for asset in ("raw_dataset", "interactions", "items", "users", "task_splits", "cf_model", "tool_suite", "teacher_trajectories", "evaluation"):
             assert f"{prefix}/{asset}" in keys
     assert "base_model" in keys
 

@@ -223,3 +223,31 @@ def test_teacher_trajectories_resume_after_an_interruption(synthetic_run):
     assert dropped == 0 and len(resumed) == len(records)
     assert {(r["task_id"], r["sample_index"]) for r in resumed} == {(r["task_id"], r["sample_index"]) for r in records}
     assert not work_file.exists()
+
+
+def test_evaluation_scores_every_system_on_the_eval_tasks(synthetic_run):
+    from recthinker_dagster.defs.config import EvaluationConfig
+    from recthinker_dagster.defs.evaluation import build_evaluation_assets
+    from recthinker_dagster.evaluation.metrics import task_metrics
+
+    project, _ = synthetic_run
+    systems = ["random", "popularity", "bprmf", "sasrec", "teacher"]
+    config = EvaluationConfig(profile="smoke", systems=systems, sasrec_train_windows=500, n_bootstrap=100)
+    result = dg.materialize(
+        build_evaluation_assets("synthetic"),
+        resources=project.resources,
+        run_config=dg.RunConfig(ops={"synthetic__evaluation": config}),
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    materialization = result.asset_materializations_for_node("synthetic__evaluation")[0]
+    folder = project.paths.asset_dir("evaluation", "synthetic")
+    rankings = pl.read_parquet(folder / "rankings.parquet")
+    eval_tasks = pl.read_parquet(project.paths.asset_dir("task_splits", "synthetic") / "tasks_eval.parquet")
+    assert rankings.height == len(systems) * eval_tasks.height
+    # The saved rankings reproduce the reported numbers.
+    row = rankings.row(0, named=True)
+    assert task_metrics(row["ranking"], row["target_item_id"])["ndcg@10"] == row["ndcg@10"]
+    table = materialization.metadata["results"].value
+    assert all(f"| {system} | sparse |" in table and f"| {system} | dense |" in table for system in systems)
+    assert materialization.metadata["agents"].value["teacher"]["tool_calls_per_task"] > 0
+    assert (folder / "ndcg10_by_system.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

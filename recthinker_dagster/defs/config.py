@@ -113,3 +113,15 @@ class TeacherConfig(ProfileConfig):
             "llm_model": self.llm_model or "",
             "temperature": self.temperature,
         }
+
+
+EVALUATED_SYSTEMS = ["random", "popularity", "itemknn", "bprmf", "sasrec", "teacher"]
+
+
+class EvaluationConfig(ProfileConfig):
+    systems: list[str] = Field(
+        default_factory=lambda: list(EVALUATED_SYSTEMS),
+        description=f"Systems scored on the frozen eval tasks; known: {EVALUATED_SYSTEMS}.",
+    )
+    sasrec_train_windows: Optional[int] = Field(default=None, description="SASRec training sequences (profile default).")
+    n_bootstrap: int = Field(default=1000, description="Bootstrap resamples for the 95% intervals.")

@@ -10,6 +10,7 @@ import dagster as dg
 
 from recthinker_dagster.defs.config import (
     BaseModelConfig,
+    EvaluationConfig,
     IngestConfig,
     TaskSplitConfig,
     TeacherConfig,
@@ -29,6 +30,7 @@ def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
         ops[f"{prefix}__task_splits"] = TaskSplitConfig(profile=profile)
         ops[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile=profile)
         ops[f"{prefix}__teacher_trajectories"] = TeacherConfig(profile=profile)
+        ops[f"{prefix}__evaluation"] = EvaluationConfig(profile=profile)
     return dg.RunConfig(ops=ops)
 
 

@@ -1,0 +1,54 @@
+"""Per-task rows for agents (from trajectories), in the same shape as the baselines' rows,
+plus the agent-only figures: tool calls, validity, tokens and latency."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import polars as pl
+
+from recthinker_dagster.agent.trajectory import Trajectory
+from recthinker_dagster.evaluation.baselines import METRICS
+
+AGENT_COLUMNS = {
+    "n_tool_calls": pl.Int64,
+    "n_invalid_calls": pl.Int64,
+    "valid": pl.Boolean,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "latency_s": pl.Float64,
+}
+
+
+def trajectories_per_task(trajectories: Iterable[Trajectory]) -> pl.DataFrame:
+    rows = [
+        {
+            "task_id": t.task_id,
+            "split": t.split,
+            "group": t.group,
+            "user_id": t.user_id,
+            "ranking": list(t.final_ranking),
+            "target_item_id": t.target_item_id,
+            **{m: float(t.metrics.get(m, 0.0)) for m in METRICS},
+            **{c: getattr(t, c) for c in AGENT_COLUMNS},
+        }
+        for t in trajectories
+    ]
+    schema = {
+        "task_id": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8, "user_id": pl.Utf8,
+        "ranking": pl.List(pl.Utf8), "target_item_id": pl.Utf8,
+        **{m: pl.Float64 for m in METRICS}, **AGENT_COLUMNS,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def agent_summary(per_task: pl.DataFrame) -> dict[str, float]:
+    """Tool calls per task, invalid-answer rate, tokens and latency per task."""
+    if per_task.is_empty() or "n_tool_calls" not in per_task.columns:
+        return {}
+    return {
+        "tool_calls_per_task": float(per_task["n_tool_calls"].mean()),
+        "invalid_answer_rate": float(1.0 - per_task["valid"].cast(pl.Float64).mean()),
+        "tokens_per_task": float((per_task["prompt_tokens"] + per_task["completion_tokens"]).mean()),
+        "latency_s_per_task": float(per_task["latency_s"].mean()),
+    }
