@@ -12,7 +12,7 @@ in the same run, and the script prints completion tokens/s, prompts per minute, 
 each and the speed-ups over (a). ``--dtypes bfloat16,float32`` repeats everything per dtype.
 
     python scripts/benchmark_inference.py --model assets/base_model --n-prompts 16 \\
-        --max-new-tokens 128 --batch-size 16 --dtypes bfloat16 --json-out /tmp/bench.json
+        --max-new-tokens 128 --batch-size 16 --dtypes bfloat16 --json-out bench.json
 
 Timings on shared machines are noisy: run it on an otherwise idle machine, or prefix the
 command with ``OMP_WAIT_POLICY=PASSIVE`` when other processes compete for the cores (spinning
