@@ -1,0 +1,138 @@
+"""SFT recipes: every hyperparameter of a training run, in versioned files under ``recipes/``.
+
+    recipe = load_recipe("smoke")                     # recipes/sft_smoke.yaml
+    recipe = load_recipe("path/to/my_recipe.yaml")    # or .json
+    recipe = recipe.with_overrides(max_steps=2, save_steps=1)
+
+A recipe file is a flat mapping of ``SFTRecipe`` fields (unknown keys are an error) plus two
+sections handed on as they are: ``filter`` (``FilterConfig`` fields) and ``eval`` (the
+validation run of the trained adapter). Names resolve to ``sft_<name>.yaml`` in the recipe
+folder: ``$RECTHINKER_RECIPES_DIR`` if set, else ``recipes/`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from recthinker_dagster.training.filtering import FilterConfig
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    name: str
+    version: int = 1
+    description: str = ""
+    base_model: str | None = None  # None: the pipeline's base model; a folder for a larger backbone
+    chat_template: str = "auto"  # see agent.backends.chat_template.ensure_tool_chat_template
+    # LoRA adapter
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
+    # optimisation
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_length: int = 3072  # longer conversations are dropped, never cut (keep filter.max_tokens <= this)
+    # precision and device: "auto" is bf16 on GPUs that have it and on CPUs with AMX / AVX512-BF16
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    num_threads: int | None = None  # CPU threads; None: every core this process may use
+    # logging, checkpoints, reproducibility
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    seed: int = 2026
+    # sections handed on unchanged
+    filter: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lora_r < 1 or self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("lora_r, per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.save_steps < 1 or self.logging_steps < 1:
+            raise ValueError("save_steps and logging_steps must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "SFTRecipe":
+        values = dict(values)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown recipe keys: {sorted(unknown)}")
+        if "lora_target_modules" in values:
+            values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        values["filter"] = dict(values.get("filter") or {})
+        values["eval"] = dict(values.get("eval") or {})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["lora_target_modules"] = list(self.lora_target_modules)
+        return values
+
+    def with_overrides(self, **overrides) -> "SFTRecipe":
+        return SFTRecipe.from_dict({**self.to_dict(), **overrides})
+
+    @property
+    def filter_config(self) -> FilterConfig:
+        return FilterConfig.from_dict(self.filter)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of every field: two runs with the same digest used the same recipe."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipes_dir() -> Path:
+    override = os.environ.get("RECTHINKER_RECIPES_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "recipes"
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        return path
+    return recipes_dir() / f"sft_{name_or_path}.yaml"
+
+
+def load_recipe(name_or_path: str | os.PathLike | SFTRecipe) -> SFTRecipe:
+    """A recipe by name (``smoke``, ``demo``, ``full``) or from a ``.yaml``/``.json`` file."""
+    if isinstance(name_or_path, SFTRecipe):
+        return name_or_path
+    path = recipe_path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe at {path}; named recipes: {available_recipes()}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text)
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path} must hold a mapping of recipe fields")
+    values = dict(values)
+    values.setdefault("name", path.stem.removeprefix("sft_"))
+    return SFTRecipe.from_dict(values)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem.removeprefix("sft_") for p in recipes_dir().glob("sft_*.yaml"))

@@ -1,0 +1,96 @@
+"""Real trajectories for the training tests: a scripted backend driving the real tools on ML-1M.
+
+``ScriptedInvestigator`` writes Analysis/Plan text and real tool calls: turn 1 asks for the
+user profile and the BPR-MF scores of every candidate, turn 2 ranks the candidates by the
+scores it read back from the tool output. ``real_world()`` builds the tool indexes once per
+test session (about 12 s); ``real_trajectories()`` runs the agent loop over them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+
+from recthinker_dagster.agent import AgentConfig, AgentTask, Generation, SamplingParams, run_agent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+PROTOCOL = {"n_eval_users_per_group": 5, "n_valid_users_per_group": 5, "n_train_users_per_group": 20}
+_SCORE_LINE = re.compile(r"^\s*\d+\.\s*(C\d+):\s*(-?[\d.]+)", re.MULTILINE)
+
+
+def call(name: str, **arguments) -> str:
+    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+
+
+class ScriptedInvestigator:
+    """A fake LLM backend with canned Analysis/Plan texts and real tool calls."""
+
+    name = "scripted-investigator"
+
+    def generate(self, conversations, tools, params: SamplingParams) -> list[Generation]:
+        return [Generation(self.reply(messages), 500, 60, 0.01, "stop") for messages in conversations]
+
+    def reply(self, messages: list[dict]) -> str:
+        labels = re.findall(r"^(C\d+): ", messages[1]["content"], re.MULTILINE)
+        scores = [m for m in messages if m["role"] == "tool" and m.get("name") == "score_candidates"]
+        if not scores:
+            return (
+                "Analysis: I only see the recent history; the user's broader taste and how the "
+                "candidates fit it are unknown.\nPlan: read the user profile and score every "
+                "candidate with the collaborative model.\n"
+                + call("get_user_profile") + "\n" + call("score_candidates", item_ids=labels)
+            )
+        ranked = [label for label, _ in sorted(
+            _SCORE_LINE.findall(scores[-1]["content"]), key=lambda pair: -float(pair[1]))]
+        ranked += [label for label in labels if label not in ranked]
+        return (
+            "Analysis: the profile and the collaborative scores agree on the top candidates.\n"
+            f"Plan: rank by the scores, best first.\n<answer>{', '.join(ranked)}</answer>"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def real_world() -> SimpleNamespace:
+    """ML-1M tasks and tool indexes (built once per session)."""
+    from recthinker_dagster.data.sources import load_dataset
+    from recthinker_dagster.protocol import build_task_splits, protocol_config_for
+    from recthinker_dagster.tools import build_all, index_interactions
+
+    if not (SHARED_DATA / "ml-1m").is_dir():
+        pytest.skip(f"shared data {SHARED_DATA / 'ml-1m'} not found (set RECTHINKER_SHARED_DATA)")
+    data, _ = load_dataset("ml-1m", SHARED_DATA, allow_download=False)
+    splits = build_task_splits(data.interactions, protocol_config_for("ml-1m", **PROTOCOL), "ml-1m")
+    valid = splits.tasks.filter(pl.col("split") == "valid")
+    indexes = build_all(index_interactions(splits.train_interactions, splits.tasks), data.items, data.users,
+                        valid, {"bpr_epochs": 1})
+    return SimpleNamespace(tasks=splits.tasks, indexes=indexes)
+
+
+def agent_tasks(split: str, n: int | None = None) -> list[AgentTask]:
+    world = real_world()
+    rows = world.tasks.filter(pl.col("split") == split).rows(named=True)[:n]
+    catalog = world.indexes.catalog
+    return [AgentTask.from_mapping(row, [catalog.line(i) for i in row["history_item_ids"][-10:]]) for row in rows]
+
+
+def toolbox_factory(task: AgentTask):
+    from recthinker_dagster.tools import Toolbox
+
+    world = real_world()
+    row = world.tasks.filter(pl.col("task_id") == task.task_id).row(0, named=True)
+    return Toolbox(world.indexes, row)
+
+
+@functools.lru_cache(maxsize=4)
+def real_trajectories(split: str = "train", n: int | None = None) -> tuple:
+    """Trajectories of the scripted investigator on real tasks (cached; copy before mutating)."""
+    config = AgentConfig(max_turns=4, max_tool_calls=4)
+    return tuple(run_agent(agent_tasks(split, n), ScriptedInvestigator(), toolbox_factory, config))
