@@ -232,10 +232,8 @@ def test_trajectory_json_round_trip_and_mapping_tasks():
     assert back == t and json.loads(line)["tool_calls"][0]["name"] == "get_item_info"
 
 
-def test_trajectory_renders_with_the_qwen_tool_template():
-    path = REPO_ROOT / "assets" / "base_model"
-    if not (path / "tokenizer.json").exists():
-        pytest.skip("no prepared base model tokenizer")
+def test_trajectory_renders_with_the_qwen_tool_template(prepared_base_model):
+    path, _ = prepared_base_model
     from transformers import AutoTokenizer
 
     from recthinker_dagster.agent.backends.chat_template import (
