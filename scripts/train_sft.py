@@ -106,8 +106,10 @@ def evaluate(args, recipe, base_model: Path, adapter_dir: Path) -> dict:
     import polars as pl
 
     from recthinker_dagster.agent import AgentConfig, AgentTask, SamplingParams
-    from recthinker_dagster.defs.tools import INDEX_ASSETS  # the asset folder of each index
-    from recthinker_dagster.tools import ToolIndexes, Toolbox
+    from recthinker_dagster.defs.tools import (
+        INDEX_ASSETS,  # the asset folder of each index
+    )
+    from recthinker_dagster.tools import Toolbox, ToolIndexes
     from recthinker_dagster.training import evaluate_adapter
 
     settings = {"n_tasks": 8, "max_turns": 6, "max_tool_calls": 8, "max_new_tokens": 256, "batch_size": 8,

@@ -18,7 +18,13 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from recthinker_dagster.agent import AgentConfig, AgentTask, Generation, SamplingParams, run_agent
+from recthinker_dagster.agent import (
+    AgentConfig,
+    AgentTask,
+    Generation,
+    SamplingParams,
+    run_agent,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -159,7 +159,7 @@ def test_the_adapter_is_saved_alone_and_changes_the_model(resumed_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, out, _, result = resumed_run
+    base, _, _, result = resumed_run
     names = {p.name for p in result.adapter_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
     assert not any(name.startswith("model") for name in names)  # no base weights

@@ -18,7 +18,11 @@ from recthinker_dagster.training.filtering import (
     FilterResult,
     filter_trajectories,
 )
-from recthinker_dagster.training.recipes import SFTRecipe, available_recipes, load_recipe
+from recthinker_dagster.training.recipes import (
+    SFTRecipe,
+    available_recipes,
+    load_recipe,
+)
 from recthinker_dagster.training.sft import (
     SFTResult,
     evaluate_adapter,

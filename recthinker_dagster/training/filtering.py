@@ -79,7 +79,7 @@ class FilterConfig:
     one_per_task: bool = True
 
     @classmethod
-    def from_dict(cls, values: Mapping | None) -> "FilterConfig":
+    def from_dict(cls, values: Mapping | None) -> FilterConfig:
         values = dict(values or {})
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -224,7 +224,9 @@ def conversation_length(t: Trajectory, tokenizer=None, chars_per_token: float = 
     A tokenizer whose template does not render tools gets the agent's tool template first
     (in place, as every agent backend does), so the count is what the model really sees."""
     if tokenizer is not None:
-        from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
+        from recthinker_dagster.agent.backends.chat_template import (
+            ensure_tool_chat_template,
+        )
 
         ensure_tool_chat_template(tokenizer)
         ids = tokenizer.apply_chat_template(t.messages, tools=t.tools or None, tokenize=True, return_dict=True)

@@ -71,7 +71,7 @@ class SFTRecipe:
             raise ValueError("save_steps and logging_steps must be >= 1")
 
     @classmethod
-    def from_dict(cls, values: Mapping) -> "SFTRecipe":
+    def from_dict(cls, values: Mapping) -> SFTRecipe:
         values = dict(values)
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
@@ -87,7 +87,7 @@ class SFTRecipe:
         values["lora_target_modules"] = list(self.lora_target_modules)
         return values
 
-    def with_overrides(self, **overrides) -> "SFTRecipe":
+    def with_overrides(self, **overrides) -> SFTRecipe:
         return SFTRecipe.from_dict({**self.to_dict(), **overrides})
 
     @property
@@ -128,7 +128,7 @@ def load_recipe(name_or_path: str | os.PathLike | SFTRecipe) -> SFTRecipe:
 
         values = yaml.safe_load(text)
     if not isinstance(values, Mapping):
-        raise ValueError(f"{path} must hold a mapping of recipe fields")
+        raise TypeError(f"{path} must hold a mapping of recipe fields")
     values = dict(values)
     values.setdefault("name", path.stem.removeprefix("sft_"))
     return SFTRecipe.from_dict(values)

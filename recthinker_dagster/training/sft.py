@@ -74,7 +74,10 @@ def sft_examples(items: Iterable[Trajectory | Mapping]) -> list[dict]:
 
 def training_chat_template(tokenizer) -> str:
     """The tokenizer's (tool) template with ``{% generation %}`` markers around assistant turns."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+    )
 
     template = get_training_chat_template(tokenizer) or tokenizer.chat_template
     if not has_generation_markers(template):
@@ -237,8 +240,13 @@ def train_sft(
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
-    from recthinker_dagster.agent.backends.transformers_backend import available_cores, resolve_device
+    from recthinker_dagster.agent.backends.chat_template import (
+        ensure_tool_chat_template,
+    )
+    from recthinker_dagster.agent.backends.transformers_backend import (
+        available_cores,
+        resolve_device,
+    )
 
     recipe = load_recipe(recipe)
     output_dir, base_model_dir = Path(output_dir), Path(base_model_dir)
@@ -346,7 +354,9 @@ def load_agent_model(base_model_dir: str | os.PathLike, adapter_dir: str | os.Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recthinker_dagster.agent.backends.transformers_backend import (
-        available_cores, resolve_device, resolve_dtype,
+        available_cores,
+        resolve_device,
+        resolve_dtype,
     )
 
     target = resolve_device(device)
@@ -399,7 +409,9 @@ def evaluate_adapter(
     """Run the agent with the adapter merged into the base model (``adapter_dir=None``: the base
     model alone) on ``tasks``; NDCG@1/5/10, valid-answer rate, tool calls per task and more."""
     from recthinker_dagster.agent import AgentConfig, run_agent
-    from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
+    from recthinker_dagster.agent.backends.transformers_backend import (
+        TransformersBackend,
+    )
 
     model, tokenizer = load_agent_model(base_model_dir, adapter_dir, dtype=dtype, device=device)
     name = f"sft:{Path(adapter_dir).parent.name}" if adapter_dir is not None else Path(base_model_dir).name
