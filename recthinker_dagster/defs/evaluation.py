@@ -78,7 +78,7 @@ def build_evaluation_assets(dataset: str) -> list:
 
         summaries = {s: summarize(f, by=("group",), n_resamples=config.n_bootstrap, seed=profile.seed) for s, f in per_task.items()}
         table = results_table_markdown(summaries)
-        agent_figures = {s: agent_summary(f) for s, f in per_task.items() if agent_summary(f)}
+        agent_figures = {s: figures for s, f in per_task.items() if (figures := agent_summary(f))}
         folder = paths.asset_dir("evaluation", dataset)
         remove_stale_staging(folder.parent)
         with staged_directory(folder) as staging:
