@@ -200,7 +200,7 @@ def test_evaluate_adapter_runs_the_agent(resumed_run):
     tasks = agent_tasks("valid", 2)
     config = AgentConfig(max_turns=1, max_tool_calls=2, sampling=SamplingParams(max_new_tokens=24))
     scores = evaluate_adapter(base, result.adapter_dir, tasks, toolbox_factory, config, batch_size=2)
-    assert scores["n_tasks"] == 2 and scores["producer"].startswith("sft:")
+    assert scores["n_tasks"] == 2 and scores["producer"].startswith("adapter:")
     for key in ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "tool_calls_per_task"):
         assert 0.0 <= scores[key] <= (2.0 if key == "tool_calls_per_task" else 1.0)
 

@@ -7,6 +7,7 @@ from recthinker_dagster.quality.runner import QualityResult
 from recthinker_dagster.quality.suites import (
     validate_interactions,
     validate_items,
+    validate_sft_examples,
     validate_tasks,
     validate_users,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "task_check_frame",
     "validate_interactions",
     "validate_items",
+    "validate_sft_examples",
     "validate_tasks",
     "validate_users",
 ]

@@ -148,3 +148,38 @@ def validate_tasks(
     ]
     frame = _to_pandas(task_check_frame(tasks, train_interactions, all_interactions))
     return run_suite("tasks", frame, expectations, index_column="task_id")
+
+
+@_timed
+def validate_sft_examples(kept: pl.DataFrame, eval_tasks: pl.DataFrame, min_examples: int) -> QualityResult:
+    """The SFT training set: enough examples, both user groups, train tasks only, one per task,
+    and no eval-task user or (user, target) pair of the same dataset. Blocking.
+
+    ``kept`` has columns dataset, task_id, split, group, user_id, target_item_id; ``eval_tasks``
+    dataset, user_id, target_item_id."""
+    E = gx().expectations
+    required = ["dataset", "task_id", "split", "group", "user_id", "target_item_id"]
+    missing = [c for c in required if c not in kept.columns]
+    if missing:
+        return run_suite("sft_examples", _to_pandas(kept.head(0)), _columns_exist(required))
+
+    def keys(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.with_columns(
+            user_key=pl.concat_str([pl.col("dataset"), pl.col("user_id").cast(pl.Utf8)], separator="|"),
+            pair_key=pl.concat_str([pl.col("dataset"), pl.col("user_id").cast(pl.Utf8),
+                                    pl.col("target_item_id").cast(pl.Utf8)], separator="|"),
+        )
+
+    eval_keys = keys(eval_tasks.select("dataset", "user_id", "target_item_id"))
+    expectations = [
+        *_columns_exist(required),
+        E.ExpectTableRowCountToBeBetween(min_value=max(1, min_examples)),
+        *_not_null(required),
+        E.ExpectColumnValuesToBeUnique(column="task_id"),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train"]),
+        E.ExpectColumnDistinctValuesToContainSet(column="group", value_set=TASK_GROUPS),
+        E.ExpectColumnValuesToNotBeInSet(column="user_key", value_set=sorted(set(eval_keys["user_key"].to_list()))),
+        E.ExpectColumnValuesToNotBeInSet(column="pair_key", value_set=sorted(set(eval_keys["pair_key"].to_list()))),
+    ]
+    frame = keys(kept.select(required)).with_columns(task_id=pl.concat_str(["dataset", "task_id"], separator="|"))
+    return run_suite("sft_examples", _to_pandas(frame), expectations, index_column="task_id")

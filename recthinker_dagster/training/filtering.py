@@ -113,7 +113,7 @@ class Decision:
     def record(self) -> dict:
         t = self.trajectory
         return {
-            "task_id": t.task_id, "user_id": t.user_id, "group": t.group, "split": t.split,
+            "task_id": t.task_id, "user_id": t.user_id, "target_item_id": t.target_item_id, "group": t.group, "split": t.split,
             "producer": t.producer, "kept": self.kept, "reasons": self.reasons, "tokens": self.tokens,
             "target_rank": self.target_rank, "ndcg@10": t.metrics.get("ndcg@10"), "n_tool_calls": t.n_tool_calls,
         }

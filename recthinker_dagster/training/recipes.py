@@ -106,20 +106,24 @@ def recipes_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parents[2] / "recipes"
 
 
-def recipe_path(name_or_path: str | os.PathLike) -> Path:
+def recipe_path(name_or_path: str | os.PathLike, kind: str = "sft") -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json"):
         return path
-    return recipes_dir() / f"sft_{name_or_path}.yaml"
+    return recipes_dir() / f"{kind}_{name_or_path}.yaml"
 
 
 def load_recipe(name_or_path: str | os.PathLike | SFTRecipe) -> SFTRecipe:
     """A recipe by name (``smoke``, ``demo``, ``full``) or from a ``.yaml``/``.json`` file."""
     if isinstance(name_or_path, SFTRecipe):
         return name_or_path
-    path = recipe_path(name_or_path)
+    return SFTRecipe.from_dict(read_recipe_file(recipe_path(name_or_path), "sft"))
+
+
+def read_recipe_file(path: Path, kind: str) -> dict:
+    """The mapping in a recipe file, with ``name`` defaulting to the file's stem."""
     if not path.is_file():
-        raise FileNotFoundError(f"no recipe at {path}; named recipes: {available_recipes()}")
+        raise FileNotFoundError(f"no recipe at {path}; named {kind} recipes: {available_recipes(kind)}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         values = json.loads(text)
@@ -130,9 +134,9 @@ def load_recipe(name_or_path: str | os.PathLike | SFTRecipe) -> SFTRecipe:
     if not isinstance(values, Mapping):
         raise TypeError(f"{path} must hold a mapping of recipe fields")
     values = dict(values)
-    values.setdefault("name", path.stem.removeprefix("sft_"))
-    return SFTRecipe.from_dict(values)
+    values.setdefault("name", path.stem.removeprefix(f"{kind}_"))
+    return values
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem.removeprefix("sft_") for p in recipes_dir().glob("sft_*.yaml"))
+def available_recipes(kind: str = "sft") -> list[str]:
+    return sorted(p.stem.removeprefix(f"{kind}_") for p in recipes_dir().glob(f"{kind}_*.yaml"))

@@ -347,9 +347,15 @@ def _threads(device) -> int | None:
 # -- evaluation ----------------------------------------------------------------------------------
 
 
-def load_agent_model(base_model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, *,
+def load_agent_model(base_model_dir: str | os.PathLike,
+                     adapter_dirs: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
                      dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer): the base model with the adapter merged in (or the base alone)."""
+    """(model, tokenizer): the base model with every LoRA adapter merged in, in order (or the base alone).
+
+    Adapter ``k`` is applied to the model with adapters ``0..k-1`` already merged: an RL adapter
+    is trained on the SFT-merged model, so ``[sft_adapter, rl_adapter]`` rebuilds the RL policy.
+    The tokenizer (and its chat template) comes from the last adapter folder holding one, else
+    from the base model folder. A missing folder is a ``FileNotFoundError`` naming it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -359,16 +365,30 @@ def load_agent_model(base_model_dir: str | os.PathLike, adapter_dir: str | os.Pa
         resolve_dtype,
     )
 
+    base, adapters = Path(base_model_dir), adapter_list(adapter_dirs)
+    for folder, what in [(base, "base model"), *((a, f"adapter {k}") for k, a in enumerate(adapters))]:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what} folder {folder} does not exist")
     target = resolve_device(device)
     if target.type == "cpu":
         torch.set_num_threads(available_cores())
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=resolve_dtype(dtype, target))
-    if adapter_dir is not None:
+    tokenizer_dir = next((a for a in reversed(adapters) if (a / "tokenizer_config.json").is_file()), base)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype, target))
+    for adapter in adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.to(target).eval(), tokenizer
+
+
+def adapter_list(adapter_dirs) -> list[Path]:
+    """``None``, one folder or several, as a list of paths."""
+    if adapter_dirs is None:
+        return []
+    if isinstance(adapter_dirs, (str, os.PathLike)):
+        return [Path(adapter_dirs)]
+    return [Path(a) for a in adapter_dirs]
 
 
 def summarize_trajectories(trajectories: Sequence[Trajectory]) -> dict:
@@ -414,7 +434,8 @@ def evaluate_adapter(
     )
 
     model, tokenizer = load_agent_model(base_model_dir, adapter_dir, dtype=dtype, device=device)
-    name = f"sft:{Path(adapter_dir).parent.name}" if adapter_dir is not None else Path(base_model_dir).name
+    adapters = adapter_list(adapter_dir)
+    name = f"adapter:{adapters[-1].parent.name}" if adapters else Path(base_model_dir).name
     backend = TransformersBackend(model, tokenizer, name=name, batch_size=batch_size)
     started = time.perf_counter()
     trajectories = run_agent(tasks, backend, toolbox_factory, agent_config or AgentConfig())

@@ -1,0 +1,386 @@
+"""GRPO over multi-turn, tool-using rollouts: TRL's ``GRPOTrainer`` with a rollout function.
+
+    result = train_grpo(tasks, toolbox_factory, "assets/base_model", ["assets/sft_model/adapter"],
+                        "runs/rl", load_rl_recipe("smoke"))
+
+Policy. The SFT adapter(s) are merged into the base model and a fresh LoRA adapter is trained
+on top, so the frozen weights are the SFT policy (the KL reference when ``beta > 0``) and the
+RL adapter is small. ``load_agent_model(base, [sft_adapter, rl_adapter])`` rebuilds the policy.
+
+Rollouts (:class:`ToolRollout`). Each dataset row is one train task's opening messages. TRL
+hands the rollout function the prompts of a generation batch (each task repeated
+``num_generations`` times); it runs the real agent loop (``run_agent``) on them, batched, with
+the policy being trained behind a :class:`TransformersBackend` (sampling at the recipe's
+temperature, the shared system-prompt prefix computed once per batch and reused by every turn)
+and every tool call executed by the task's real toolbox. Each finished conversation is
+rendered with the training chat template and split into ``prompt_ids`` (up to the first
+assistant token) and ``completion_ids`` (every later turn); ``env_mask`` is 1 on the tokens
+the policy wrote and 0 on tool results and role headers, so TRL's loss never trains on tool
+output. The rewards get each rollout's :class:`RolloutOutcome` (see ``rewards.py``).
+
+Health figures logged per step (TRL's own plus these): ``tools/call_frequency``,
+``tools/failure_rate``, ``rollout/valid_rate``, ``rollout/ndcg@10``, ``rollout/turns``,
+``time/generation_s``, ``time/tools_s``. ``metrics.json`` adds seconds per step and their split
+into rollout (generation + tools) and the rest (log-probs, loss, backward, optimizer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from recthinker_dagster.agent import prompts as agent_prompts
+from recthinker_dagster.agent.backends.base import SamplingParams
+from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.training.rewards import RolloutOutcome, trl_reward_functions
+from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
+from recthinker_dagster.training.sft import (
+    IGNORE_INDEX,
+    _clock_callback,
+    adapter_list,
+    load_agent_model,
+    resolve_precision,
+    tokenize_conversation,
+    training_chat_template,
+)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.json"
+
+
+@dataclass
+class RLResult:
+    output_dir: Path
+    adapter_dir: Path
+    metrics: dict
+    global_step: int
+    resumed_from: str | None
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+
+
+class _TimedToolbox:
+    """A toolbox that adds the wall time of its calls to a shared clock."""
+
+    def __init__(self, toolbox, clock: list[float]):
+        self._toolbox, self._clock = toolbox, clock
+
+    def __getattr__(self, name):
+        return getattr(self._toolbox, name)
+
+    def call(self, name, arguments):
+        started = time.perf_counter()
+        try:
+            return self._toolbox.call(name, arguments)
+        finally:
+            self._clock[0] += time.perf_counter() - started
+
+
+def opening_messages(task, toolbox, config: AgentConfig) -> list[dict]:
+    """The system and user messages the loop starts this task with."""
+    return agent_prompts.initial_messages(
+        task.history_lines, toolbox.candidate_lines(), user_id=task.user_id,
+        max_turns=config.max_turns, max_tool_calls=config.max_tool_calls, template=config.system_prompt,
+    )
+
+
+def split_conversation(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None,
+                       chat_template: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, completion_ids, env_mask) of a finished conversation: the prompt ends before
+    the first assistant token; env_mask is 1 on assistant tokens, 0 on everything else."""
+    row = tokenize_conversation(tokenizer, messages, tools, chat_template)
+    ids, labels = row["input_ids"], row["labels"]
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:  # no assistant token at all: an empty completion that trains nothing
+        return ids, [tokenizer.eos_token_id], [0]
+    first, last = trained[0], trained[-1]
+    mask = [0 if label == IGNORE_INDEX else 1 for label in labels[first : last + 1]]
+    return ids[:first], ids[first : last + 1], mask
+
+
+class ToolRollout:
+    """TRL ``rollout_func``: the real agent loop and tools over the policy being trained."""
+
+    def __init__(self, tasks: Sequence, toolbox_factory: Callable, agent_config: AgentConfig, tokenizer, *,
+                 batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None):
+        self.agent_config, self.tokenizer = agent_config, tokenizer
+        self.toolbox_factory, self.batch_size, self.seed = toolbox_factory, batch_size, seed
+        self.backend_factory = backend_factory
+        self.chat_template = training_chat_template(tokenizer)
+        self.by_prompt, self.rows = {}, []
+        for task in tasks:
+            messages = opening_messages(task, toolbox_factory(task), agent_config)
+            key = messages[-1]["content"]
+            if key in self.by_prompt:
+                raise ValueError(f"tasks {self.by_prompt[key].task_id} and {task.task_id} have the same prompt")
+            self.by_prompt[key] = task
+            self.rows.append({"prompt": messages})
+        self.step_records: list[dict] = []  # one per call: timings and rollout figures
+        self.last_trajectories: list = []
+
+    def dataset_rows(self) -> list[dict]:
+        return list(self.rows)
+
+    def _backend(self, model):
+        if self.backend_factory is not None:
+            return self.backend_factory(model, self.tokenizer)
+        from recthinker_dagster.agent.backends.transformers_backend import (
+            TransformersBackend,
+        )
+
+        return TransformersBackend(model, self.tokenizer, name="policy", batch_size=self.batch_size)
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        started = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            key = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+            if key not in self.by_prompt:
+                raise KeyError("a prompt that matches no RL task (was the dataset built by this ToolRollout?)")
+            tasks.append(self.by_prompt[key])
+        model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+        was_training = model.training
+        step = trainer.state.global_step
+        sampling = SamplingParams(
+            max_new_tokens=self.agent_config.sampling.max_new_tokens,
+            temperature=getattr(trainer.args, "temperature", 1.0), top_p=getattr(trainer.args, "top_p", 1.0) or 1.0,
+            seed=self.seed + 1000 * step,
+        )
+        config = replace(self.agent_config, sampling=sampling, producer="policy")
+        tool_clock = [0.0]
+        try:
+            trajectories = run_agent(tasks, self._backend(model), lambda t: _TimedToolbox(self.toolbox_factory(t), tool_clock),
+                                     config)
+        finally:
+            model.train(was_training)
+        rollout_seconds = time.perf_counter() - started
+        prompt_ids, completion_ids, env_mask, outcomes = [], [], [], []
+        for trajectory in trajectories:
+            p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
+            prompt_ids.append(p)
+            completion_ids.append(c)
+            env_mask.append(m)
+            outcomes.append(RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls).to_dict())
+        record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
+        self.step_records.append(record)
+        self.last_trajectories = trajectories
+        metrics = getattr(trainer, "_metrics", None)
+        if metrics is not None:  # TRL averages these into its per-step logs
+            for name, value in record.items():
+                if name != "step":
+                    metrics["train"][name].append(value)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None,
+                "env_mask": env_mask, "outcome": outcomes}
+
+    @staticmethod
+    def _record(step, trajectories, rollout_seconds, tool_seconds, env_mask) -> dict:
+        n = max(len(trajectories), 1)
+        calls = sum(t.n_tool_calls for t in trajectories)
+        return {
+            "step": step,
+            "tools/call_frequency": calls / n,
+            "tools/failure_rate": sum(t.n_invalid_calls for t in trajectories) / calls if calls else 0.0,
+            "rollout/valid_rate": sum(t.valid for t in trajectories) / n,
+            "rollout/answered_rate": sum(t.finish == "answer" for t in trajectories) / n,
+            "rollout/ndcg@10": sum(t.metrics.get("ndcg@10", 0.0) for t in trajectories) / n,
+            "rollout/turns": sum(t.n_turns for t in trajectories) / n,
+            "rollout/policy_tokens": sum(sum(m) for m in env_mask) / n,
+            "time/rollout_s": rollout_seconds,
+            "time/tools_s": tool_seconds,
+            "time/generation_s": rollout_seconds - tool_seconds,
+        }
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def grpo_config(recipe: RLRecipe, checkpoint_dir: Path, precision: str, use_cpu: bool):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(checkpoint_dir),
+        max_steps=recipe.max_steps,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        max_grad_norm=recipe.max_grad_norm,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        num_generations=recipe.num_generations,
+        max_completion_length=recipe.max_turns * recipe.max_new_tokens,
+        beta=recipe.beta,
+        loss_type=recipe.loss_type,
+        scale_rewards=recipe.scale_rewards,
+        temperature=recipe.temperature,
+        top_p=recipe.top_p,
+        reward_weights=list(recipe.reward_weights.values()),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        use_cpu=use_cpu,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=not use_cpu,
+        log_completions=False,
+        remove_unused_columns=False,
+    )
+
+
+def load_policy_start(base_model_dir, adapter_dirs, precision: str):
+    """The base model with the given (SFT) adapters merged in: the frozen start of RL."""
+    model, _ = load_agent_model(base_model_dir, adapter_dirs, dtype="bfloat16" if precision == "bf16" else "float32",
+                                device="cpu")
+    return model
+
+
+def train_grpo(
+    tasks: Sequence,
+    toolbox_factory: Callable,
+    base_model_dir: str | os.PathLike,
+    sft_adapter_dirs,
+    output_dir: str | os.PathLike,
+    recipe: RLRecipe | str,
+    *,
+    resume: bool = True,
+    callbacks: Sequence | None = None,
+    extra_reward_funcs: Sequence[Callable] = (),
+    backend_factory: Callable | None = None,
+) -> RLResult:
+    """Train an RL LoRA adapter with GRPO on ``tasks`` (AgentTasks of train tasks; see the module
+    docstring). ``resume=True`` continues from ``output_dir/checkpoints``. ``extra_reward_funcs``
+    are raw TRL reward functions added with weight 1 (for experiments)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOTrainer
+
+    from recthinker_dagster.agent.backends.chat_template import (
+        ensure_tool_chat_template,
+    )
+    from recthinker_dagster.agent.backends.transformers_backend import (
+        available_cores,
+        resolve_device,
+    )
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    recipe = load_rl_recipe(recipe)
+    output_dir = Path(output_dir)
+    checkpoint_dir = output_dir / CHECKPOINTS
+    set_seed(recipe.seed)
+    device = resolve_device(recipe.device)
+    if device.type == "cpu":
+        torch.set_num_threads(recipe.num_threads or available_cores())
+    precision = resolve_precision(recipe.precision, device)
+    adapters = adapter_list(sft_adapter_dirs)
+    tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(adapters[-1] if adapters else base_model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_policy_start(base_model_dir, adapters, precision)
+
+    agent_config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
+                               sampling=SamplingParams(max_new_tokens=recipe.max_new_tokens))
+    rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
+                          seed=recipe.seed, backend_factory=backend_factory)
+    from datasets import Dataset
+
+    reward_funcs = trl_reward_functions(recipe.reward_weights, recipe.reward_params) + list(extra_reward_funcs)
+    args = grpo_config(recipe, checkpoint_dir, precision, use_cpu=device.type == "cpu")
+    if extra_reward_funcs:
+        args.reward_weights = list(args.reward_weights) + [1.0] * len(extra_reward_funcs)
+    clock = _clock_callback()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=Dataset.from_list(rollout.dataset_rows()),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                               target_modules=list(recipe.lora_target_modules), task_type="CAUSAL_LM"),
+        rollout_func=rollout,
+        callbacks=[clock, *(callbacks or [])],
+    )
+    if not resume and checkpoint_dir.is_dir():
+        shutil.rmtree(checkpoint_dir)
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    train_seconds = time.perf_counter() - started
+
+    adapter_dir = output_dir / ADAPTER
+    trainer.model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    metrics = _run_metrics(trainer, clock, rollout, recipe, precision, device, train_seconds, last, len(tasks))
+    (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    return RLResult(output_dir, adapter_dir, metrics, trainer.state.global_step, Path(last).name if last else None)
+
+
+HEALTH_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "learning_rate", "grad_norm", "loss",
+               "completions/mean_length", "completions/clipped_ratio", "tools/call_frequency", "tools/failure_rate",
+               "rollout/valid_rate", "rollout/answered_rate", "rollout/ndcg@10", "rollout/turns",
+               "rollout/policy_tokens", "time/rollout_s", "time/generation_s", "time/tools_s")
+
+
+def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_seconds, resumed_from, n_tasks) -> dict:
+    steps = []
+    for entry in trainer.state.log_history:
+        if "reward" not in entry:
+            continue
+        row = {"step": entry["step"]}
+        row.update({k: entry[k] for k in HEALTH_KEYS if k in entry})
+        row.update({k: v for k, v in entry.items() if k.startswith("rewards/")})
+        steps.append(row)
+    step_seconds = clock.step_seconds
+    rollout_seconds = [r["time/rollout_s"] for r in rollout.step_records]
+    tool_seconds = [r["time/tools_s"] for r in rollout.step_records]
+
+    def mean(values):
+        return round(statistics.fmean(values), 3) if values else None
+
+    seconds_per_step = mean(step_seconds)
+    rollout_per_step = (sum(rollout_seconds) / len(step_seconds)) if step_seconds else None
+    tools_per_step = (sum(tool_seconds) / len(step_seconds)) if step_seconds else None
+    return {
+        "recipe": recipe.name,
+        "recipe_version": recipe.version,
+        "recipe_digest": recipe.digest,
+        "recipe_config": recipe.to_dict(),
+        "precision": precision,
+        "device": str(device),
+        "n_tasks": n_tasks,
+        "global_step": trainer.state.global_step,
+        "resumed_from": Path(resumed_from).name if resumed_from else None,
+        "steps_this_run": len(step_seconds),
+        "steps": steps,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_step": seconds_per_step,
+        "step_seconds": [round(s, 3) for s in step_seconds],
+        "time_split_per_step": {
+            "generation_s": _round(rollout_per_step - tools_per_step) if rollout_per_step is not None else None,
+            "tools_s": _round(tools_per_step),
+            "scoring_backward_optimizer_s": _round(seconds_per_step - rollout_per_step)
+            if seconds_per_step is not None and rollout_per_step is not None else None,
+        },
+        "final_reward": steps[-1].get("reward") if steps else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+
+
+def _round(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, 3)

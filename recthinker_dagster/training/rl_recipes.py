@@ -1,0 +1,114 @@
+"""RL (GRPO) recipes: every knob of an RL run, in versioned files ``recipes/rl_<name>.yaml``.
+
+    recipe = load_rl_recipe("smoke")                   # recipes/rl_smoke.yaml
+    recipe = load_rl_recipe("my_rl.yaml").with_overrides(max_steps=2)
+
+Unknown keys are an error. ``reward_weights`` name rewards of ``training.rewards.REWARDS``;
+``reward_params`` go to every reward (``correct_k``: the rank a correct answer reaches);
+``eval`` is the validation run after training (as in the SFT recipes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+from recthinker_dagster.training.recipes import (
+    LORA_TARGETS,
+    PRECISIONS,
+    read_recipe_file,
+    recipe_path,
+)
+from recthinker_dagster.training.rewards import check_weights
+
+
+@dataclass(frozen=True)
+class RLRecipe:
+    name: str
+    version: int = 1
+    description: str = ""
+    # the RL LoRA adapter, trained on the base model with the SFT adapter merged in
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = LORA_TARGETS
+    # GRPO
+    max_steps: int = 2
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    num_generations: int = 2  # rollouts per task (the GRPO group)
+    per_device_train_batch_size: int = 2  # rollouts per optimizer micro-step (a multiple of num_generations)
+    gradient_accumulation_steps: int = 1
+    beta: float = 0.0  # KL coefficient to the SFT policy; 0 skips the reference model
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # rollouts: the agent's budgets and the tasks
+    max_turns: int = 4
+    max_tool_calls: int = 4
+    max_new_tokens: int = 192  # per assistant turn
+    rollout_batch_size: int = 8  # conversations per generate call
+    n_train_tasks: int = 0  # train tasks per dataset in the RL set (0: all), spread over the groups
+    # rewards
+    reward_weights: dict = field(default_factory=lambda: {"ranking": 1.0, "format": 0.1, "tool_efficiency": 0.1})
+    reward_params: dict = field(default_factory=lambda: {"correct_k": 5})
+    # precision, device, checkpoints, reproducibility
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    num_threads: int | None = None
+    logging_steps: int = 1
+    save_steps: int = 1
+    save_total_limit: int | None = 2
+    seed: int = 2026
+    eval: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: GRPO compares rollouts of the same task")
+        if (self.per_device_train_batch_size * self.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError("per_device_train_batch_size * gradient_accumulation_steps must be a multiple of "
+                             f"num_generations ({self.num_generations})")
+        if self.max_steps < 1 or self.max_turns < 1 or self.max_tool_calls < 0:
+            raise ValueError("max_steps and max_turns must be >= 1, max_tool_calls >= 0")
+        check_weights(self.reward_weights)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> RLRecipe:
+        values = dict(values)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown RL recipe keys: {sorted(unknown)}")
+        if "lora_target_modules" in values:
+            values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        for name in ("reward_weights", "reward_params", "eval"):
+            if name in values:
+                values[name] = dict(values[name] or {})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["lora_target_modules"] = list(self.lora_target_modules)
+        return values
+
+    def with_overrides(self, **overrides) -> RLRecipe:
+        return RLRecipe.from_dict({**self.to_dict(), **overrides})
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_rl_recipe(name_or_path: str | os.PathLike | RLRecipe) -> RLRecipe:
+    """An RL recipe by name (``smoke``, ``demo``, ``full``) or from a ``.yaml``/``.json`` file."""
+    if isinstance(name_or_path, RLRecipe):
+        return name_or_path
+    return RLRecipe.from_dict(read_recipe_file(recipe_path(name_or_path, "rl"), "rl"))

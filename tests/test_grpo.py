@@ -1,0 +1,108 @@
+"""GRPO: rollouts through the real loop and tools with their token masks, and real TRL steps
+on the real SmolLM2 model that change the RL adapter and resume from a checkpoint."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
+
+from recthinker_dagster.agent import AgentConfig, SamplingParams
+from recthinker_dagster.training.grpo import ToolRollout, train_grpo
+from recthinker_dagster.training.rl_recipes import load_rl_recipe
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prepared_base_model):
+    from transformers import AutoTokenizer
+
+    from recthinker_dagster.agent.backends.chat_template import (
+        ensure_tool_chat_template,
+    )
+
+    return ensure_tool_chat_template(AutoTokenizer.from_pretrained(prepared_base_model[0]))
+
+
+def _fake_trainer(step=0):
+    model = torch.nn.Linear(1, 1)
+    return SimpleNamespace(model=model, state=SimpleNamespace(global_step=step),
+                           args=SimpleNamespace(temperature=1.0, top_p=1.0), _metrics=defaultdict(lambda: defaultdict(list)))
+
+
+def test_rollout_runs_real_tools_and_masks_tool_results(tokenizer):
+    tasks = agent_tasks("train", 2)
+    config = AgentConfig(max_turns=3, max_tool_calls=4, sampling=SamplingParams(max_new_tokens=64))
+    rollout = ToolRollout(tasks, toolbox_factory, config, tokenizer,
+                          backend_factory=lambda model, tok: ScriptedInvestigator())
+    rows = rollout.dataset_rows()
+    assert len(rows) == 2 and rows[0]["prompt"][0]["role"] == "system"
+    prompts = [rows[0]["prompt"], rows[0]["prompt"], rows[1]["prompt"], rows[1]["prompt"]]  # TRL repeats each task
+    trainer = _fake_trainer()
+    out = rollout(prompts, trainer)
+    assert len(out["completion_ids"]) == len(out["env_mask"]) == len(out["outcome"]) == 4
+    for trajectory, prompt_ids, completion, mask in zip(rollout.last_trajectories, out["prompt_ids"],
+                                                        out["completion_ids"], out["env_mask"]):
+        assert trajectory.n_tool_calls == 2 and trajectory.valid  # real calls, real results, a ranking
+        assert len(mask) == len(completion) and mask[0] == 1 and mask[-1] == 1
+        policy_text = tokenizer.decode([t for t, m in zip(completion, mask) if m])
+        masked_text = tokenizer.decode([t for t, m in zip(completion, mask) if not m])
+        tool_output = next(m["content"] for m in trajectory.messages if m["role"] == "tool")
+        assert "<tool_call>" in policy_text and "<answer>" in policy_text
+        assert tool_output[:80] in masked_text and tool_output[:80] not in policy_text  # tool results never trained
+        prompt_text = tokenizer.decode(prompt_ids)  # ends before the policy's first token
+        first_reply = next(m["content"] for m in trajectory.messages if m["role"] == "assistant")
+        assert prompt_text.rstrip().endswith("<|im_start|>assistant") and first_reply[:60] not in prompt_text
+    assert out["outcome"][0]["n_tool_calls"] == 2 and out["outcome"][0]["valid"]
+    assert trainer._metrics["train"]["tools/call_frequency"] == [2.0]
+    assert trainer._metrics["train"]["time/tools_s"][0] > 0
+    with pytest.raises(KeyError, match="no RL task"):
+        rollout([[{"role": "user", "content": "unknown"}]], trainer)
+
+
+def _length_reward(prompts, completions, **kwargs):
+    """A test-only reward with variance inside every group (the untrained model never answers,
+    so the ranking rewards are all zero): shorter completions earn more."""
+    return [-len(c[0]["content"] if isinstance(c, list) else c) / 100.0 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tmp_path_factory, prepared_base_model):
+    base = prepared_base_model[0]
+    recipe = load_rl_recipe("smoke").with_overrides(name="test", max_steps=2, save_steps=1, learning_rate=5e-3,
+                                                    max_turns=1, max_new_tokens=24)
+    tasks = agent_tasks("train", 2)
+    out = tmp_path_factory.mktemp("grpo")
+    first = train_grpo(tasks, toolbox_factory, base, [], out, recipe.with_overrides(max_steps=1),
+                       extra_reward_funcs=[_length_reward])
+    second = train_grpo(tasks, toolbox_factory, base, [], out, recipe, extra_reward_funcs=[_length_reward])
+    return base, first, second
+
+
+def test_grpo_steps_change_the_adapter_and_resume(grpo_runs):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, first, second = grpo_runs
+    assert first.global_step == 1 and second.global_step == 2 and second.resumed_from == "checkpoint-1"
+    weights = load_file(str(second.adapter_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in weights.items())  # B starts at 0
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    before = model(ids).logits
+    after = PeftModel.from_pretrained(model, str(second.adapter_dir))(ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_grpo_logs_health_figures_and_time_split(grpo_runs):
+    _, first, second = grpo_runs
+    step = second.metrics["steps"][-1]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "learning_rate", "completions/mean_length",
+                "tools/call_frequency", "tools/failure_rate", "rewards/ranking/mean", "rewards/format/std"):
+        assert key in step, key
+    split = second.metrics["time_split_per_step"]
+    assert split["generation_s"] > 0 and split["scoring_backward_optimizer_s"] > 0
+    assert second.metrics["seconds_per_step"] > 0

@@ -1,0 +1,87 @@
+"""Every GRPO reward, its edge cases, and the ordering the weights must keep."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from recthinker_dagster.training.rewards import (
+    REWARDS,
+    RolloutOutcome,
+    check_weights,
+    format_reward,
+    ranking_reward,
+    register,
+    tool_efficiency_reward,
+    trl_reward_functions,
+    weighted_reward,
+)
+
+
+def outcome(rank=1, valid=True, answered=True, calls=2, invalid=0, parse=0, budget=8, n=20) -> RolloutOutcome:
+    return RolloutOutcome(valid=valid, answered=answered, target_rank=rank, n_candidates=n, n_tool_calls=calls,
+                          n_invalid_calls=invalid, n_parse_issues=parse, max_tool_calls=budget)
+
+
+def test_ranking_reward_is_ndcg_at_10_and_zero_for_invalid_answers():
+    assert ranking_reward(outcome(rank=1)) == 1.0
+    assert ranking_reward(outcome(rank=3)) == pytest.approx(1 / math.log2(4))
+    assert ranking_reward(outcome(rank=10)) == pytest.approx(1 / math.log2(11))
+    assert ranking_reward(outcome(rank=11)) == 0.0
+    assert ranking_reward(outcome(rank=21)) == 0.0  # target absent
+    assert ranking_reward(outcome(rank=1, valid=False)) == 0.0
+
+
+def test_format_reward_is_paid_only_with_a_useful_clean_answer():
+    assert format_reward(outcome(rank=5)) == 1.0
+    assert format_reward(outcome(rank=6)) == 0.0  # right shape, useless ranking
+    assert format_reward(outcome(rank=1, valid=False)) == 0.0
+    assert format_reward(outcome(rank=1, answered=False)) == 0.0  # forced or fallback answer
+    assert format_reward(outcome(rank=1, parse=1)) == 0.0
+    assert format_reward(outcome(rank=7), correct_k=10) == 1.0
+
+
+def test_tool_efficiency_rewards_fewer_and_cleaner_calls_of_correct_rollouts_only():
+    assert tool_efficiency_reward(outcome(calls=0)) == 1.0
+    assert tool_efficiency_reward(outcome(calls=2)) == pytest.approx(0.75)
+    assert tool_efficiency_reward(outcome(calls=8)) == 0.0
+    assert tool_efficiency_reward(outcome(calls=12)) == 0.0  # over budget: clipped, never negative
+    assert tool_efficiency_reward(outcome(calls=4, invalid=2)) == pytest.approx(0.5 * 0.5)
+    assert tool_efficiency_reward(outcome(calls=0, budget=0)) == 1.0  # no budget: no division by zero
+    assert tool_efficiency_reward(outcome(rank=6, calls=0)) == 0.0
+    assert tool_efficiency_reward(outcome(rank=1, valid=False, calls=0)) == 0.0
+
+
+@pytest.mark.parametrize("weights", [{"ranking": 1.0, "format": 0.1, "tool_efficiency": 0.1},
+                                     {"ranking": 1.0, "format": 5.0, "tool_efficiency": 5.0},
+                                     {"ranking": 0.2, "tool_efficiency": 3.0}])
+def test_no_incorrect_rollout_outscores_a_correct_one(weights):
+    budget = 8
+    correct = [outcome(rank=r, calls=c, invalid=i, budget=budget, answered=a)
+               for r in range(1, 6) for c in range(13) for i in range(0, c + 1, 2) for a in (True, False)]
+    incorrect = [outcome(rank=r, calls=c, valid=v, budget=budget)
+                 for r in range(1, 22) for c in range(13) for v in (True, False) if not (v and r <= 5)]
+    worst_correct = min(weighted_reward(o, weights) for o in correct)
+    best_incorrect = max(weighted_reward(o, weights) for o in incorrect)
+    assert worst_correct > best_incorrect
+
+
+def test_weights_are_checked():
+    with pytest.raises(ValueError, match="unknown rewards"):
+        check_weights({"ranking": 1.0, "ndcg": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        check_weights({"ranking": 1.0, "tool_efficiency": -0.1})
+    with pytest.raises(ValueError, match="at least one"):
+        check_weights({})
+    with pytest.raises(ValueError, match="already registered"):
+        register("ranking")(lambda o: 0.0)
+
+
+def test_trl_functions_read_the_rollout_outcomes_in_order():
+    functions = trl_reward_functions({"ranking": 1.0, "format": 0.5})
+    assert [f.__name__ for f in functions] == ["ranking", "format"]
+    outcomes = [outcome(rank=1).to_dict(), outcome(rank=12).to_dict()]
+    assert functions[0](prompts=["p", "p"], completions=["a", "b"], outcome=outcomes) == [1.0, 0.0]
+    assert functions[1](prompts=["p", "p"], completions=["a", "b"], outcome=outcomes) == [1.0, 0.0]
+    assert set(REWARDS) >= {"ranking", "format", "tool_efficiency"}
