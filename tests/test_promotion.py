@@ -1,0 +1,150 @@
+"""The champion/challenger rule (``serving/promotion.py``): every branch, no MLflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from recthinker_dagster.serving.promotion import (
+    PromotionDecision,
+    decide_promotion,
+    flatten_metrics,
+    metric_figure,
+)
+
+BASE = {"ndcg@10": 0.300, "hr@10": 0.5}
+
+
+def test_no_champion_promotes_a_candidate_that_beats_the_base_model():
+    decision = decide_promotion({"ndcg@10": 0.35}, None, BASE)
+    assert decision.promote and decision.alias == "champion"
+    assert decision.beats_base and decision.beats_champion is None and decision.champion_value is None
+    assert decision.reasons == ["no champion yet: the candidate only has to beat the base model",
+                                "ndcg@10 0.350 > base 0.300"]
+
+
+def test_no_champion_still_has_to_beat_the_base_model():
+    decision = decide_promotion({"ndcg@10": 0.29}, None, BASE)
+    assert not decision.promote and decision.alias == "challenger"
+    assert "ndcg@10 0.290 <= base 0.300: not better than the untrained base model" in decision.reasons
+
+
+def test_a_tie_with_the_base_model_is_not_a_win():
+    assert not decide_promotion({"ndcg@10": 0.3}, None, BASE).promote
+    # float noise is a tie too
+    assert not decide_promotion({"ndcg@10": 0.1 + 0.2}, None, {"ndcg@10": 0.3}).promote
+
+
+def test_beating_the_champion_by_the_margin_promotes():
+    decision = decide_promotion({"ndcg@10": 0.452}, {"ndcg@10": 0.430}, BASE, margin=0.01, champion_version=3)
+    assert decision.promote and decision.beats_champion and decision.beats_base
+    assert decision.reasons == ["ndcg@10 0.452 >= champion v3 0.430 + margin 0.010", "ndcg@10 0.452 > base 0.300"]
+    assert decision.champion_value == 0.430 and decision.champion_version == "3"
+
+
+def test_better_than_the_champion_but_within_the_margin_does_not_promote():
+    decision = decide_promotion({"ndcg@10": 0.435}, {"ndcg@10": 0.430}, BASE, margin=0.01)
+    assert not decision.promote and decision.beats_champion is False and decision.beats_base
+    assert decision.reasons[0] == "ndcg@10 0.435 <= champion 0.430 + margin 0.010"
+
+
+def test_a_gain_of_exactly_the_margin_promotes_despite_float_noise():
+    assert 0.03 - 0.02 < 0.01  # the noise the rule must absorb
+    assert decide_promotion({"ndcg@10": 0.03}, {"ndcg@10": 0.02}, {"ndcg@10": 0.0}, margin=0.01).promote
+    assert decide_promotion({"ndcg@10": 0.44}, {"ndcg@10": 0.43}, BASE, margin=0.01).promote
+
+
+def test_a_tie_with_the_champion_keeps_the_champion_even_without_margin():
+    decision = decide_promotion({"ndcg@10": 0.43}, {"ndcg@10": 0.43}, BASE)
+    assert not decision.promote and decision.beats_champion is False
+    assert decision.reasons[0] == "ndcg@10 0.430 ties champion 0.430: a tie keeps the champion"
+
+
+def test_any_gain_promotes_with_zero_margin():
+    assert decide_promotion({"ndcg@10": 0.4301}, {"ndcg@10": 0.43}, BASE).promote
+
+
+def test_worse_than_the_champion_does_not_promote():
+    decision = decide_promotion({"ndcg@10": 0.41}, {"ndcg@10": 0.43}, BASE)
+    assert not decision.promote and decision.reasons[0] == "ndcg@10 0.410 <= champion 0.430 + margin 0.000"
+
+
+def test_beating_the_champion_but_not_the_base_model_does_not_promote():
+    """A champion worse than the base model (e.g. logged before the base was measured)."""
+    decision = decide_promotion({"ndcg@10": 0.28}, {"ndcg@10": 0.20}, BASE)
+    assert not decision.promote and decision.beats_champion and not decision.beats_base
+
+
+def test_another_metric_can_be_chosen():
+    decision = decide_promotion({"ndcg@10": 0.1, "hr@10": 0.6}, {"hr@10": 0.55}, BASE, metric="hr@10")
+    assert decision.promote and decision.metric == "hr@10"
+    assert decision.reasons[0] == "hr@10 0.600 >= champion 0.550 + margin 0.000"
+
+
+@pytest.mark.parametrize("role, kwargs", [
+    ("candidate", {"candidate": {"hr@10": 0.4}}),
+    ("champion", {"champion": {"hr@10": 0.4}}),
+    ("base model", {"base": {"hr@10": 0.4}}),
+])
+def test_a_missing_metric_is_a_clear_error(role, kwargs):
+    args = {"candidate": {"ndcg@10": 0.4}, "champion": {"ndcg@10": 0.3}, "base": BASE, **kwargs}
+    with pytest.raises(ValueError, match=rf"{role} metrics have no 'ndcg@10'.*keys: hr@10"):
+        decide_promotion(**args)
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(ValueError, match="candidate metrics ndcg@10 is NaN"):
+        decide_promotion({"ndcg@10": math.nan}, None, BASE)
+    with pytest.raises(ValueError, match="champion metrics ndcg@10 is not a number: 'high'"):
+        decide_promotion({"ndcg@10": 0.4}, {"ndcg@10": "high"}, BASE)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        decide_promotion({"ndcg@10": 0.4}, None, BASE, margin=-0.01)
+    with pytest.raises(ValueError, match="must be a dict of metrics"):
+        decide_promotion([0.4], None, BASE)
+    # numbers stored as strings (registry tags) are fine
+    assert decide_promotion({"ndcg@10": "0.4"}, {"ndcg@10": "0.35"}, BASE).promote
+
+
+# -- per-group metrics -----------------------------------------------------------------------
+
+
+def _groups(ml_dense, ml_sparse, cds_dense, cds_sparse) -> dict:
+    return {"ml-1m": {"dense": {"ndcg@10": ml_dense}, "sparse": {"ndcg@10": ml_sparse}},
+            "amazon-cds": {"dense": {"ndcg@10": cds_dense}, "sparse": {"ndcg@10": cds_sparse}}}
+
+
+def test_per_group_metrics_compare_the_unweighted_mean_over_the_groups():
+    figure = metric_figure(_groups(0.4, 0.2, 0.3, 0.1))
+    assert figure.value == pytest.approx(0.25) and figure.source == "mean over 4 groups"
+    assert figure.groups == ("amazon-cds/dense", "amazon-cds/sparse", "ml-1m/dense", "ml-1m/sparse")
+    decision = decide_promotion(_groups(0.4, 0.2, 0.3, 0.1), _groups(0.3, 0.2, 0.3, 0.1), _groups(0.1, 0.1, 0.1, 0.1))
+    assert decision.promote and decision.candidate_value == pytest.approx(0.25)
+    assert decision.champion_value == pytest.approx(0.225)
+    assert decision.groups == list(figure.groups)
+    assert decision.reasons[-1].startswith("ndcg@10 figures are unweighted means over the groups amazon-cds/dense")
+
+
+def test_flat_group_keys_work_like_nested_ones():
+    flat = {"ml-1m/dense": {"ndcg@10": 0.4}, "ml-1m/sparse": {"ndcg@10": 0.2}}
+    assert metric_figure(flat).value == pytest.approx(0.3)
+    assert metric_figure({"ml-1m/dense/ndcg@10": 0.4, "ml-1m/sparse/ndcg@10": 0.2}).value == pytest.approx(0.3)
+    assert flatten_metrics({"a": {"b": {"ndcg@10": 1}}, "n": 2}) == {"a/b/ndcg@10": 1, "n": 2}
+
+
+def test_an_overall_value_wins_over_the_groups():
+    metrics = {"ndcg@10": 0.5, **_groups(0.1, 0.1, 0.1, 0.1)}
+    assert metric_figure(metrics).value == 0.5 and metric_figure(metrics).groups == ()
+
+
+def test_different_groups_are_not_compared():
+    candidate = _groups(0.4, 0.2, 0.3, 0.1)
+    champion = {"ml-1m": candidate["ml-1m"]}
+    with pytest.raises(ValueError, match=r"different groups \(only the candidate: \['amazon-cds/dense'"):
+        decide_promotion(candidate, champion, {"ndcg@10": 0.1})
+
+
+def test_the_decision_serializes():
+    decision = decide_promotion({"ndcg@10": 0.4}, None, BASE)
+    assert isinstance(decision, PromotionDecision)
+    assert decision.to_dict()["promote"] is True and decision.to_dict()["reasons"] == decision.reasons
