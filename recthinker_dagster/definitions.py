@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from recthinker_dagster.defs.automation import build_automation
 from recthinker_dagster.defs.datasets import build_dataset_assets
 from recthinker_dagster.defs.evaluation import build_evaluation_assets
 from recthinker_dagster.defs.jobs import pipeline_jobs
@@ -15,7 +16,10 @@ from recthinker_dagster.defs.resources import (
     MLflowTracking,
     ProjectPaths,
 )
+from recthinker_dagster.defs.registry import build_registry_assets
+from recthinker_dagster.defs.rl import build_rl_assets
 from recthinker_dagster.defs.tools import build_tool_assets
+from recthinker_dagster.defs.training import build_training_assets
 from recthinker_dagster.defs.trajectories import build_trajectory_assets
 
 DEFAULT_DATASETS = ("ml-1m", "amazon-cds")
@@ -34,12 +38,19 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
         assets_and_checks.extend(build_tool_assets(dataset))
         assets_and_checks.extend(build_trajectory_assets(dataset))
         assets_and_checks.extend(build_evaluation_assets(dataset))
+    assets_and_checks.extend(build_training_assets(datasets))
+    assets_and_checks.extend(build_rl_assets(datasets))
+    assets_and_checks.extend(build_registry_assets(datasets))
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
+    jobs = pipeline_jobs(datasets)
+    automation = build_automation(jobs)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=pipeline_jobs(datasets),
+        jobs=jobs,
+        schedules=automation["schedules"],
+        sensors=automation["sensors"],
         resources=resources or {"paths": ProjectPaths(), "dvc": DVCVersioning(), "mlflow": MLflowTracking()},
         # One process: steps share imports and the machine's two cores; DVC is locked anyway.
         executor=dg.in_process_executor,

@@ -23,6 +23,10 @@ class Profile:
     prompt_history_len: int = 10
     max_turns: int = 6  # agent budgets, shared by teachers, training rollouts and evaluation
     max_tool_calls: int = 8
+    # LLM systems in the evaluation: eval tasks per dataset (0: all), turns and tokens per turn
+    llm_eval_tasks: int = 0
+    llm_max_turns: int = 6
+    llm_max_new_tokens: int = 384
     seed: int = 2026
 
     def as_dict(self) -> dict:
@@ -32,11 +36,11 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         "smoke", n_eval_users_per_group=10, n_valid_users_per_group=5, n_train_users_per_group=20,
-        sasrec_train_windows=5_000,
+        sasrec_train_windows=5_000, llm_eval_tasks=4, llm_max_turns=2, llm_max_new_tokens=64,
     ),
     "demo": Profile(
         "demo", n_eval_users_per_group=100, n_valid_users_per_group=25, n_train_users_per_group=200,
-        teacher_samples_per_task=2,
+        teacher_samples_per_task=2, llm_eval_tasks=10, llm_max_turns=4, llm_max_new_tokens=160,
     ),
     "full": Profile(
         "full", n_eval_users_per_group=500, n_valid_users_per_group=100, n_train_users_per_group=2000,

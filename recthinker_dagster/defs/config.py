@@ -115,7 +115,9 @@ class TeacherConfig(ProfileConfig):
         }
 
 
-EVALUATED_SYSTEMS = ["random", "popularity", "itemknn", "bprmf", "sasrec", "teacher"]
+CLASSICAL_SYSTEMS = ["random", "popularity", "itemknn", "bprmf", "sasrec"]
+LLM_SYSTEMS = ["zero_shot", "base_tools", "sft", "sft_rl"]  # the base model without / with tools, then trained
+EVALUATED_SYSTEMS = [*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS]
 
 
 class EvaluationConfig(ProfileConfig):
@@ -125,3 +127,73 @@ class EvaluationConfig(ProfileConfig):
     )
     sasrec_train_windows: Optional[int] = Field(default=None, description="SASRec training sequences (profile default).")
     n_bootstrap: int = Field(default=1000, description="Bootstrap resamples for the 95% intervals.")
+    llm_tasks: Optional[int] = Field(
+        default=None, description="Eval tasks (per dataset, spread over the groups) the LLM systems run on; 0: all."
+    )
+    llm_max_turns: Optional[int] = Field(default=None, description="Assistant turns of the LLM systems (profile default).")
+    llm_max_new_tokens: Optional[int] = Field(default=None, description="Tokens per assistant turn (profile default).")
+
+    def llm_settings(self) -> dict:
+        profile = self.resolved_profile()
+        return {
+            "tasks": self.llm_tasks if self.llm_tasks is not None else profile.llm_eval_tasks,
+            "max_turns": self.llm_max_turns or profile.llm_max_turns,
+            "max_tool_calls": profile.max_tool_calls,
+            "max_new_tokens": self.llm_max_new_tokens or profile.llm_max_new_tokens,
+            "prompt_history_len": profile.prompt_history_len,
+        }
+
+
+class SFTStageConfig(ProfileConfig):
+    recipe: Optional[str] = Field(
+        default=None,
+        description="SFT recipe: a name under recipes/ (sft_<name>.yaml) or a .yaml/.json path; empty: the profile's name.",
+    )
+    max_steps: Optional[int] = Field(default=None, description="Override the recipe's optimizer steps.")
+
+    def load(self):
+        from recthinker_dagster.training.recipes import load_recipe
+
+        recipe = load_recipe(self.recipe or self.profile)
+        return recipe.with_overrides(max_steps=self.max_steps) if self.max_steps is not None else recipe
+
+
+class FilterStageConfig(SFTStageConfig):
+    min_examples: int = Field(default=4, description="The blocking check fails with fewer kept trajectories.")
+
+
+class SFTTrainingConfig(SFTStageConfig):
+    resume: bool = Field(default=True, description="Continue an interrupted run from its last checkpoint.")
+    validate_base: bool = Field(default=True, description="Also score the untrained base model on the validation slice.")
+    eval_tasks_per_dataset: Optional[int] = Field(
+        default=None, description="Validation tasks per dataset (the recipe's eval.n_tasks if empty; 0: all)."
+    )
+
+
+class RLStageConfig(ProfileConfig):
+    recipe: Optional[str] = Field(
+        default=None,
+        description="RL recipe: a name under recipes/ (rl_<name>.yaml) or a .yaml/.json path; empty: the profile's name.",
+    )
+    max_steps: Optional[int] = Field(default=None, description="Override the recipe's GRPO steps.")
+    resume: bool = Field(default=True, description="Continue an interrupted run from its last checkpoint.")
+    eval_tasks_per_dataset: Optional[int] = Field(
+        default=None, description="Validation tasks per dataset (the recipe's eval.n_tasks if empty; 0: all)."
+    )
+
+    def load(self):
+        from recthinker_dagster.training.rl_recipes import load_rl_recipe
+
+        recipe = load_rl_recipe(self.recipe or self.profile)
+        return recipe.with_overrides(max_steps=self.max_steps) if self.max_steps is not None else recipe
+
+
+class RegistryConfig(ProfileConfig):
+    model_name: str = Field(default="recthinker-agent", description="Registered model name in the MLflow Model Registry.")
+    candidate_system: str = Field(default="sft_rl", description="The evaluated system registered: 'sft_rl' or 'sft'.")
+    baseline_system: str = Field(default="base_tools", description="The untrained system the candidate must beat.")
+    metric: str = Field(default="ndcg@10", description="Promotion metric (mean over datasets and groups).")
+    margin: float = Field(default=0.0, description="How much the candidate must beat the champion by (absolute).")
+    include_base_model: bool = Field(
+        default=False, description="Copy the base model into the MLflow model (else a DVC-versioned reference)."
+    )

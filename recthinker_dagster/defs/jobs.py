@@ -11,7 +11,11 @@ import dagster as dg
 from recthinker_dagster.defs.config import (
     BaseModelConfig,
     EvaluationConfig,
+    FilterStageConfig,
     IngestConfig,
+    RegistryConfig,
+    RLStageConfig,
+    SFTTrainingConfig,
     TaskSplitConfig,
     TeacherConfig,
     ToolIndexesConfig,
@@ -22,7 +26,13 @@ from recthinker_dagster.profiles import PROFILES
 def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
     from recthinker_dagster.defs.datasets import key_prefix
 
-    ops: dict[str, dg.Config] = {"base_model": BaseModelConfig(profile=profile)}
+    ops: dict[str, dg.Config] = {
+        "base_model": BaseModelConfig(profile=profile),
+        "filtered_trajectories": FilterStageConfig(profile=profile),
+        "sft_model": SFTTrainingConfig(profile=profile),
+        "rl_model": RLStageConfig(profile=profile),
+        "registered_model": RegistryConfig(profile=profile),
+    }
     for dataset in datasets:
         prefix = key_prefix(dataset)
         ops[f"{prefix}__raw_dataset"] = IngestConfig(profile=profile)

@@ -30,6 +30,7 @@ def publish(
     metadata: dict[str, Any],
     texts: dict[str, str] | None = None,
     series: dict[str, list[float]] | None = None,
+    artifacts: dict[str, Path] | None = None,
 ) -> dg.MaterializeResult:
     """Add ``folder`` to DVC, log an MLflow run, and build the MaterializeResult.
 
@@ -53,6 +54,7 @@ def publish(
         },
         texts=texts,
         series=series,
+        artifacts=artifacts,
     )
     context.log.info(f"{key_path}: DVC {md5 or '(disabled)'}, MLflow run {run_id or '(disabled)'}")
     return dg.MaterializeResult(

@@ -171,7 +171,10 @@ class MLflowTracking(dg.ConfigurableResource):
                 for step, value in enumerate(values):
                     mlflow.log_metric(metric_name(name), float(value), step=step)
             for name, path in (artifacts or {}).items():
-                mlflow.log_artifact(str(path), artifact_path=name)
+                if Path(path).is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path=name)
+                else:
+                    mlflow.log_artifact(str(path), artifact_path=name)
             for name, text in (texts or {}).items():
                 mlflow.log_text(text, name)
             return run.info.run_id

@@ -89,3 +89,32 @@ def plot_ndcg_by_system(summary: Mapping[str, pl.DataFrame] | pl.DataFrame, path
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_tool_use(per_task: Mapping[str, pl.DataFrame], path: Path, title: str | None = None) -> Path:
+    """A PNG histogram of tool calls per task, one bar series per agent system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    agents = {s: f["n_tool_calls"].to_numpy() for s, f in per_task.items() if "n_tool_calls" in f.columns}
+    most = int(max((calls.max() for calls in agents.values() if calls.size), default=0))
+    bins = np.arange(most + 2)
+    width = 0.8 / max(len(agents), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * (most + 2) * max(len(agents), 1) + 1), 3.5))
+    for i, (system, calls) in enumerate(agents.items()):
+        counts, _ = np.histogram(calls, bins=bins)
+        ax.bar(bins[:-1] + (i - (len(agents) - 1) / 2) * width, counts / max(calls.size, 1), width, label=system)
+    ax.set_xticks(bins[:-1])
+    ax.set_xlabel("tool calls per task")
+    ax.set_ylabel("share of tasks")
+    ax.set_title(title or "Tool calls per task")
+    ax.legend(title="system")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+    return path

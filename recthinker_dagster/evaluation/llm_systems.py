@@ -1,0 +1,71 @@
+"""The LLM systems of the evaluation: the base model as a zero-shot ranker (no tools), the base
+model with tools, and trained policies (SFT, SFT+RL), all through the real agent loop.
+
+    policies = {"zero_shot": Policy(base, []), "sft": Policy(base, [sft_adapter]), ...}
+    trajectories = run_llm_systems(policies, tasks, toolbox_factory, settings)
+
+Each distinct model (base folder plus adapters) is loaded once and serves every system that
+uses it; each system's tasks run as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recthinker_dagster.agent.backends.base import SamplingParams
+from recthinker_dagster.agent.loop import AgentConfig, run_agent
+
+ZERO_SHOT = "zero_shot"
+
+
+@dataclass(frozen=True)
+class Policy:
+    base_model: Path
+    adapters: tuple[Path, ...] = field(default_factory=tuple)
+
+
+class WithoutTools:
+    """A toolbox that offers no tools (the zero-shot ranker sees only history and candidates)."""
+
+    def __init__(self, toolbox):
+        self._toolbox = toolbox
+
+    def __getattr__(self, name):
+        return getattr(self._toolbox, name)
+
+    def schemas(self) -> list:
+        return []
+
+
+def agent_config_for(system: str, settings: dict) -> AgentConfig:
+    sampling = SamplingParams(max_new_tokens=settings["max_new_tokens"])
+    if system == ZERO_SHOT:
+        return AgentConfig(max_turns=1, max_tool_calls=0, sampling=sampling, producer=system)
+    return AgentConfig(max_turns=settings["max_turns"], max_tool_calls=settings["max_tool_calls"], sampling=sampling,
+                       producer=system)
+
+
+def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factory: Callable, settings: dict, *,
+                    batch_size: int = 8, progress: Callable[[str], None] | None = None) -> dict[str, list]:
+    """``{system: trajectories}`` for every system in ``policies``, in task order."""
+    from recthinker_dagster.agent.backends.transformers_backend import (
+        TransformersBackend,
+    )
+    from recthinker_dagster.training.sft import load_agent_model
+
+    by_model: dict[Policy, list[str]] = {}
+    for system, policy in policies.items():
+        by_model.setdefault(policy, []).append(system)
+    results = {}
+    for policy, systems in by_model.items():
+        model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
+        backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
+        for system in systems:
+            factory = (lambda task: WithoutTools(toolbox_factory(task))) if system == ZERO_SHOT else toolbox_factory
+            results[system] = run_agent(tasks, backend, factory, agent_config_for(system, settings))
+            if progress is not None:
+                progress(f"{system}: {len(tasks)} tasks done")
+        del model, backend
+    return {system: results[system] for system in policies}
