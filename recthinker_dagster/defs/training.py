@@ -17,7 +17,6 @@ import dagster as dg
 import polars as pl
 
 from recthinker_dagster.agent.backends.base import SamplingParams
-from recthinker_dagster.agent.generation import read_records
 from recthinker_dagster.agent.history import TaskToolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig
 from recthinker_dagster.defs.config import FilterStageConfig, SFTTrainingConfig
@@ -92,19 +91,24 @@ def eval_settings(recipe, profile, n_tasks: int | None = None) -> dict:
     return settings
 
 
-def read_kept(paths: ProjectPaths) -> list[dict]:
-    """The published SFT set (read only: a bad line is an error naming it, never repaired)."""
-    path = paths.asset_dir("filtered_trajectories") / "trajectories.jsonl"
+def read_published_jsonl(path: Path, asset: str) -> list[dict]:
+    """The records of a published JSON-lines artifact, read only: a bad line is an error naming
+    it (the artifact is never repaired in place; rematerialize ``asset``)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize filtered_trajectories first")
+        raise FileNotFoundError(f"{path} is missing: materialize {asset} first")
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: not a JSON trajectory ({error.msg}); "
-                             "rematerialize filtered_trajectories") from error
+                             f"rematerialize {asset}") from error
     return records
+
+
+def read_kept(paths: ProjectPaths) -> list[dict]:
+    """The published SFT set."""
+    return read_published_jsonl(paths.asset_dir("filtered_trajectories") / "trajectories.jsonl", "filtered_trajectories")
 
 
 def build_training_assets(datasets: list[str]) -> list:
@@ -133,10 +137,8 @@ def build_training_assets(datasets: list[str]) -> list:
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir(paths, recipe))
         kept, decisions, counts = [], [], {}
         for dataset in datasets:
-            path = paths.asset_dir("teacher_trajectories", dataset) / "trajectories.jsonl"
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: materialize {key_prefix(dataset)}/teacher_trajectories first")
-            records, _ = read_records(path)
+            records = read_published_jsonl(paths.asset_dir("teacher_trajectories", dataset) / "trajectories.jsonl",
+                                           f"{key_prefix(dataset)}/teacher_trajectories")
             eval_tasks = read_table(paths, "task_splits", dataset, "tasks_eval.parquet")
             result = filter_trajectories(
                 records, recipe.filter_config, tokenizer=tokenizer,
