@@ -239,7 +239,15 @@ def _chat_inputs(tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**inputs).logits.float()
+    """Logits computed on one thread: multi-threaded fp32 reductions on a busy CPU were seen to
+    differ by 1e-2 between two runs of identical weights, which would fail the exact check."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits.float()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
