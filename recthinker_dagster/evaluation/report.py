@@ -83,12 +83,7 @@ def plot_ndcg_by_system(summary: Mapping[str, pl.DataFrame] | pl.DataFrame, path
     ax.set_title(title or f"{LABELS.get(metric, metric)} by system (95% bootstrap CI)")
     if groups != [None]:
         ax.legend(title="group")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_tool_use(per_task: Mapping[str, pl.DataFrame], path: Path, title: str | None = None) -> Path:
@@ -112,6 +107,13 @@ def plot_tool_use(per_task: Mapping[str, pl.DataFrame], path: Path, title: str |
     ax.set_ylabel("share of tasks")
     ax.set_title(title or "Tool calls per task")
     ax.legend(title="system")
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> Path:
+    """Write a finished figure as a PNG (parents created) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

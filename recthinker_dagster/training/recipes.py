@@ -25,8 +25,46 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+class RecipeFields:
+    """What SFT and RL recipes share: loading from a mapping (unknown keys are an error),
+    plain-dict export, overrides and a digest. Subclasses are frozen dataclasses."""
+
+    _KIND = "recipe"  # named in the unknown-keys error
+    _MAPPINGS: tuple[str, ...] = ()  # sections kept as plain dicts
+
+    @classmethod
+    def from_dict(cls, values: Mapping):
+        values = dict(values)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls._KIND} keys: {sorted(unknown)}")
+        if "lora_target_modules" in values:
+            values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        for name in cls._MAPPINGS:
+            if name in values:
+                values[name] = dict(values[name] or {})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["lora_target_modules"] = list(self.lora_target_modules)
+        return values
+
+    def with_overrides(self, **overrides):
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+    @property
+    def digest(self) -> str:
+        """A short hash of every field: two runs with the same digest used the same recipe."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
-class SFTRecipe:
+class SFTRecipe(RecipeFields):
+    _KIND = "recipe"
+    _MAPPINGS = ("filter", "eval")
+
     name: str
     version: int = 1
     description: str = ""
@@ -70,36 +108,9 @@ class SFTRecipe:
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be >= 1")
 
-    @classmethod
-    def from_dict(cls, values: Mapping) -> SFTRecipe:
-        values = dict(values)
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown recipe keys: {sorted(unknown)}")
-        if "lora_target_modules" in values:
-            values["lora_target_modules"] = tuple(values["lora_target_modules"])
-        values["filter"] = dict(values.get("filter") or {})
-        values["eval"] = dict(values.get("eval") or {})
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        values["lora_target_modules"] = list(self.lora_target_modules)
-        return values
-
-    def with_overrides(self, **overrides) -> SFTRecipe:
-        return SFTRecipe.from_dict({**self.to_dict(), **overrides})
-
     @property
     def filter_config(self) -> FilterConfig:
         return FilterConfig.from_dict(self.filter)
-
-    @property
-    def digest(self) -> str:
-        """A short hash of every field: two runs with the same digest used the same recipe."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
 
 def recipes_dir() -> Path:
     override = os.environ.get("RECTHINKER_RECIPES_DIR")

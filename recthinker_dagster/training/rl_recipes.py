@@ -10,15 +10,13 @@ Unknown keys are an error. ``reward_weights`` name rewards of ``training.rewards
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from recthinker_dagster.training.recipes import (
     LORA_TARGETS,
     PRECISIONS,
+    RecipeFields,
     read_recipe_file,
     recipe_path,
 )
@@ -26,7 +24,10 @@ from recthinker_dagster.training.rewards import check_weights
 
 
 @dataclass(frozen=True)
-class RLRecipe:
+class RLRecipe(RecipeFields):
+    _KIND = "RL recipe"
+    _MAPPINGS = ("reward_weights", "reward_params", "eval")
+
     name: str
     version: int = 1
     description: str = ""
@@ -80,31 +81,6 @@ class RLRecipe:
         if self.max_steps < 1 or self.max_turns < 1 or self.max_tool_calls < 0:
             raise ValueError("max_steps and max_turns must be >= 1, max_tool_calls >= 0")
         check_weights(self.reward_weights)
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> RLRecipe:
-        values = dict(values)
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown RL recipe keys: {sorted(unknown)}")
-        if "lora_target_modules" in values:
-            values["lora_target_modules"] = tuple(values["lora_target_modules"])
-        for name in ("reward_weights", "reward_params", "eval"):
-            if name in values:
-                values[name] = dict(values[name] or {})
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        values["lora_target_modules"] = list(self.lora_target_modules)
-        return values
-
-    def with_overrides(self, **overrides) -> RLRecipe:
-        return RLRecipe.from_dict({**self.to_dict(), **overrides})
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_rl_recipe(name_or_path: str | os.PathLike | RLRecipe) -> RLRecipe:
