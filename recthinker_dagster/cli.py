@@ -1,5 +1,7 @@
-"""Command line helpers around the pipeline's versioned artifacts.
+"""Command line helpers around the pipeline's settings and versioned artifacts.
 
+    recthinker config smoke                     # every resolved setting of a profile and its source
+    recthinker config demo --set teacher.samples_per_task=4 --json
     recthinker versions interactions/ml-1m      # every logged version (MLflow) of an artifact
     recthinker restore interactions/ml-1m MD5   # bring an earlier version back from DVC
 """
@@ -7,12 +9,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
+import yaml
+
+from recthinker_dagster.artifacts import asset_label
 from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
+from recthinker_dagster.settings import PROFILE_NAMES, Profile, default_profile_name, load_profile
 
 
-def _artifact_folder(paths: ProjectPaths, artifact: str):
+def artifact_folder(paths: ProjectPaths, artifact: str):
+    """The folder of ``<asset>/<dataset>`` (or a shared ``<asset>``); an error if unknown."""
     asset, _, dataset = artifact.partition("/")
     folder = paths.asset_dir(asset, dataset or None)
     if not folder.parent.is_dir():
@@ -20,9 +29,66 @@ def _artifact_folder(paths: ProjectPaths, artifact: str):
     return folder
 
 
-def _asset_tag(artifact: str) -> str:
+def asset_tag(artifact: str) -> str:
+    """The MLflow ``asset`` tag of ``<asset>/<dataset>``: ``interactions/ml-1m`` -> ``ml_1m/interactions``."""
     asset, _, dataset = artifact.partition("/")
-    return f"{dataset.replace('-', '_')}/{asset}" if dataset else asset
+    return asset_label(asset, dataset or None)
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["teacher.samples_per_task=4"]`` -> ``{"teacher.samples_per_task": 4}`` (values read as YAML,
+    so ``0``, ``false``, ``null`` and ``[a, b]`` are typed; quote a string that looks like one)."""
+    overrides = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {assignment!r}: expected <section>.<field>=<value>")
+        overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML; ``1e-5`` (a string to YAML 1.1) as a float, an empty value as ``""``."""
+    if not text.strip():
+        return ""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
+
+
+def settings_rows(profile: Profile) -> list[tuple[str, Any, str]]:
+    """``(setting, value, source)`` for every resolved setting, in the profile's section order."""
+    return [(key, value, profile.sources.get(key, "default")) for key, value in profile.flat().items()]
+
+
+def format_settings_table(profile: Profile) -> str:
+    """The resolved settings as an aligned, plain-text table under a title line (values last:
+    a long list does not widen the other columns)."""
+    rows = [(key, source, json.dumps(value)) for key, value, source in settings_rows(profile)]
+    header = ("setting", "source", "value")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    rule = tuple("-" * width for width in widths)
+    title = f"profile {profile.name}" + (f": {profile.description}" if profile.description else "")
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, rule, *rows]]
+    return "\n".join([title, *lines])
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    try:
+        profile = load_profile(args.profile, parse_overrides(args.set or []))
+    except ValueError as error:
+        print(f"recthinker config: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        settings = {key: {"value": value, "source": source} for key, value, source in settings_rows(profile)}
+        print(json.dumps({"profile": profile.name, "description": profile.description, "settings": settings}, indent=2))
+    else:
+        print(format_settings_table(profile))
+    return 0
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -32,7 +98,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     mlflow.set_tracking_uri(tracking.tracking_uri)
     runs = mlflow.search_runs(
         experiment_names=[tracking.experiment_name],
-        filter_string=f"tags.asset = '{_asset_tag(args.artifact)}'",
+        filter_string=f"tags.asset = '{asset_tag(args.artifact)}'",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
@@ -47,7 +113,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     paths = ProjectPaths()
-    folder = _artifact_folder(paths, args.artifact)
+    folder = artifact_folder(paths, args.artifact)
     DVCVersioning().restore(folder, args.md5)
     print(f"restored {folder.relative_to(paths.root_path)} to {args.md5}")
     return 0
@@ -56,6 +122,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recthinker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    config = sub.add_parser("config", help="print every resolved setting of a profile and where it came from")
+    config.add_argument(
+        "profile", nargs="?", default=None,
+        help=f"profile name (profiles/<name>.yaml), e.g. one of {list(PROFILE_NAMES)}; "
+             f"default: $RECTHINKER_PROFILE or {default_profile_name()!r}",
+    )
+    config.add_argument(
+        "--set", action="append", metavar="SECTION.FIELD=VALUE",
+        help="override one setting (repeatable); the value is read as YAML, e.g. --set evaluation.llm_tasks=0",
+    )
+    config.add_argument("--json", action="store_true", help="machine-readable output")
+    config.set_defaults(func=cmd_config)
     versions = sub.add_parser("versions", help="list logged versions of an artifact")
     versions.add_argument("artifact", help="<asset>/<dataset>, e.g. interactions/ml-1m, or base_model")
     versions.set_defaults(func=cmd_versions)

@@ -11,12 +11,12 @@ from recthinker_dagster.defs.datasets import build_dataset_assets
 from recthinker_dagster.defs.evaluation import build_evaluation_assets
 from recthinker_dagster.defs.jobs import pipeline_jobs
 from recthinker_dagster.defs.model import base_model
+from recthinker_dagster.defs.registry import build_registry_assets
 from recthinker_dagster.defs.resources import (
     DVCVersioning,
     MLflowTracking,
     ProjectPaths,
 )
-from recthinker_dagster.defs.registry import build_registry_assets
 from recthinker_dagster.defs.rl import build_rl_assets
 from recthinker_dagster.defs.tools import build_tool_assets
 from recthinker_dagster.defs.training import build_training_assets

@@ -47,7 +47,7 @@ def staged_directory(final_dir: Path) -> Iterator[Path]:
 
 def remove_stale_staging(parent: Path) -> list[Path]:
     """Delete staging/retired folders left behind by killed processes under ``parent``."""
-    removed = []
+    removed: list[Path] = []
     if not Path(parent).is_dir():
         return removed
     for path in Path(parent).iterdir():

@@ -1,8 +1,13 @@
 """Benchmark agent inference: one prompt at a time vs the batched TransformersBackend.
 
-The same N first-turn agent prompts (system prompt with the seven tool schemas, ten history
-items, twenty labelled candidates; real MovieLens-1M tasks when the task_splits and items
-assets exist, synthetic ones otherwise) are generated greedily
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_inference.py --model assets/base_model \\
+        --n-prompts 16 --max-new-tokens 128 --batch-size 16 --dtypes bfloat16 [--root .] --json-out bench.json
+
+The same N first-turn agent prompts (the agent loop's opening messages: system prompt with
+the seven tool schemas, ten history items, twenty labelled candidates; built from the
+MovieLens-1M eval tasks and tool indexes published under ``--root`` (default: this
+repository) when they are there, synthetic ones in the same format otherwise) are generated
+greedily
 
   (a) one at a time with plain ``model.generate``,
   (b) by ``TransformersBackend`` in batches, without the shared-prefix cache,
@@ -10,9 +15,6 @@ assets exist, synthetic ones otherwise) are generated greedily
 
 in the same run, and the script prints completion tokens/s, prompts per minute, peak RSS for
 each and the speed-ups over (a). ``--dtypes bfloat16,float32`` repeats everything per dtype.
-
-    python scripts/benchmark_inference.py --model assets/base_model --n-prompts 16 \\
-        --max-new-tokens 128 --batch-size 16 --dtypes bfloat16 --json-out bench.json
 
 Timings on shared machines are noisy: run it on an otherwise idle machine, or prefix the
 command with ``OMP_WAIT_POLICY=PASSIVE`` when other processes compete for the cores (spinning
@@ -39,70 +41,47 @@ from recthinker_dagster.agent.backends.transformers_backend import (
     TransformersBackend,
     available_cores,
 )
+from recthinker_dagster.agent.history import Toolboxes, agent_tasks
+from recthinker_dagster.agent.loop import AgentConfig
+from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_tasks
+from recthinker_dagster.tools import Toolbox
+from recthinker_dagster.training.grpo import opening_messages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-FALLBACK_TOOLS = [  # the shape of the real toolbox's schemas, used when it cannot be imported
-    ("get_user_profile", "Summarize the current user: demographics, favourite categories, rating habits.", {}),
-    ("search_user_history", "List the current user's past items, newest first, optionally matching a query.",
-     {"query": "string", "limit": "integer"}),
-    ("get_item_info", "Show item details: title, year, categories, creator, ratings and description.",
-     {"item_ids": "array"}),
-    ("search_items", "Search the whole catalog by keywords; candidates are shown by their labels.",
-     {"query": "string", "limit": "integer"}),
-    ("find_similar_users", "Find users whose histories overlap most with the current user's.", {"limit": "integer"}),
-    ("get_related_items", "List items other users most often consumed together with an item.",
-     {"item_id": "string", "limit": "integer"}),
-    ("score_candidates", "Score candidates with a collaborative-filtering model (BPR-MF).", {"item_ids": "array"}),
-]
+DATASET = "ml-1m"
+GENRES = ["Drama", "Comedy", "Action", "Thriller", "Romance", "Sci-Fi", "Animation", "Horror"]
 
 
-def tool_schemas() -> list[dict]:
-    try:
-        from recthinker_dagster.tools.toolbox import Toolbox
-
-        return Toolbox(None, {"user_id": "0", "history_item_ids": [], "candidate_item_ids": []}).schemas()
-    except Exception:  # noqa: BLE001 - any failure: use the built-in stand-ins
-        schemas = []
-        for name, description, params in FALLBACK_TOOLS:
-            properties = {
-                key: {"type": kind, **({"items": {"type": "string"}} if kind == "array" else {})}
-                for key, kind in params.items()
-            }
-            schemas.append({"type": "function", "function": {
-                "name": name, "description": description,
-                "parameters": {"type": "object", "properties": properties, "required": list(params)[:1]}}})
-        return schemas
-
-
-def agent_prompts(n: int, n_candidates: int = 20, history_len: int = 10, seed: int = 0) -> list[list[dict]]:
-    """N first-turn conversations, from real ML-1M tasks when the assets exist."""
+def synthetic_conversations(n: int, config: AgentConfig, n_candidates: int = 20, history_len: int = 10,
+                            seed: int = 0) -> list[list[dict]]:
+    """N opening conversations over made-up movies, in the agent's prompt format."""
     rng = random.Random(seed)
-    tasks_path = REPO_ROOT / "assets" / "task_splits" / "ml-1m" / "tasks_eval.parquet"
-    items_path = REPO_ROOT / "assets" / "items" / "ml-1m" / "items.parquet"
-    rows = []
-    if tasks_path.exists() and items_path.exists():
-        import polars as pl
 
-        items = {r["item_id"]: r for r in pl.read_parquet(items_path).iter_rows(named=True)}
+    def title():
+        return f"Movie {rng.randint(1, 3900)} ({rng.randint(1950, 2000)}) | {', '.join(rng.sample(GENRES, 2))}"
 
-        def line(item_id):
-            r = items.get(item_id)
-            return f"{r['title']} ({r['year']}) | {', '.join(r['categories'] or [])}" if r else f"item {item_id}"
+    return [prompts.initial_messages([title() for _ in range(history_len)],
+                                     [f"C{k}: {title()}" for k in range(1, n_candidates + 1)],
+                                     user_id=str(1000 + u), max_turns=config.max_turns,
+                                     max_tool_calls=config.max_tool_calls)
+            for u in range(n)]
 
-        for task in pl.read_parquet(tasks_path).iter_rows(named=True):
-            history = [line(i) for i in task["history_item_ids"][-history_len:]]
-            candidates = [f"C{k}: {line(i)}" for k, i in enumerate(task["candidate_item_ids"][:n_candidates], 1)]
-            rows.append((task["user_id"], history, candidates))
-    if not rows:
-        genres = ["Drama", "Comedy", "Action", "Thriller", "Romance", "Sci-Fi", "Animation", "Horror"]
-        for u in range(n):
-            def title(k):
-                return f"Movie {rng.randint(1, 3900)} ({rng.randint(1950, 2000)}) | {', '.join(rng.sample(genres, 2))}"
-            rows.append((str(1000 + u), [title(k) for k in range(history_len)],
-                         [f"C{k}: {title(k)}" for k in range(1, n_candidates + 1)]))
-    rows = (rows * (n // len(rows) + 1))[:n]
-    return [prompts.initial_messages(h, c, user_id=u, max_turns=6, max_tool_calls=8) for u, h, c in rows]
+
+def agent_prompts(layout: ArtifactLayout, n: int, seed: int = 0) -> tuple[list[list[dict]], list[dict]]:
+    """N first-turn conversations (repeating the tasks when fewer) and the tool schemas."""
+    config = AgentConfig()
+    try:
+        indexes = load_tool_indexes(layout, DATASET)
+        frame = read_tasks(layout, DATASET, ("eval",))
+    except FileNotFoundError as missing:
+        print(f"synthetic prompts ({missing})")
+        tools = Toolbox(None, {"user_id": "0", "history_item_ids": [], "candidate_item_ids": []}).schemas()
+        return synthetic_conversations(n, config, seed=seed), tools
+    toolboxes = Toolboxes(indexes)
+    tasks = agent_tasks(frame.head(n), indexes)
+    conversations = [opening_messages(task, toolboxes(task), config) for task in tasks]
+    print(f"{len(tasks)} {DATASET} eval tasks from {layout.relative(layout.asset_dir('task_splits', DATASET))}")
+    return (conversations * (n // len(conversations) + 1))[:n], toolboxes(tasks[0]).schemas()
 
 
 class PeakRSS:
@@ -177,7 +156,7 @@ def bench_dtype(args, dtype: str, conversations: list[list[dict]], tools: list[d
             return [g.text for g in generations], sum(g.completion_tokens for g in generations)
         return run
 
-    results = {}
+    results: dict = {}
     if not args.skip_single:
         results["single"] = measure("(a) one at a time", lambda: one_at_a_time(plain, rows, args.max_new_tokens))
     results["batched"] = measure(f"(b) batched x{args.batch_size}", batched(plain))
@@ -197,19 +176,23 @@ def bench_dtype(args, dtype: str, conversations: list[list[dict]], tools: list[d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(REPO_ROOT / "assets" / "base_model"))
+    ap.add_argument("--model", help="model folder or id (default: <root>/assets/base_model)")
     ap.add_argument("--n-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
     ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--skip-single", action="store_true", help="skip (a), e.g. for quick batch-size sweeps")
+    ap.add_argument("--root", type=Path, default=REPO_ROOT, help="project root holding assets/ (default: this repo)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    tools = tool_schemas()
-    conversations = agent_prompts(args.n_prompts)
+    torch.manual_seed(args.seed)
+    layout = ArtifactLayout(args.root.resolve())
+    args.model = args.model or str(layout.asset_dir("base_model"))
+    conversations, tools = agent_prompts(layout, args.n_prompts, args.seed)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": available_cores(),
                           "torch_threads": args.threads, "torch": torch.__version__,
                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),

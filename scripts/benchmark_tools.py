@@ -1,13 +1,19 @@
 """Benchmark the tool indexes (build time, peak memory) and the tools (per-call latency).
 
-    .venv/bin/python scripts/benchmark_tools.py [--data-dir ../shared/data] [--datasets ml-1m amazon-cds] [--calls 3000]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_tools.py [--profile demo]
+        [--set SECTION.FIELD=VALUE] [--data-dir ../shared/data] [--root DIR]
+        [--datasets ml-1m amazon-cds] [--calls 3000]
 
-For each dataset: load it, build the protocol's tasks, then the index interactions and the
-five indexes (the same ``build_all`` the pipeline uses), save and reload them, run the
-leakage report, and time every tool over ``--calls`` calls on random tasks with random valid
-arguments (``Toolbox.call`` in-process; the first call of a fresh Toolbox included).
+For each dataset the pipeline's own stages, with the profile's settings
+(``profiles/<name>.yaml``; ``--set`` overrides one), run under ``--root`` (default: a
+temporary directory): ``stages.ingest`` and ``stages.splits`` (skipped when the root already
+holds the tasks), then, measured, ``stages.indexes.build_tool_indexes_stage`` (the index
+interactions, the five indexes, saving them). The script reloads the indexes
+(``load_tool_indexes``), runs the stage's leakage report and times every tool over
+``--calls`` calls on random tasks with random valid arguments (``Toolbox.call`` in-process;
+the first call of a fresh Toolbox included).
 
-Memory is the peak resident set size (RSS) above the RSS at the start of each stage,
+Memory is the peak resident set size (RSS) above the RSS at the start of each index's build,
 sampled every 2 ms from ``/proc/self/statm`` by a background thread (it covers numpy,
 polars and torch memory alike, unlike tracemalloc). Where ``/proc`` is missing it falls
 back to ``resource.getrusage`` (process peak, so not per stage). Targets: ML-1M total
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import resource
@@ -25,21 +32,23 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import polars as pl
 
+from recthinker_dagster.artifacts import ArtifactLayout, index_folders, load_tool_indexes, read_table, read_tasks
+from recthinker_dagster.cli import parse_overrides
+from recthinker_dagster.settings import Profile, default_profile_name, load_profile
+from recthinker_dagster.stages import indexes as index_stage
+from recthinker_dagster.stages.ingest import build_ingest_stage
+from recthinker_dagster.stages.splits import build_task_splits_stage
+from recthinker_dagster.tools import TOOL_NAMES, Toolbox, build_all
+from recthinker_dagster.tools.text import tokenize
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from recthinker_dagster.data.sources import load_dataset  # noqa: E402
-from recthinker_dagster.protocol import build_task_splits, protocol_config_for  # noqa: E402
-from recthinker_dagster.tools import (  # noqa: E402
-    TOOL_NAMES, ToolIndexes, Toolbox, build_all, index_interactions, leakage_report,
-)
-from recthinker_dagster.tools.text import tokenize  # noqa: E402
-
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -100,7 +109,7 @@ def bench_tools(indexes, tasks: pl.DataFrame, calls: int, seed: int) -> None:
     titles = [t for t in indexes.catalog.titles if t]
     vocab = sorted({w for t in titles for w in tokenize(t) if len(w) > 2} | {
         w for cats in indexes.catalog.categories for c in cats for w in tokenize(c)})
-    timings = {name: [] for name in ("Toolbox()", "candidate_lines", *TOOL_NAMES)}
+    timings: dict[str, list[int]] = {name: [] for name in ("Toolbox()", "candidate_lines", *TOOL_NAMES)}
     failures = 0
     for name in TOOL_NAMES:
         for _ in range(calls):
@@ -126,15 +135,11 @@ def bench_tools(indexes, tasks: pl.DataFrame, calls: int, seed: int) -> None:
     print(f"  failed calls (should be 0): {failures}")
 
 
-def run(dataset: str, data_dir: Path, calls: int, seed: int) -> None:
+def run(profile: Profile, layout: ArtifactLayout, dataset: str, calls: int, seed: int) -> None:
     print(f"\n=== {dataset} ===")
-    data, _ = load_dataset(dataset, data_dir, allow_download=False)
-    splits = build_task_splits(data.interactions, protocol_config_for(dataset), dataset)
-    start = time.perf_counter()
-    visible = index_interactions(splits.train_interactions, splits.tasks)
-    print(f"interactions {data.interactions.height:,}, index interactions {visible.height:,} "
-          f"({time.perf_counter() - start:.2f} s), tasks {splits.tasks.height}")
-
+    if not layout.asset_dir("task_splits", dataset).exists():
+        build_ingest_stage(replace(profile.ingest, allow_download=False), layout, dataset, log=lambda _: None)
+        build_task_splits_stage(profile.protocol, layout, dataset, log=lambda _: None)
     memory: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -143,52 +148,64 @@ def run(dataset: str, data_dir: Path, calls: int, seed: int) -> None:
             yield
         memory[name] = peak.peak
 
-    valid = splits.tasks.filter(pl.col("split") == "valid")
-    indexes = build_all(visible, data.items, data.users, valid, monitor=monitor)
-    total = sum(indexes.build_seconds.values())
+    # the stage itself, its build_all given the memory monitor
+    with mock.patch.object(index_stage, "build_all", functools.partial(build_all, monitor=monitor)):
+        start = time.perf_counter()
+        result = index_stage.build_tool_indexes_stage(profile.tool_indexes, layout, dataset, log=lambda _: None)
+        stage_seconds = time.perf_counter() - start
+    tasks = read_tasks(layout, dataset)
+    print(f"interactions {read_table(layout, 'interactions', dataset).height:,}, "
+          f"index interactions {result.index_interactions:,}, tasks {tasks.height}")
+    build_seconds = {name: artifact.metrics["build_seconds"] for name, artifact in result.indexes.items()}
+    total = sum(build_seconds.values())
     print("index build (peak = RSS above the stage's starting RSS, sampled every 2 ms):")
-    for name, seconds in indexes.build_seconds.items():
+    for name, seconds in build_seconds.items():
         print(f"  {name:<15}{seconds:8.2f} s   peak {mib(memory[name])}")
     target = "  (target < 60 s)" if dataset == "ml-1m" else ""
     print(f"  {'total':<15}{total:8.2f} s{target}")
-    metrics = indexes.bprmf.validation_metrics
-    print("BPR-MF losses per epoch:", " ".join(f"{x:.3f}" for x in indexes.bprmf.losses))
-    print("BPR-MF valid metrics:", ", ".join(f"{k} {metrics[k]:.3f}" for k in ("ndcg@1", "ndcg@5", "ndcg@10")),
-          f"({int(metrics['n_tasks'])} tasks)")
+    bprmf = result.indexes["bprmf"]
+    print("BPR-MF losses per epoch:", " ".join(f"{x:.3f}" for x in bprmf.series["train_loss"]))
+    print("BPR-MF valid metrics:", ", ".join(f"{k} {bprmf.metrics[f'valid_{k}']:.3f}"
+                                             for k in ("ndcg@1", "ndcg@5", "ndcg@10")),
+          f"({int(bprmf.metrics['valid_n_tasks'])} tasks)")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        folders = indexes.save(Path(tmp))
-        saved = time.perf_counter() - start
-        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-        start = time.perf_counter()
-        indexes = ToolIndexes.load(folders)
-        print(f"save {saved:.2f} s ({size / 2**20:.1f} MiB on disk), load {time.perf_counter() - start:.2f} s")
+    size = sum(f.stat().st_size for folder in index_folders(layout, dataset).values()
+               for f in folder.rglob("*") if f.is_file())
+    start = time.perf_counter()
+    indexes = load_tool_indexes(layout, dataset)
+    print(f"stage {stage_seconds:.2f} s (reading its inputs and saving: {stage_seconds - total:.2f} s, "
+          f"{size / 2**20:.1f} MiB on disk), load {time.perf_counter() - start:.2f} s")
 
     start = time.perf_counter()
-    report = leakage_report(indexes, splits.tasks)
+    report = index_stage.tool_leakage_report(layout, dataset)
     print(f"leakage report: ok={report['ok']} leaks={sum(report['leaks'].values())} "
-          f"mismatches={sum(report['mismatches'].values())} ({time.perf_counter() - start:.2f} s)")
+          f"mismatches={sum(report['mismatches'].values())} ({time.perf_counter() - start:.2f} s with loading)")
     print(f"tool latency over {calls} calls per tool on random tasks (Toolbox.call, in-process):")
-    bench_tools(indexes, splits.tasks, calls, seed)
+    bench_tools(indexes, tasks, calls, seed)
 
 
 def main() -> None:
-    default_dir = os.environ.get("RECTHINKER_SHARED_DATA", str(REPO.parent / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(default_dir))
+    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one setting (repeatable), e.g. --set tool_indexes.bpr_epochs=2")
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--root", type=Path, help="project root for the artifacts (default: a temporary directory)")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
     parser.add_argument("--calls", type=int, default=3000, help="calls per tool")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    profile = load_profile(args.profile, parse_overrides(args.set))
     if hasattr(os, "getloadavg"):
         print("load average at start (1, 5, 15 min):", " ".join(f"{x:.2f}" for x in os.getloadavg()),
               f"on {os.cpu_count()} CPUs")
-    for dataset in args.datasets:
-        run(dataset, args.data_dir, args.calls, args.seed)
+    with tempfile.TemporaryDirectory(prefix="benchmark-tools-") as scratch:
+        layout = ArtifactLayout((args.root or Path(scratch)).resolve(), data_dir=args.data_dir)
+        for dataset in args.datasets:
+            run(profile, layout, dataset, args.calls, args.seed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"\nprocess peak RSS (resource.ru_maxrss): {peak / 1024:.0f} MiB")
-
 
 if __name__ == "__main__":
     main()

@@ -15,15 +15,16 @@ import time
 import dagster as dg
 
 from recthinker_dagster.definitions import build_definitions
+from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import EvaluationConfig, RegistryConfig
-from recthinker_dagster.defs.registry import REGISTERED_KEY
+from recthinker_dagster.settings import default_profile_name
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
     parser.add_argument("--llm-tasks", type=int, help="eval tasks per dataset for the LLM systems (profile default)")
-    parser.add_argument("--margin", type=float, default=0.0, help="promotion margin over the champion")
+    parser.add_argument("--margin", type=float, help="promotion margin over the champion (profile default)")
     args = parser.parse_args()
 
     started = time.time()
@@ -34,7 +35,8 @@ def main() -> None:
     ops["registered_model"] = RegistryConfig(profile=args.profile, margin=args.margin)
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
-        selection=dg.AssetSelection.assets(*evaluations, REGISTERED_KEY) | dg.AssetSelection.checks_for_assets(REGISTERED_KEY),
+        selection=dg.AssetSelection.assets(*evaluations, keys.REGISTERED_MODEL)
+        | dg.AssetSelection.checks_for_assets(keys.REGISTERED_MODEL),
         run_config=dg.RunConfig(ops=ops),
         instance=dg.DagsterInstance.get(),
         resources=defs.resources,

@@ -1,20 +1,23 @@
 """Evaluate the scripted investigator teacher against popularity, item-kNN and BPR-MF.
 
-    .venv/bin/python scripts/evaluate_teachers.py [--data-dir DIR] [--datasets ml-1m amazon-cds]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/evaluate_teachers.py [--profile demo]
+        [--set SECTION.FIELD=VALUE] [--data-dir DIR] [--root DIR] [--datasets ml-1m amazon-cds]
         [--splits train valid] [--tune [--tune-iterations 300]] [--json-out FILE]
 
-For each dataset: load it from ``--data-dir`` (default ``$RECTHINKER_SHARED_DATA``, else
-``shared/data`` next to the repository), build the tasks with the protocol defaults, the
-index interactions and the five tool indexes (``build_all``, as the pipeline does), then run
-the scripted teacher through the real agent loop on the ``--splits`` tasks and print, per
-split and group, NDCG@1/5/10 (mean, and the 95% bootstrap interval of NDCG@10) next to
-popularity, item-kNN and BPR-MF (the CF model inside the tool indexes) on the same tasks,
-plus the teacher's tool-call histogram and throughput.
+For each dataset the pipeline's stages (``stages.ingest``, ``stages.splits``, ``stages.indexes``,
+with the profile's settings; ``--set`` overrides one) publish the tables, tasks and tool
+indexes under ``--root`` (default: a temporary directory; a root that already holds them,
+e.g. ``--root .`` after ``dvc pull``, is read as it is) from the raw files in ``--data-dir``
+(default ``$RECTHINKER_SHARED_DATA``, else ``shared/data`` next to the repository). The
+scripted teacher then runs through the real agent loop on the ``--splits`` tasks with the
+evaluation stage's budgets and seed, next to popularity, item-kNN and BPR-MF fitted as that
+stage fits them (``stages.evaluation.fitted_recommender``: on the index interactions, the
+data the tools see). The script prints, per split and group, NDCG@1/5/10 (mean, and the 95%
+bootstrap interval of NDCG@10), the teacher's tool-call histogram and its throughput.
 
-Every baseline is fitted on the index interactions, the data the teacher's tools see (for
-train tasks, ``train_interactions`` would still hold the targets). ``--tune`` first tunes the
-fusion weights on the *train* tasks of all datasets (``teachers/tuning.py``) and reports with
-the tuned weights; eval tasks are never used for tuning (``--splits eval`` only reports).
+``--tune`` first tunes the fusion weights on the *train* tasks of all datasets
+(``teachers/tuning.py``) and reports with the tuned weights; eval tasks are never used for
+tuning (``--splits eval`` only reports).
 """
 
 from __future__ import annotations
@@ -22,54 +25,68 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from recthinker_dagster.agent.history import Toolboxes, agent_tasks
+from recthinker_dagster.agent.loop import AgentConfig
+from recthinker_dagster.agent.teachers import FusionWeights, ScriptedTeacher, tuning
+from recthinker_dagster.artifacts import (
+    TASK_SPLITS,
+    ArtifactLayout,
+    index_folders,
+    load_tool_indexes,
+    read_tasks,
+    read_train_interactions,
+)
+from recthinker_dagster.cli import parse_overrides
+from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize
+from recthinker_dagster.settings import EvaluationSettings, Profile, default_profile_name, load_profile
+from recthinker_dagster.stages.evaluation import fitted_recommender
+from recthinker_dagster.stages.indexes import build_tool_indexes_stage
+from recthinker_dagster.stages.ingest import build_ingest_stage
+from recthinker_dagster.stages.splits import build_task_splits_stage
+from recthinker_dagster.tools import index_interactions
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from recthinker_dagster.agent.history import TaskToolboxes, agent_tasks  # noqa: E402
-from recthinker_dagster.agent.teachers import FusionWeights, ScriptedTeacher  # noqa: E402
-from recthinker_dagster.agent.teachers import tuning  # noqa: E402
-from recthinker_dagster.data.sources import load_dataset  # noqa: E402
-from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize  # noqa: E402
-from recthinker_dagster.protocol import build_task_splits, protocol_config_for  # noqa: E402
-from recthinker_dagster.recommenders.itemknn import ItemKNN  # noqa: E402
-from recthinker_dagster.recommenders.popularity import Popularity  # noqa: E402
-from recthinker_dagster.tools import build_all, index_interactions  # noqa: E402
-
 METRICS = ["ndcg@1", "ndcg@5", "ndcg@10"]
+BASELINES = ("popularity", "itemknn", "bprmf")
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data"))
+def publish_inputs(profile: Profile, layout: ArtifactLayout, dataset: str) -> None:
+    """Run the ingest, splits and tool-index stages into ``layout`` unless it already holds their folders."""
+    if not layout.asset_dir("task_splits", dataset).exists():
+        build_ingest_stage(replace(profile.ingest, allow_download=False), layout, dataset, log=lambda _: None)
+        build_task_splits_stage(profile.protocol, layout, dataset, log=lambda _: None)
+    if not all(folder.exists() for folder in index_folders(layout, dataset).values()):
+        build_tool_indexes_stage(profile.tool_indexes, layout, dataset, log=lambda _: None)
 
 
-def prepare(name: str, data_dir: Path, splits: list[str]):
-    """Tasks of ``splits``, tool indexes and the fitted baselines of one dataset."""
+def prepare(profile: Profile, layout: ArtifactLayout, dataset: str, splits: set[str]):
+    """Tasks of ``splits``, tool indexes and the fitted baselines of one dataset, read back from ``layout``."""
     started = time.perf_counter()
-    data, _ = load_dataset(name, data_dir, allow_download=False)
-    task_splits = build_task_splits(data.interactions, protocol_config_for(name), name)
-    visible = index_interactions(task_splits.train_interactions, task_splits.tasks)
-    valid = task_splits.tasks.filter(pl.col("split") == "valid")
-    indexes = build_all(visible, data.items, data.users, valid)
-    frame = task_splits.tasks.filter(pl.col("split").is_in(splits))
-    baselines = {"popularity": Popularity().fit(visible), "itemknn": ItemKNN().fit(visible), "bprmf": indexes.bprmf}
-    print(f"{name}: {frame.height} tasks, indexes and baselines built in {time.perf_counter() - started:.1f} s",
+    publish_inputs(profile, layout, dataset)
+    indexes = load_tool_indexes(layout, dataset)
+    visible = index_interactions(read_train_interactions(layout, dataset), read_tasks(layout, dataset))
+    baselines = {s: fitted_recommender(s, visible, indexes, profile.evaluation) for s in BASELINES}
+    frame = read_tasks(layout, dataset, [s for s in TASK_SPLITS if s in splits])
+    print(f"{dataset}: {frame.height} tasks, indexes and baselines ready in {time.perf_counter() - started:.1f} s",
           flush=True)
     return frame, indexes, baselines
 
 
-def run_teacher(teacher: ScriptedTeacher, frame: pl.DataFrame, indexes) -> tuple[pl.DataFrame, dict]:
+def run_teacher(teacher: ScriptedTeacher, frame: pl.DataFrame, indexes, settings: EvaluationSettings
+                ) -> tuple[pl.DataFrame, dict]:
     started = time.perf_counter()
-    tasks = agent_tasks(frame, indexes)
+    tasks = agent_tasks(frame, indexes, prompt_history_len=settings.prompt_history_len)
     prepared = time.perf_counter()
-    trajectories = teacher.run(tasks, TaskToolboxes(indexes, frame))
+    trajectories = teacher.run(tasks, Toolboxes(indexes), sample_index=0, seed=settings.seed)
     done = time.perf_counter()
     rows = [{"task_id": t.task_id, "split": t.split, "group": t.group, **{m: t.metrics[m] for m in METRICS}}
             for t in trajectories]
@@ -86,12 +103,13 @@ def run_teacher(teacher: ScriptedTeacher, frame: pl.DataFrame, indexes) -> tuple
     return pl.DataFrame(rows), stats
 
 
-def report(name: str, per_system: dict[str, pl.DataFrame]) -> list[dict]:
+def report(name: str, per_system: dict[str, pl.DataFrame], settings: EvaluationSettings) -> list[dict]:
     """Print one Markdown table per dataset; return its rows."""
     rows = []
     for system, frame in per_system.items():
-        for row in summarize(frame, by=("split", "group"), metrics=METRICS).iter_rows(named=True):
-            rows.append({"dataset": name, "system": system, **row})
+        summary = summarize(frame, by=("split", "group"), metrics=METRICS, n_resamples=settings.n_bootstrap,
+                            seed=settings.seed)
+        rows += [{"dataset": name, "system": system, **row} for row in summary.iter_rows(named=True)]
     rows.sort(key=lambda r: (r["split"] != "train", r["group"] != "sparse", list(per_system).index(r["system"])))
     print(f"\n### {name}\n")
     print("| split | group | system | n | NDCG@1 | NDCG@5 | NDCG@10 [95% CI] |")
@@ -102,46 +120,60 @@ def report(name: str, per_system: dict[str, pl.DataFrame]) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
-    parser.add_argument("--splits", nargs="+", default=["train", "valid"], choices=["train", "valid", "eval"])
-    parser.add_argument("--tune", action="store_true", help="tune the fusion weights on the train tasks first")
-    parser.add_argument("--tune-iterations", type=int, default=300)
-    parser.add_argument("--json-out", type=Path, default=None)
-    args = parser.parse_args()
-
-    worlds = {name: prepare(name, args.data_dir, sorted(set(args.splits) | ({"train"} if args.tune else set())))
-              for name in args.datasets}
-    teacher = ScriptedTeacher()
+def evaluate(args: argparse.Namespace, profile: Profile, layout: ArtifactLayout) -> None:
+    settings = profile.evaluation
+    needed = set(args.splits) | ({"train"} if args.tune else set())
+    worlds = {name: prepare(profile, layout, name, needed) for name in args.datasets}
+    teacher = ScriptedTeacher(config=AgentConfig(max_turns=settings.max_turns, max_tool_calls=settings.max_tool_calls))
     if args.tune:
         cases = []
         for frame, indexes, _ in worlds.values():
             train = frame.filter(pl.col("split") == "train")
-            factory = TaskToolboxes(indexes, train)
-            cases += [tuning.gather(task, factory(task), teacher) for task in agent_tasks(train, indexes)]
-        weights, value = tuning.tune(cases, teacher.settings, iterations=args.tune_iterations)
+            factory = Toolboxes(indexes)
+            cases += [tuning.gather(task, factory(task), teacher)
+                      for task in agent_tasks(train, indexes, prompt_history_len=settings.prompt_history_len)]
+        weights, value = tuning.tune(cases, teacher.settings, iterations=args.tune_iterations, seed=settings.seed)
         print(f"tuned on {len(cases)} train tasks (objective {value:.4f}): {weights}")
-        teacher = ScriptedTeacher(weights=weights)
+        teacher = ScriptedTeacher(config=teacher.config, weights=weights)
 
-    results = {"weights": teacher.weights.to_dict(), "datasets": {}}
+    datasets: dict[str, dict] = {}
     for name, (frame, indexes, baselines) in worlds.items():
         frame = frame.filter(pl.col("split").is_in(args.splits))
-        per_task, stats = run_teacher(teacher, frame, indexes)
+        per_task, stats = run_teacher(teacher, frame, indexes, settings)
         per_system = {"teacher": per_task}
         for system, model in baselines.items():
-            per_system[system] = evaluate_recommender(model, frame).select("task_id", "split", "group", *METRICS)
-        rows = report(name, per_system)
+            per_system[system] = evaluate_recommender(model, frame, seed=settings.seed).select(
+                "task_id", "split", "group", *METRICS)
+        rows = report(name, per_system, settings)
         print(f"\nteacher: {stats['tasks']} tasks at {stats['tasks_per_s']} tasks/s "
               f"(prompt preparation {stats['prepare_s']} s), valid {stats['valid_rate']:.0%}, "
               f"{stats['calls_per_task']} calls per task, turns {stats['turns']}")
         print(f"tool calls: {stats['tool_calls']}")
-        results["datasets"][name] = {"teacher": stats, "table": rows}
+        datasets[name] = {"teacher": stats, "table": rows}
     if args.json_out:
+        results = {"profile": profile.name, "weights": teacher.weights.to_dict(), "datasets": datasets}
         args.json_out.write_text(json.dumps(results, indent=2, default=float))
     print(f"\nfusion weights: {json.dumps(teacher.weights.to_dict())}"
           + ("" if args.tune else f" (defaults: {FusionWeights() == teacher.weights})"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one setting (repeatable), e.g. --set protocol.n_train_users_per_group=50")
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--root", type=Path, help="project root for the artifacts (default: a temporary directory)")
+    parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
+    parser.add_argument("--splits", nargs="+", default=["train", "valid"], choices=list(TASK_SPLITS))
+    parser.add_argument("--tune", action="store_true", help="tune the fusion weights on the train tasks first")
+    parser.add_argument("--tune-iterations", type=int, default=300)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    profile = load_profile(args.profile, parse_overrides(args.set))
+    with tempfile.TemporaryDirectory(prefix="evaluate-teachers-") as scratch:
+        evaluate(args, profile, ArtifactLayout((args.root or Path(scratch)).resolve(), data_dir=args.data_dir))
 
 
 if __name__ == "__main__":

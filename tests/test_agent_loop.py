@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from recthinker_dagster.agent import (
     AgentConfig,
-    AgentTask,
     Generation,
     SamplingParams,
     Trajectory,
@@ -19,49 +16,7 @@ from recthinker_dagster.agent import (
 )
 from recthinker_dagster.agent.loop import BUDGET_EXHAUSTED, TOOL_EXCEPTION
 from recthinker_dagster.agent.prompts import FINAL_ANSWER_REQUEST, NO_ACTION_NUDGE
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class FakeResult:
-    ok: bool
-    output: str
-    error_kind: str | None = None
-
-
-class FakeToolbox:
-    """Same interface as the real toolbox, bound to one task."""
-
-    def __init__(self, task: AgentTask):
-        self.labels = {f"C{i}": item for i, item in enumerate(task.candidate_item_ids, start=1)}
-        self.calls: list[tuple[str, dict]] = []
-
-    def schemas(self):
-        return [
-            {"type": "function", "function": {
-                "name": "get_item_info", "description": "Details of one candidate.",
-                "parameters": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}}},
-            {"type": "function", "function": {
-                "name": "explode", "description": "Always fails.", "parameters": {"type": "object", "properties": {}}}},
-            {"type": "function", "function": {
-                "name": "dump", "description": "Returns a lot.", "parameters": {"type": "object", "properties": {}}}},
-        ]
-
-    def call(self, name, arguments):
-        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        self.calls.append((name, arguments))
-        if name == "explode":
-            raise RuntimeError("boom")
-        if name == "dump":
-            return FakeResult(True, "x" * 5000)
-        label = arguments.get("label")
-        if label not in self.labels:
-            return FakeResult(False, f"Error: unknown candidate label {label!r}", "bad_arguments")
-        return FakeResult(True, f"{label}: Movie {self.labels[label]} | Drama")
-
-    def candidate_lines(self):
-        return [f"{label}: Movie {item} | Drama" for label, item in self.labels.items()]
+from tests.support.agent_fakes import FakeToolbox, task
 
 
 class ScriptedBackend:
@@ -84,15 +39,6 @@ class ScriptedBackend:
             reply = self.scripts[user].pop(0) if self.scripts[user] else "Analysis: ...\nPlan: keep thinking."
             out.append(reply if isinstance(reply, Generation) else Generation(reply, 100, 10, 0.5, "stop"))
         return out
-
-
-def task(user: str, target_index: int = 1) -> AgentTask:
-    items = [f"{user}-i{k}" for k in range(1, 5)]  # C1..C4
-    return AgentTask(
-        task_id=f"ml-1m/eval/{user}", user_id=user, target_item_id=items[target_index],
-        candidate_item_ids=items, history_lines=["Heat (1995) | Action", "Casino (1995) | Drama"],
-        group="sparse", split="eval", dataset="ml-1m",
-    )
 
 
 def call(name, **arguments):
@@ -232,6 +178,7 @@ def test_trajectory_json_round_trip_and_mapping_tasks():
     assert back == t and json.loads(line)["tool_calls"][0]["name"] == "get_item_info"
 
 
+@pytest.mark.slow
 def test_trajectory_renders_with_the_qwen_tool_template(prepared_base_model):
     path, _ = prepared_base_model
     from transformers import AutoTokenizer

@@ -7,15 +7,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from _project import make_project
 
 from recthinker_dagster.definitions import build_definitions
 from recthinker_dagster.defs.automation import FAILURE_EXPERIMENT, SCHEDULE_PROFILE_ENV
-
-
-@pytest.fixture
-def project(tmp_path):
-    return make_project(tmp_path / "project")
 
 
 def _defs(project, monkeypatch, profile: str | None = None) -> dg.Definitions:

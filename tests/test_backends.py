@@ -7,10 +7,8 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-from test_agent_loop import FakeToolbox, task
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams, parse_turn, run_agent
 from recthinker_dagster.agent.backends.chat_template import (
@@ -22,8 +20,8 @@ from recthinker_dagster.agent.backends.openai_backend import (
     chat_completions_url,
     to_wire_messages,
 )
+from tests.support.agent_fakes import FakeToolbox, task
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS = FakeToolbox(task("u0")).schemas()[:1]
 
 
@@ -38,12 +36,12 @@ def conversation(user: str, liked: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def smollm(request):
+def smollm(request, repo_root):
     """(model, tokenizer) in float32, loaded once for this module."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = REPO_ROOT / "assets" / "base_model"
+    path = repo_root / "assets" / "base_model"
     if not (path / "model.safetensors").exists():
         path, _ = request.getfixturevalue("prepared_base_model")
     torch.set_num_threads(2)
@@ -63,6 +61,7 @@ def backends(smollm):
     return cached, plain, growing
 
 
+@pytest.mark.slow
 def test_smollm2_gets_the_qwen_tool_template(smollm):
     from transformers import AutoTokenizer
 
@@ -75,6 +74,7 @@ def test_smollm2_gets_the_qwen_tool_template(smollm):
     assert text.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_batched_generation_matches_one_at_a_time(smollm, backends):
     import torch
 
@@ -98,11 +98,12 @@ def test_batched_generation_matches_one_at_a_time(smollm, backends):
     with_prefix = cached.generate(convs, None, params)  # [shared prefix][padding][own tokens]
     assert [g.text for g in with_prefix] == [g.text for g in batched]
     assert [g.text for g in growing.generate(convs, None, params)] == [g.text for g in batched]  # DynamicCache
-    assert cached.stats["prefix_tokens_reused"] >= 2 * 20 and len(cached._prefixes) == 1
+    assert cached.stats["prefix_tokens_reused"] >= 2 * 20 and cached.cached_prefixes == 1
     again = cached.generate(convs[:1], None, params)  # a later turn reuses the stored prefix
-    assert again[0].text == batched[0].text and len(cached._prefixes) == 1
+    assert again[0].text == batched[0].text and cached.cached_prefixes == 1
 
 
+@pytest.mark.slow
 def test_context_overflow_is_an_error_generation_not_an_exception(backends):
     plain = backends[1]
     limit, plain.max_context_tokens = plain.max_context_tokens, 40
@@ -113,6 +114,7 @@ def test_context_overflow_is_an_error_generation_not_an_exception(backends):
     assert generation.finish_reason == "error" and generation.error.startswith("context overflow")
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(backends):
     plain = backends[1]
     params = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=0.95, seed=11)

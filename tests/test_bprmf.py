@@ -9,7 +9,7 @@ import pytest
 
 from recthinker_dagster.data.synthetic import generate_synthetic
 from recthinker_dagster.protocol import build_task_splits, protocol_config_for
-from recthinker_dagster.recommenders.bprmf import UNKNOWN_SCORE, BPRConfig, BPRMF, evaluate_recommender
+from recthinker_dagster.recommenders.bprmf import BPRMF, UNKNOWN_SCORE, BPRConfig, evaluate_recommender
 from recthinker_dagster.tools import index_interactions
 
 CONFIG = BPRConfig(dim=32, epochs=15, lr=0.02, batch_size=2048, seed=7)
@@ -85,10 +85,11 @@ def test_unknown_users_fold_in_and_unknown_items_score_low(world):
     _, valid, model = world
     task = valid.row(0, named=True)
     history, candidates = task["history_item_ids"], task["candidate_item_ids"]
-    codes = [model._item_index[i] for i in history]
+    item_codes = {item: k for k, item in enumerate(model.item_ids.tolist())}
+    codes = [item_codes[i] for i in history]
     expected_vector = model.item_factors[codes].mean(axis=0)
     scores = model.score("never-seen-user", history, candidates)
-    known = [model._item_index[c] for c in candidates]
+    known = [item_codes[c] for c in candidates]
     assert np.allclose(scores, model.item_factors[known] @ expected_vector + model.item_bias[known], atol=1e-5)
     with_unknown = model.score(task["user_id"], history, [*candidates[:3], "no-such-item"])
     assert with_unknown[-1] == UNKNOWN_SCORE and np.isfinite(with_unknown).all()

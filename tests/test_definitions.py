@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from recthinker_dagster.definitions import build_definitions, defs
-from recthinker_dagster.profiles import PROFILES
+from recthinker_dagster.settings import PROFILE_NAMES
 
 
 def _asset_keys(definitions: dg.Definitions) -> set[str]:
@@ -16,7 +16,8 @@ def _asset_keys(definitions: dg.Definitions) -> set[str]:
 def test_default_definitions_load_with_both_datasets():
     keys = _asset_keys(defs)
     for prefix in ("ml_1m", "amazon_cds"):
-        for asset in ("raw_dataset", "interactions", "items", "users", "task_splits", "cf_model", "tool_suite", "teacher_trajectories", "evaluation"):
+        for asset in ("raw_dataset", "interactions", "items", "users", "task_splits", "cf_model", "tool_suite",
+                      "teacher_trajectories", "evaluation"):
             assert f"{prefix}/{asset}" in keys
     for asset in ("base_model", "filtered_trajectories", "sft_model", "rl_model", "registered_model"):
         assert asset in keys
@@ -38,7 +39,7 @@ def test_every_table_and_the_protocol_has_a_blocking_check():
 
 def test_one_job_per_profile_selects_the_whole_graph():
     all_keys = defs.resolve_asset_graph().get_all_asset_keys()
-    for profile in PROFILES:
+    for profile in PROFILE_NAMES:
         job = defs.resolve_job_def(f"pipeline_{profile}")
         assert job.asset_layer.selected_asset_keys == set(all_keys)
         assert job.tags.get("profile") == profile

@@ -1,7 +1,7 @@
 """Trajectory filtering: each rule alone, the per-task preference, the eval-leak guard, the counts.
 
 The trajectories are real: a scripted investigator backend runs the agent loop over the real
-tools on ML-1M (``tests/_trajectories.py``); each rule is tested on a copy of a clean one
+tools on ML-1M (``tests/support/trajectories.py``); each rule is tested on a copy of a clean one
 changed in exactly one respect.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-from _trajectories import real_trajectories
 
 from recthinker_dagster.agent import ToolCallRecord, Trajectory
 from recthinker_dagster.training.filtering import (
@@ -30,6 +29,7 @@ from recthinker_dagster.training.filtering import (
     filter_trajectories,
     target_rank,
 )
+from tests.support.trajectories import real_trajectories
 
 LOOSE = FilterConfig(top_k=20)  # every rule on, any rank accepted
 

@@ -15,11 +15,11 @@ import pytest
 
 from recthinker_dagster.agent import Trajectory
 from recthinker_dagster.agent.generation import generate_trajectories, read_records
-from recthinker_dagster.agent.history import TaskToolboxes, agent_tasks
+from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.teachers import PRODUCER, ScriptedTeacher
 from recthinker_dagster.data.synthetic import generate_synthetic
 from recthinker_dagster.protocol import build_task_splits, protocol_config_for
-from recthinker_dagster.tools import build_all, index_interactions
+from recthinker_dagster.tools import Toolbox, build_all, index_interactions
 
 PROTOCOL = {"n_eval_users_per_group": 5, "n_valid_users_per_group": 5, "n_train_users_per_group": 12}
 K = 2
@@ -32,7 +32,16 @@ def world():
     visible = index_interactions(splits.train_interactions, splits.tasks)
     indexes = build_all(visible, data.items, data.users, None, {"bpr_epochs": 2})
     frame = splits.tasks.filter(pl.col("split") != "eval")
-    return SimpleNamespace(tasks=agent_tasks(frame, indexes), factory=TaskToolboxes(indexes, frame))
+    return SimpleNamespace(tasks=agent_tasks(frame, indexes), factory=Toolboxes(indexes), frame=frame, indexes=indexes)
+
+
+def test_an_agent_task_carries_what_its_toolbox_needs(world):
+    """One task type: the toolbox of an AgentTask is the toolbox of its task-table row."""
+    for task, row in zip(world.tasks[:5], world.frame.iter_rows(named=True)):
+        assert task.history_item_ids == list(row["history_item_ids"]) and task.target_item_id not in task.history_item_ids
+        from_task, from_row = world.factory(task), Toolbox(world.indexes, row)
+        assert from_task.history == from_row.history and from_task.candidates == from_row.candidates
+        assert from_task.call("search_user_history", {}).output == from_row.call("search_user_history", {}).output
 
 
 class CountingTeacher:

@@ -1,5 +1,5 @@
 """GRPO: rollouts through the real loop and tools with their token masks, and real TRL steps
-on the real SmolLM2 model that change the RL adapter and resume from a checkpoint."""
+on the real SmolLM2 model (slow) that change the RL adapter and resume from a checkpoint."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams
 from recthinker_dagster.training.grpo import ToolRollout, train_grpo
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
+from tests.support.trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,7 @@ def grpo_runs(tmp_path_factory, prepared_base_model):
     return base, first, second
 
 
+@pytest.mark.slow
 def test_grpo_steps_change_the_adapter_and_resume(grpo_runs):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -97,6 +98,7 @@ def test_grpo_steps_change_the_adapter_and_resume(grpo_runs):
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.slow
 def test_grpo_logs_health_figures_and_time_split(grpo_runs):
     _, first, second = grpo_runs
     step = second.metrics["steps"][-1]
@@ -106,3 +108,11 @@ def test_grpo_logs_health_figures_and_time_split(grpo_runs):
     split = second.metrics["time_split_per_step"]
     assert split["generation_s"] > 0 and split["scoring_backward_optimizer_s"] > 0
     assert second.metrics["seconds_per_step"] > 0
+
+
+def test_rl_recipes_load_and_hold_no_validation_settings():
+    for name in ("smoke", "demo", "full"):
+        recipe = load_rl_recipe(name)
+        assert recipe.name == name and "eval" not in recipe.to_dict()  # validation: the profile's rl.validation
+    with pytest.raises(ValueError, match="unknown RL recipe keys"):
+        load_rl_recipe("smoke").with_overrides(eval={"n_tasks": 2})

@@ -13,7 +13,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import shutil
 import threading
 import zipfile
@@ -36,10 +35,9 @@ from recthinker_dagster.data.schema import (
 )
 from recthinker_dagster.data.sources import dataset_files, load_dataset
 from recthinker_dagster.data.synthetic import generate_synthetic
+from tests.support.paths import FIXTURES_DIR
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data"))
-FIXTURES = Path(__file__).parent / "fixtures" / "loaders"
+FIXTURES = FIXTURES_DIR / "loaders"
 
 
 @pytest.fixture(autouse=True)
@@ -87,13 +85,13 @@ def assert_consistent(dataset: Dataset) -> None:
 
 
 @pytest.fixture(scope="module")
-def real_ml1m():
-    return load_dataset("ml-1m", SHARED, allow_download=False)
+def real_ml1m(shared_data):
+    return load_dataset("ml-1m", shared_data, allow_download=False)
 
 
 @pytest.fixture(scope="module")
-def real_cds():
-    return load_dataset("amazon-cds", SHARED, allow_download=False)
+def real_cds(shared_data):
+    return load_dataset("amazon-cds", shared_data, allow_download=False)
 
 
 def test_real_ml1m_counts(real_ml1m):
@@ -150,12 +148,12 @@ def test_real_amazon_recbole(real_cds):
     assert not dataset.users["has_demographics"].any()
 
 
-def test_dataset_files_real():
-    assert [p.name for p in dataset_files("ml-1m", SHARED)] == [
+def test_dataset_files_real(shared_data):
+    assert [p.name for p in dataset_files("ml-1m", shared_data)] == [
         "movies.dat.gz", "ratings.dat.gz", "users.dat.gz"]
-    assert [p.name for p in dataset_files("amazon-cds", SHARED)] == [
+    assert [p.name for p in dataset_files("amazon-cds", shared_data)] == [
         "Amazon_CDs.inter.gz", "Amazon_CDs.item.gz"]
-    assert dataset_files("synthetic", SHARED) == []
+    assert dataset_files("synthetic", shared_data) == []
 
 
 # ---------------------------------------------------------------- fixtures, every format
@@ -589,8 +587,8 @@ def test_json_fast_and_line_paths_agree(tmp_path, gz):
     assert amazon_json.fast_read(meta, amazon_json.META_SCHEMA) is not None
     assert amazon_json.fast_read(folder / f"meta_CDs_and_Vinyl.2014.json{suffix}",
                                  amazon_json.META_SCHEMA) is None  # Python literals
-    assert read_reviews(reviews).equals(amazon_json._slow_reviews(reviews))
-    assert read_metadata(meta).equals(amazon_json._slow_metadata(meta))
+    assert read_reviews(reviews).equals(amazon_json.read_reviews_by_line(reviews))
+    assert read_metadata(meta).equals(amazon_json.read_metadata_by_line(meta))
 
 
 def test_download_amazon_keeps_present_files(server, tmp_path):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from recthinker_dagster.evaluation.metrics import bootstrap_ci, mean_metrics, task_metrics
+from recthinker_dagster.metrics import bootstrap_ci, mean_metrics, task_metrics
 
 
 def test_target_first_scores_one_everywhere():

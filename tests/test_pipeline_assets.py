@@ -7,11 +7,12 @@ import dagster as dg
 import mlflow
 import polars as pl
 import pytest
-from _project import make_project, run_config, write_small_movielens
 
-from recthinker_dagster.defs import datasets as dataset_defs
+from recthinker_dagster.artifacts import INDEX_ASSETS, read_tasks
 from recthinker_dagster.defs.datasets import build_dataset_assets
-from recthinker_dagster.defs.tools import INDEX_ASSETS, build_tool_assets
+from recthinker_dagster.defs.tools import build_tool_assets
+from recthinker_dagster.stages import ingest as ingest_stage
+from tests.support.project import run_config, write_small_movielens
 
 
 def _materialize(project, dataset, config=None, raise_on_error=True, with_tools=False):
@@ -29,7 +30,7 @@ def _parquet_bytes(project, asset, dataset, name=None):
 
 
 @pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
+def synthetic_run(tmp_path_factory, make_project):
     project = make_project(tmp_path_factory.mktemp("synthetic-project"))
     result = _materialize(project, "synthetic", with_tools=True)
     return project, result
@@ -83,8 +84,7 @@ def test_every_materialization_is_an_mlflow_run_with_tags(synthetic_run):
     assert len(losses) == 2 and losses[1].value < losses[0].value
 
 
-def test_failing_blocking_check_stops_downstream_assets(tmp_path, monkeypatch):
-    project = make_project(tmp_path / "project")
+def test_failing_blocking_check_stops_downstream_assets(project, monkeypatch):
 
     def always_fails(frame):
         from recthinker_dagster.quality import validate_interactions
@@ -93,7 +93,7 @@ def test_failing_blocking_check_stops_downstream_assets(tmp_path, monkeypatch):
         assert not report.success
         return report
 
-    monkeypatch.setitem(dataset_defs._VALIDATORS, "interactions", always_fails)
+    monkeypatch.setitem(ingest_stage.TABLE_VALIDATORS, "interactions", always_fails)
     result = _materialize(project, "synthetic", raise_on_error=False)
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
     assert [c.check_name for c in failed] == ["interactions_quality"]
@@ -102,10 +102,9 @@ def test_failing_blocking_check_stops_downstream_assets(tmp_path, monkeypatch):
     assert "synthetic/task_splits" not in materialized
 
 
-def test_leakage_check_fails_when_an_index_knows_a_target(synthetic_run, tmp_path):
+def test_leakage_check_fails_when_an_index_knows_a_target(synthetic_run, tmp_path, make_project):
     import shutil
 
-    from recthinker_dagster.defs.tools import load_tasks
     from recthinker_dagster.tools import UserProfiles
 
     project, _ = synthetic_run
@@ -118,7 +117,7 @@ def test_leakage_check_fails_when_an_index_knows_a_target(synthetic_run, tmp_pat
     folder = paths.asset_dir("user_profiles", "synthetic")
     shutil.rmtree(folder)
     UserProfiles.build(interactions, items, None).save(folder)
-    assert load_tasks(paths, "synthetic").height > 0
+    assert read_tasks(paths.layout, "synthetic").height > 0
 
     result = dg.materialize(
         build_tool_assets("synthetic"),
@@ -132,8 +131,7 @@ def test_leakage_check_fails_when_an_index_knows_a_target(synthetic_run, tmp_pat
     assert evaluation.metadata["leaking_tasks"].value > 0
 
 
-def test_malformed_file_fails_with_location_and_keeps_last_good_version(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_malformed_file_fails_with_location_and_keeps_last_good_version(project):
     folder = project.paths.data_path / "ml-1m"
     write_small_movielens(folder)
     assert _materialize(project, "ml-1m").success
@@ -155,8 +153,7 @@ def test_malformed_file_fails_with_location_and_keeps_last_good_version(tmp_path
     assert not [name for name in leftovers if "staging" in name]
 
 
-def test_earlier_version_is_restorable_from_dvc(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_earlier_version_is_restorable_from_dvc(project):
     write_small_movielens(project.paths.data_path / "ml-1m", n_lines=3000)
     assert _materialize(project, "ml-1m").success
     folder = project.paths.asset_dir("interactions", "ml-1m")
@@ -171,11 +168,10 @@ def test_earlier_version_is_restorable_from_dvc(tmp_path):
     assert project.resources["dvc"].tracked_md5(folder) == first_md5
 
 
-def test_base_model_asset_is_versioned_and_logged(tmp_path, prepared_base_model):
+def test_base_model_asset_is_versioned_and_logged(project, prepared_base_model):
     from recthinker_dagster.defs.config import BaseModelConfig
     from recthinker_dagster.defs.model import base_model
 
-    project = make_project(tmp_path / "project")
     prepared_folder, _ = prepared_base_model
     result = dg.materialize(
         [base_model],
@@ -194,7 +190,8 @@ def test_base_model_asset_is_versioned_and_logged(tmp_path, prepared_base_model)
 def test_teacher_trajectories_resume_after_an_interruption(synthetic_run):
     from recthinker_dagster.agent.generation import read_records
     from recthinker_dagster.defs.config import TeacherConfig
-    from recthinker_dagster.defs.trajectories import build_trajectory_assets, work_file_for
+    from recthinker_dagster.defs.trajectories import build_trajectory_assets
+    from recthinker_dagster.stages.trajectories import work_file_for
 
     project, _ = synthetic_run
     assets = build_trajectory_assets("synthetic")
@@ -214,7 +211,7 @@ def test_teacher_trajectories_resume_after_an_interruption(synthetic_run):
 
     # A killed run leaves half the records and a cut-off line in its work file.
     tasks = pl.read_parquet(project.paths.asset_dir("task_splits", "synthetic") / "tasks_train.parquet")
-    work_file = work_file_for(project.paths, "synthetic", config.resolved(), tasks["task_id"].to_list())
+    work_file = work_file_for(project.paths.layout, "synthetic", config.settings(), tasks["task_id"].to_list())
     lines = published.read_text().splitlines(keepends=True)
     work_file.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:50])
     second = materialize().asset_materializations_for_node("synthetic__teacher_trajectories")[0]
@@ -228,7 +225,7 @@ def test_teacher_trajectories_resume_after_an_interruption(synthetic_run):
 def test_evaluation_scores_every_system_on_the_eval_tasks(synthetic_run):
     from recthinker_dagster.defs.config import EvaluationConfig
     from recthinker_dagster.defs.evaluation import build_evaluation_assets
-    from recthinker_dagster.evaluation.metrics import task_metrics
+    from recthinker_dagster.metrics import task_metrics
 
     project, _ = synthetic_run
     systems = ["random", "popularity", "bprmf", "sasrec", "teacher"]

@@ -1,6 +1,7 @@
 """The whole pipeline, end to end, as one real Dagster run of ``pipeline_smoke`` on the synthetic
 dataset: ingestion, tools, teacher trajectories, filtering (with its blocking check), SFT and
-GRPO on the real SmolLM2 model, the evaluation of every system, registration and promotion."""
+GRPO on the real SmolLM2 model, the evaluation of every system, registration and promotion (slow:
+about ten minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import dagster as dg
 import mlflow
 import polars as pl
 import pytest
-from _project import make_project
 
 from recthinker_dagster.definitions import build_definitions
 from recthinker_dagster.defs.config import (
@@ -24,7 +24,9 @@ from recthinker_dagster.defs.config import (
     ToolIndexesConfig,
 )
 from recthinker_dagster.defs.jobs import profile_run_config
-from recthinker_dagster.quality import validate_sft_examples
+from recthinker_dagster.settings import EVALUATED_SYSTEMS
+
+pytestmark = pytest.mark.slow
 
 
 def smoke_run_config() -> dg.RunConfig:
@@ -44,7 +46,7 @@ def smoke_run_config() -> dg.RunConfig:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, prepared_base_model):
+def smoke_run(tmp_path_factory, make_project, prepared_base_model):
     project = make_project(tmp_path_factory.mktemp("smoke-project"))
     config = smoke_run_config()
     config.ops["base_model"] = BaseModelConfig(profile="smoke", source=str(prepared_base_model[0]))
@@ -120,8 +122,6 @@ def test_rl_model_runs_grpo_from_the_sft_policy_and_logs_health(smoke_run):
 
 
 def test_evaluation_scores_classical_teacher_and_llm_systems(smoke_run):
-    from recthinker_dagster.defs.config import EVALUATED_SYSTEMS
-
     project, _ = smoke_run
     folder = project.paths.asset_dir("evaluation", "synthetic")
     rankings = pl.read_parquet(folder / "rankings.parquet")
@@ -150,22 +150,3 @@ def test_the_agent_is_registered_and_the_promotion_gate_sets_its_alias(smoke_run
     assert "base" in version.tags["promotion_reasons"]  # the reasons name what it was compared with
     # promoted only if it beat the untrained base model with tools on the same eval tasks
     assert gate.passed == (gate.metadata["candidate_value"].value > gate.metadata["base_value"].value)
-
-
-def _kept_frame(**overrides) -> pl.DataFrame:
-    rows = {"dataset": ["d", "d"], "task_id": ["t1", "t2"], "split": ["train", "train"], "group": ["sparse", "dense"],
-            "user_id": ["u1", "u2"], "target_item_id": ["i1", "i2"]}
-    return pl.DataFrame({**rows, **overrides})
-
-
-def test_sft_examples_suite_blocks_eval_leaks_missing_groups_and_small_sets():
-    eval_tasks = pl.DataFrame({"dataset": ["d", "other"], "user_id": ["u9", "u1"], "target_item_id": ["i9", "i1"]})
-    assert validate_sft_examples(_kept_frame(), eval_tasks, min_examples=2).success  # u1 is an eval user elsewhere only
-    leak = validate_sft_examples(_kept_frame(user_id=["u9", "u2"]), eval_tasks, min_examples=2)
-    assert not leak.success and any("user_key" in f for f in leak.failures)
-    one_group = validate_sft_examples(_kept_frame(group=["sparse", "sparse"]), eval_tasks, min_examples=2)
-    assert not one_group.success and any("group" in f for f in one_group.failures)
-    small = validate_sft_examples(_kept_frame(), eval_tasks, min_examples=3)
-    assert not small.success
-    eval_split = validate_sft_examples(_kept_frame(split=["train", "eval"]), eval_tasks, min_examples=2)
-    assert not eval_split.success and any("split" in f for f in eval_split.failures)

@@ -1,9 +1,13 @@
-"""The champion/challenger rule (``serving/promotion.py``): every branch, no MLflow."""
+"""The champion/challenger rule (``serving/promotion.py``): every branch, no MLflow; then the
+``registered_model`` asset and its ``promotion_gate`` check on a real MLflow registry, with a
+fake trained policy (empty folders: registering never loads the model)."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import polars as pl
 import pytest
 
 from recthinker_dagster.serving.promotion import (
@@ -148,3 +152,66 @@ def test_the_decision_serializes():
     decision = decide_promotion({"ndcg@10": 0.4}, None, BASE)
     assert isinstance(decision, PromotionDecision)
     assert decision.to_dict()["promote"] is True and decision.to_dict()["reasons"] == decision.reasons
+
+
+# -- the registered_model asset and the promotion_gate check --------------------------------------
+
+
+def _fake_trained_project(project):
+    """``project`` with an evaluation that scored sft_rl above base_tools, and empty model and index folders."""
+    from recthinker_dagster.artifacts import index_folders
+
+    layout = project.paths.layout
+    tasks = layout.asset_dir("task_splits", "synthetic")
+    tasks.mkdir(parents=True)
+    pl.DataFrame({"user_id": ["7"], "candidate_item_ids": [[str(i) for i in range(8)]]}).write_parquet(
+        tasks / "tasks_eval.parquet")
+    for folder in [*index_folders(layout, "synthetic").values(), layout.asset_dir("base_model"),
+                   layout.asset_dir("sft_model") / "adapter", layout.asset_dir("rl_model") / "adapter"]:
+        folder.mkdir(parents=True)
+    (layout.asset_dir("rl_model") / "lineage.json").write_text(json.dumps(
+        {"base_model": "assets/base_model", "adapters": ["assets/sft_model/adapter", "assets/rl_model/adapter"]}))
+    evaluation = layout.asset_dir("evaluation", "synthetic")
+    evaluation.mkdir(parents=True)
+    pl.DataFrame([{"group": g, "ndcg@10": v, "system": s, "tasks": "llm_subset"}
+                  for s, v in (("sft_rl", 0.5), ("base_tools", 0.3)) for g in ("sparse", "dense")]
+                 ).write_parquet(evaluation / "summary.parquet")
+    return project
+
+
+def test_registered_model_and_promotion_gate(project):
+    import dagster as dg
+    from mlflow import MlflowClient
+
+    from recthinker_dagster.defs.config import RegistryConfig
+    from recthinker_dagster.defs.registry import build_registry_assets
+
+    _fake_trained_project(project)
+
+    def materialize(selection=None):
+        ops = {} if selection else {"registered_model": RegistryConfig(profile="smoke")}
+        result = dg.materialize(build_registry_assets(["synthetic"]), resources=project.resources,
+                                selection=selection, instance=dg.DagsterInstance.ephemeral(),
+                                run_config=dg.RunConfig(ops=ops))
+        [gate] = result.get_asset_check_evaluations()
+        return result, gate
+
+    result, gate = materialize()
+    metadata = result.asset_materializations_for_node("registered_model")[0].metadata
+    assert metadata["model_uri"].value == "models:/recthinker-agent/1"
+    assert metadata["candidate"].value == {"synthetic": {"sparse": {"ndcg@10": 0.5}, "dense": {"ndcg@10": 0.5}}}
+    assert gate.passed and gate.metadata["alias"].value == "champion"
+    record = json.loads((project.paths.asset_dir("registered_model") / "registration.json").read_text())
+    assert record["version"] == "1" and record["adapters"] == ["assets/sft_model/adapter", "assets/rl_model/adapter"]
+
+    # the gate again on the same version: nothing to decide
+    _, gate = materialize(dg.AssetSelection.checks_for_assets(dg.AssetKey("registered_model")))
+    assert gate.passed and gate.description == "version 1 is already the champion"
+
+    # a second version with the same figures ties the champion: it becomes the challenger
+    _, gate = materialize()
+    assert not gate.passed and gate.metadata["alias"].value == "challenger"
+    assert "ties champion v1" in gate.description
+    client = MlflowClient(tracking_uri=project.tracking_uri)
+    assert str(client.get_model_version_by_alias("recthinker-agent", "champion").version) == "1"
+    assert client.get_model_version("recthinker-agent", "2").tags["promotion_decision"] == "rejected"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -20,19 +18,14 @@ from recthinker_dagster.protocol import (
     group_sizes,
     protocol_config_for,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", ROOT.parent / "shared" / "data"))
-ML1M_RATINGS = SHARED_DATA / "ml-1m" / "ratings.dat.gz"
-
+from tests.support.paths import require_shared
 
 # --------------------------------------------------------------------------- data helpers
 
 
-def read_ml1m_ratings(path: Path = ML1M_RATINGS) -> pl.DataFrame:
+def read_ml1m_ratings() -> pl.DataFrame:
     """``UserID::MovieID::Rating::Timestamp`` lines; ``order`` is the line number."""
-    if not path.exists():
-        pytest.skip(f"ML-1M ratings not found at {path} (set RECTHINKER_SHARED_DATA)")
+    path = require_shared("ml-1m", "ratings.dat.gz")
     raw = pl.read_csv(
         path, has_header=False, separator=":",  # "::" reads as ":" with empty columns between
         schema={"user_id": pl.Utf8, "_a": pl.Utf8, "item_id": pl.Utf8, "_b": pl.Utf8,
@@ -326,14 +319,14 @@ def test_sample_sizes_are_capped_by_the_population(ml1m):
     assert splits.tasks.height == 924 + 755
 
 
-def test_domain_code_knows_no_orchestrator():
+def test_domain_code_knows_no_orchestrator(repo_root):
     code = ("import sys, recthinker_dagster.protocol, recthinker_dagster.quality; "
             "print(sorted(m for m in ('dagster', 'mlflow', 'dvc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+                         check=True, cwd=repo_root)
     assert out.stdout.strip() == "[]"
     for package in ("protocol", "quality"):
-        for path in (ROOT / "recthinker_dagster" / package).glob("*.py"):
+        for path in (repo_root / "recthinker_dagster" / package).glob("*.py"):
             text = path.read_text()
             for name in ("dagster", "mlflow", "dvc"):
                 assert f"import {name}" not in text and f"from {name}" not in text, path

@@ -4,8 +4,6 @@ on broken data."""
 from __future__ import annotations
 
 import gzip
-import os
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -19,17 +17,13 @@ from recthinker_dagster.quality import (
     validate_tasks,
     validate_users,
 )
+from tests.support.paths import require_shared
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", ROOT.parent / "shared" / "data"))
-ML1M = SHARED_DATA / "ml-1m"
 N = 20  # candidates per task
 
 
 def _lines(name: str, encoding: str) -> list[list[str]]:
-    path = ML1M / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (set RECTHINKER_SHARED_DATA)")
+    path = require_shared("ml-1m", name)
     with gzip.open(path, "rt", encoding=encoding) as f:
         return [line.rstrip("\n").split("::") for line in f]
 
@@ -37,9 +31,7 @@ def _lines(name: str, encoding: str) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def interactions() -> pl.DataFrame:
     """``UserID::MovieID::Rating::Timestamp``; ``order`` is the line number."""
-    path = ML1M / "ratings.dat.gz"
-    if not path.exists():
-        pytest.skip(f"{path} not found (set RECTHINKER_SHARED_DATA)")
+    path = require_shared("ml-1m", "ratings.dat.gz")
     raw = pl.read_csv(
         path, has_header=False, separator=":",  # "::" reads as ":" with empty columns between
         schema={"user_id": pl.Utf8, "_a": pl.Utf8, "item_id": pl.Utf8, "_b": pl.Utf8,

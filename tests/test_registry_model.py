@@ -14,11 +14,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import pandas as pd
 import pytest
-from _registry import SERVING_CONFIG, log_version, new_registry, serving_world
 
-import mlflow
 from recthinker_dagster.serving.promotion import decide_promotion
 from recthinker_dagster.serving.pyfunc import (
     INDEX_ASSETS,
@@ -32,6 +31,7 @@ from recthinker_dagster.serving.registry import (
     champion_metrics,
     champion_version,
 )
+from tests.support.registry import SERVING_CONFIG, log_version, new_registry, serving_world
 
 NAME = "recthinker-agent"
 BASE = {"ndcg@10": 0.20, "hr@10": 0.40}
@@ -68,10 +68,10 @@ def _promote(registry, version, metrics, margin=0.0):
     return decision, apply_promotion(registry.client, NAME, version, decision, metrics)
 
 
-def test_index_asset_names_agree_with_the_pipeline():
-    from recthinker_dagster.defs.tools import INDEX_ASSETS as PIPELINE_INDEX_ASSETS
+def test_index_asset_names_are_the_pipelines():
+    from recthinker_dagster import artifacts
 
-    assert INDEX_ASSETS == PIPELINE_INDEX_ASSETS
+    assert INDEX_ASSETS is artifacts.INDEX_ASSETS  # one mapping: the model finds the folders the pipeline wrote
 
 
 def test_adapters_are_merged_in_order(registry):
@@ -238,7 +238,8 @@ def test_a_moved_project_is_found_through_recthinker_home(tmp_path, monkeypatch)
     monkeypatch.setenv("RECTHINKER_HOME", str(home))
     assert resolve_reference(ref, "profiles", "include_tool_indexes") == home / "assets" / "user_profiles" / "ml-1m"
     base = {"asset": "base_model", "dataset": None, "path": str(tmp_path / "gone"), "md5": ""}
-    with pytest.raises(MissingModelArtifact, match=r"expected the folder .*gone or .*assets/base_model\. .*rematerialize base_model"):
+    expected = r"expected the folder .*gone or .*assets/base_model\. .*rematerialize base_model"
+    with pytest.raises(MissingModelArtifact, match=expected):
         resolve_reference(base, "the base model", "include_base_model")
 
 

@@ -18,12 +18,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-from _registry import log_version, new_registry, serving_world
-
 import mlflow
+import pytest
+
 from recthinker_dagster.serving.promotion import decide_promotion
 from recthinker_dagster.serving.registry import apply_promotion
+from tests.support.registry import log_version, new_registry, serving_world
 
 NAME = "recthinker-agent"
 STARTUP_S = 120

@@ -1,7 +1,7 @@
-"""SFT: the assistant-only loss mask, a tiny real LoRA run on SmolLM2, resumption, evaluation.
+"""SFT: the assistant-only loss mask, a tiny real LoRA run on SmolLM2 (slow), resumption, validation.
 
 Trajectories come from a scripted investigator driving the real tools on ML-1M
-(``tests/_trajectories.py``). For speed the training examples carry only the schemas of
+(``tests/support/trajectories.py``). For speed the training examples carry only the schemas of
 the tools they call (~1.8k instead of ~2.5k tokens).
 """
 
@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from _trajectories import agent_tasks, real_trajectories, toolbox_factory
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams, parse_turn
 from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
-from recthinker_dagster.training import evaluate_adapter, load_recipe, train_sft
-from recthinker_dagster.training.filtering import assistant_text, candidate_labels
-from recthinker_dagster.training.sft import (
+from recthinker_dagster.training import load_recipe, train_sft
+from recthinker_dagster.training.data import (
     IGNORE_INDEX,
     sft_examples,
     tokenize_conversation,
     tokenize_examples,
     training_chat_template,
 )
+from recthinker_dagster.training.filtering import assistant_text, candidate_labels
+from recthinker_dagster.training.validation import ValidationSuite, evaluate_policy
+from tests.support.trajectories import agent_tasks, real_trajectories, toolbox_factory
 
 
 class Interrupted(RuntimeError):
@@ -143,6 +144,7 @@ def resumed_run(prepared_base_model, trajectories, tmp_path_factory):
     return base, out, after_kill, result
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_its_checkpoint(resumed_run):
     _, out, after_kill, result = resumed_run
     assert after_kill == ["checkpoints", "checkpoint-1"]  # no adapter or metrics yet, no later checkpoint
@@ -154,6 +156,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(resumed_run):
     assert state["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_the_adapter_is_saved_alone_and_changes_the_model(resumed_run):
     import torch
     from peft import PeftModel
@@ -181,6 +184,7 @@ def test_the_adapter_is_saved_alone_and_changes_the_model(resumed_run):
     assert (tuned - plain).abs().max().item() > 1e-3
 
 
+@pytest.mark.slow
 def test_run_metrics(resumed_run):
     _, out, _, result = resumed_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -195,12 +199,15 @@ def test_run_metrics(resumed_run):
     assert metrics["precision"] in ("bf16", "fp32") and metrics["trainable_parameters"] > 0
 
 
-def test_evaluate_adapter_runs_the_agent(resumed_run):
+@pytest.mark.slow
+def test_evaluate_policy_runs_the_agent_with_the_adapter(resumed_run):
     base, _, _, result = resumed_run
-    tasks = agent_tasks("valid", 2)
+    suites = [ValidationSuite("ml-1m", agent_tasks("valid", 2), toolbox_factory)]
     config = AgentConfig(max_turns=1, max_tool_calls=2, sampling=SamplingParams(max_new_tokens=24))
-    scores = evaluate_adapter(base, result.adapter_dir, tasks, toolbox_factory, config, batch_size=2)
-    assert scores["n_tasks"] == 2 and scores["producer"].startswith("adapter:")
+    report = evaluate_policy(base, [result.adapter_dir], suites, config, batch_size=2)
+    scores = report["overall"]
+    assert scores["n_tasks"] == 2 and report["by_dataset"]["ml-1m"]["n_tasks"] == 2
+    assert report["producer"] == result.adapter_dir.parent.name  # the run folder holding the adapter
     for key in ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "tool_calls_per_task"):
         assert 0.0 <= scores[key] <= (2.0 if key == "tool_calls_per_task" else 1.0)
 
@@ -219,7 +226,8 @@ def test_named_recipes_load(tmp_path):
     assert {"smoke", "demo", "full"} <= set(available_recipes())
     smoke, full = load_recipe("smoke"), load_recipe("full")
     assert smoke.max_steps > 0 and smoke.lora_r == 8 and smoke.per_device_train_batch_size == 1
-    assert smoke.filter_config.max_tokens <= smoke.max_length and smoke.eval["n_tasks"] > 0
+    assert smoke.filter_config.max_tokens <= smoke.max_length
+    assert "eval" not in smoke.to_dict()  # the validation run is a profile setting (sft.validation)
     assert full.precision == "bf16" and full.device == "cuda" and full.lora_r > smoke.lora_r
     for name in available_recipes():
         recipe = load_recipe(name)
@@ -233,6 +241,8 @@ def test_named_recipes_load(tmp_path):
     assert smoke.with_overrides(max_steps=1).max_steps == 1 and smoke.max_steps != 1
     with pytest.raises(ValueError, match="unknown recipe keys"):
         smoke.with_overrides(lora_rank=2)
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        smoke.with_overrides(eval={"n_tasks": 2})
     with pytest.raises(ValueError, match="precision"):
         smoke.with_overrides(precision="int8")
     with pytest.raises(FileNotFoundError, match="smoke"):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 
 from recthinker_dagster.agent import AgentConfig, AgentTask, Generation, SamplingParams, parse_turn
 from recthinker_dagster.agent.backends.openai_backend import OpenAICompatibleBackend
-from recthinker_dagster.agent.history import TaskToolboxes, agent_tasks, history_lines
+from recthinker_dagster.agent.history import Toolboxes, agent_tasks, history_lines
 from recthinker_dagster.agent.parser import format_tool_call
 from recthinker_dagster.agent.prompts import SYSTEM_PROMPT
 from recthinker_dagster.agent.teachers import PRODUCER, LLMTeacher, ScriptedTeacher, Teacher
@@ -30,17 +28,15 @@ from recthinker_dagster.evaluation.baselines import evaluate_recommender
 from recthinker_dagster.protocol import build_task_splits, protocol_config_for
 from recthinker_dagster.recommenders.popularity import Popularity
 from recthinker_dagster.tools import TOOL_NAMES, Toolbox, ToolResult, build_all, index_interactions
+from tests.support.paths import require_shared
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 PROTOCOL = {"n_eval_users_per_group": 10, "n_valid_users_per_group": 50, "n_train_users_per_group": 100}
 
 
 @pytest.fixture(scope="module")
-def world():
-    if not (SHARED_DATA / "ml-1m").is_dir():
-        pytest.skip(f"shared data {SHARED_DATA / 'ml-1m'} not found (set RECTHINKER_SHARED_DATA)")
-    data, _ = load_dataset("ml-1m", SHARED_DATA, allow_download=False)
+def world(shared_data):
+    require_shared("ml-1m")
+    data, _ = load_dataset("ml-1m", shared_data, allow_download=False)
     keep = pl.col("user_id").cast(pl.Int64) <= 800
     data = dataclasses.replace(data, interactions=data.interactions.filter(keep), users=data.users.filter(keep))
     splits = build_task_splits(data.interactions, protocol_config_for("ml-1m", **PROTOCOL), "ml-1m")
@@ -49,7 +45,7 @@ def world():
     indexes = build_all(visible, data.items, data.users, valid, {"bpr_epochs": 3})
     frame = splits.tasks.filter(pl.col("split") != "eval")
     tasks = agent_tasks(frame, indexes)
-    factory = TaskToolboxes(indexes, frame)
+    factory = Toolboxes(indexes)
     trajectories = ScriptedTeacher().run(tasks, factory)
     return SimpleNamespace(indexes=indexes, frame=frame, tasks=tasks, factory=factory, visible=visible,
                            trajectories=trajectories)
@@ -112,7 +108,7 @@ def test_every_assistant_turn_parses_and_the_answer_is_complete(world):
 
 
 def test_the_text_cites_the_evidence_from_the_tools(world):
-    for task, trajectory in _sample(world, 20):
+    for _task, trajectory in _sample(world, 20):
         messages = trajectory.messages
         outputs = {}
         for i, message in enumerate(messages):
@@ -160,7 +156,7 @@ def test_it_beats_popularity_on_train_and_valid_tasks(world):
         ours = [teacher[task_id]["ndcg@10"] for task_id in rows["task_id"]]
         report.append((split, group, float(np.mean(ours)), float(rows["ndcg@10"].mean())))
     assert len(report) == 4 and sum(len(x) for x in [world.trajectories]) >= 300
-    for split, group, ours, theirs in report:
+    for _split, _group, ours, theirs in report:
         assert ours > theirs + 0.03, report
     overall = np.mean([t.metrics["ndcg@10"] for t in world.trajectories])
     assert overall > popularity["ndcg@10"].mean() + 0.08, (overall, report)

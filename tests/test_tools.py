@@ -10,10 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,13 +23,20 @@ from recthinker_dagster.data.sources import load_dataset
 from recthinker_dagster.data.synthetic import generate_synthetic
 from recthinker_dagster.protocol import build_task_splits, protocol_config_for
 from recthinker_dagster.tools import (
-    INDEX_NAMES, TOOL_NAMES, ToolIndexes, Toolbox, UserProfiles, build_all, compute_profile,
-    folders_under, index_interactions, leakage_report,
+    INDEX_NAMES,
+    TOOL_NAMES,
+    Toolbox,
+    ToolIndexes,
+    UserProfiles,
+    build_all,
+    compute_profile,
+    folders_under,
+    index_interactions,
+    leakage_report,
 )
 from recthinker_dagster.tools.formatting import fit_to_budget
+from tests.support.paths import SHARED_DATA, require_shared
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 SMALL_PROTOCOL = {"n_eval_users_per_group": 15, "n_valid_users_per_group": 15, "n_train_users_per_group": 30}
 HISTORY_LINE = re.compile(r"^- (\S+) (\S+) (\S+): ")
 
@@ -45,8 +50,7 @@ def _build(dataset: str, data, bpr_epochs: int, protocol: dict | None = None):
 
 
 def _real(name: str):
-    if not (SHARED_DATA / name).is_dir():
-        pytest.skip(f"shared data {SHARED_DATA / name} not found (set RECTHINKER_SHARED_DATA)")
+    require_shared(name)
     data, _ = load_dataset(name, SHARED_DATA, allow_download=False)
     return data
 
@@ -120,12 +124,12 @@ def test_leakage_report_catches_a_leaky_index(synthetic):
 
 
 def test_leakage_report_spots_a_target_in_tool_output():
-    from recthinker_dagster.tools.leakage import _mentions
+    from recthinker_dagster.tools.leakage import mentions
 
     history = "History ...:\n- 2000-12-31 4/5 2571: Matrix, The (1999) | Action\n- 2000-12-30 3/5 C3: Up"
-    assert _mentions(history, "2571", history_lines=True) and _mentions(history, "C3", history_lines=True)
-    assert not _mentions("- 2000-12-31 4/5 12: Star Trek 2571: Khan", "2571", history_lines=True)
-    assert _mentions("see 2571: Matrix", "2571") and not _mentions("12571: x", "2571")
+    assert mentions(history, "2571", history_lines=True) and mentions(history, "C3", history_lines=True)
+    assert not mentions("- 2000-12-31 4/5 12: Star Trek 2571: Khan", "2571", history_lines=True)
+    assert mentions("see 2571: Matrix", "2571") and not mentions("12571: x", "2571")
 
 
 def test_leakage_report_catches_one_stale_index(ml1m):

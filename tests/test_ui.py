@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup.sh does, as root)"
-)
+pytestmark = [
+    pytest.mark.slow,  # starts the Dagster webserver
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup.sh does, as root)"
+    ),
+]
 
 
-def _ui_helpers():
-    spec = importlib.util.spec_from_file_location("ui_screenshot", REPO_ROOT / "scripts" / "ui_screenshot.py")
+def _ui_helpers(repo_root: Path):
+    spec = importlib.util.spec_from_file_location("ui_screenshot", repo_root / "scripts" / "ui_screenshot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,8 +37,8 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", header[16:24])
 
 
-def test_asset_graph_and_automation_render_in_the_dagster_ui(tmp_path):
-    ui = _ui_helpers()
+def test_asset_graph_and_automation_render_in_the_dagster_ui(tmp_path, repo_root):
+    ui = _ui_helpers(repo_root)
     log = tmp_path / "webserver.log"
     screenshot = tmp_path / "asset_graph.png"
     names = ("raw_dataset", "task_splits", "tool_suite", "teacher_trajectories", "evaluation", "base_model")

@@ -1,7 +1,7 @@
 """Resumable generation of teacher trajectories into a JSON-lines file.
 
     summary = generate_trajectories(tasks, ScriptedTeacher(), Path("out/ml-1m.jsonl"),
-                                    toolbox_factory=TaskToolboxes(indexes, tasks_frame),
+                                    toolbox_factory=Toolboxes(indexes),
                                     samples_per_task=2, batch_size=64, seed=0)
 
 Each line is ``Trajectory.to_dict()`` plus ``teacher`` (the teacher's name),
@@ -135,8 +135,8 @@ def generate_trajectories(
     if samples_per_task < 1 or batch_size < 1:
         raise ValueError("samples_per_task and batch_size must be >= 1")
     started = time.perf_counter()
-    tasks = [_as_task(task) for task in tasks]
-    ids = [task.task_id for task in tasks]
+    agent_tasks = [_as_task(task) for task in tasks]
+    ids = [task.task_id for task in agent_tasks]
     if len(set(ids)) != len(ids):
         raise ValueError("task ids must be unique")
     out_path = Path(out_path)
@@ -153,7 +153,7 @@ def generate_trajectories(
             stats.add(record)
     n_resumed = len(done)
     total = len(wanted)
-    pending = [(k, task) for k in range(samples_per_task) for task in tasks if (task.task_id, k) not in done]
+    pending = [(k, task) for k in range(samples_per_task) for task in agent_tasks if (task.task_id, k) not in done]
     if n_resumed:
         logger.info("%s: resuming, %d of %d trajectories already done", out_path, n_resumed, total)
 
@@ -182,7 +182,7 @@ def generate_trajectories(
 
     seconds = time.perf_counter() - started
     return stats.summary(
-        out_path=str(out_path), teacher=teacher.name, n_tasks=len(tasks), samples_per_task=samples_per_task,
+        out_path=str(out_path), teacher=teacher.name, n_tasks=len(agent_tasks), samples_per_task=samples_per_task,
         n_requested=total, n_resumed=n_resumed, n_generated=n_generated, n_records=n_resumed + n_generated,
         dropped_lines=dropped, seconds=round(seconds, 3),
         trajectories_per_min=round(60.0 * n_generated / max(gen_seconds, 1e-9), 1) if n_generated else 0.0,
@@ -192,7 +192,7 @@ def generate_trajectories(
 class _Stats:
     """Running counts and metric lists over records."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.n = self.valid = self.calls = 0
         self.finish: Counter = Counter()
         self.tools: Counter = Counter()
@@ -212,7 +212,7 @@ class _Stats:
 
     @staticmethod
     def _means(rows: list[dict]) -> dict[str, float]:
-        out = {"n": len(rows)}
+        out: dict[str, float] = {"n": len(rows)}
         for metric in METRICS:
             out[metric] = round(float(np.mean([row.get(metric, 0.0) for row in rows])), 4)
         return out

@@ -1,7 +1,7 @@
 """From protocol tasks to agent tasks: the prompt's history lines and a toolbox per task.
 
     tasks = agent_tasks(splits.tasks, indexes, prompt_history_len=10)
-    toolboxes = TaskToolboxes(indexes, splits.tasks)     # toolbox_factory for run_agent
+    toolboxes = Toolboxes(indexes)                       # toolbox_factory for run_agent
     trajectories = run_agent(tasks, backend, toolboxes, AgentConfig())
 
 The prompt shows the most recent ``prompt_history_len`` history items, oldest first, in the
@@ -48,18 +48,13 @@ def agent_tasks(tasks: pl.DataFrame | Iterable[Mapping], indexes,
     return [agent_task(row, indexes, prompt_history_len) for row in _rows(tasks)]
 
 
-class TaskToolboxes:
-    """A ``toolbox_factory``: the :class:`Toolbox` of an :class:`AgentTask`, found by task id
-    among the rows of ``tasks`` (the toolbox needs the history item ids the AgentTask lacks)."""
+class Toolboxes:
+    """A ``toolbox_factory`` for the agent loop: the :class:`Toolbox` of an :class:`AgentTask`
+    (or of a task-table row) over one dataset's indexes."""
 
-    def __init__(self, indexes, tasks: pl.DataFrame | Iterable[Mapping], *, output_budget_chars: int = 1200):
+    def __init__(self, indexes, *, output_budget_chars: int = 1200):
         self.indexes = indexes
-        self.rows = {row["task_id"]: row for row in _rows(tasks)}
         self.output_budget_chars = output_budget_chars
 
     def __call__(self, task: AgentTask | Mapping) -> Toolbox:
-        task_id = task.task_id if isinstance(task, AgentTask) else task["task_id"]
-        row = self.rows.get(task_id)
-        if row is None:
-            raise KeyError(f"no task row for {task_id!r}")
-        return Toolbox(self.indexes, row, output_budget_chars=self.output_budget_chars)
+        return Toolbox(self.indexes, task, output_budget_chars=self.output_budget_chars)

@@ -15,8 +15,8 @@ task has answered. Rules per task:
   its final answer (``finish="forced_answer"``). If that fails too, the ranking falls back to
   the candidates' original order (``finish="fallback"``, invalid).
 
-The toolbox is duck-typed: ``schemas()``, ``call(name, arguments) -> result`` with ``.ok``,
-``.output``, ``.error_kind``; ``labels`` (label -> item id, candidate order) and
+The toolbox is duck-typed (:class:`TaskToolbox`): ``schemas()``, ``call(name, arguments) -> result``
+with ``.ok``, ``.output``, ``.error_kind``; ``labels`` (label -> item id, candidate order) and
 ``candidate_lines()``.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from recthinker_dagster.agent import parser as P
 from recthinker_dagster.agent import prompts
@@ -41,10 +42,23 @@ from recthinker_dagster.agent.trajectory import (
     ToolCallRecord,
     Trajectory,
 )
-from recthinker_dagster.evaluation.metrics import task_metrics
+from recthinker_dagster.metrics import task_metrics
 
 BUDGET_EXHAUSTED = "budget_exhausted"
 TOOL_EXCEPTION = "tool_exception"
+
+
+class TaskToolbox(Protocol):
+    """What the loop needs from one task's tools (``tools.Toolbox`` is one)."""
+
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+
+    def schemas(self) -> list[dict]: ...
+
+    def candidate_lines(self) -> list[str]: ...
+
+    def call(self, name: str, arguments: dict) -> Any: ...
 
 
 @dataclass
@@ -64,7 +78,7 @@ class AgentConfig:
 def run_agent(
     tasks: Iterable[AgentTask | Mapping],
     backend: Backend,
-    toolbox_factory: Callable[[AgentTask], object],
+    toolbox_factory: Callable[[AgentTask], TaskToolbox],
     config: AgentConfig | None = None,
     *,
     on_step: Callable[[int, int], None] | None = None,
@@ -90,14 +104,15 @@ def run_agent(
         for episode, generation in zip(active, generations):
             episode.advance(generation)
         step += 1
-    producer = config.producer or getattr(backend, "name", type(backend).__name__)
+    backend_name: str = getattr(backend, "name", type(backend).__name__)
+    producer = config.producer or backend_name
     return [episode.trajectory(producer) for episode in episodes]
 
 
 class _Episode:
     """The state of one task's conversation."""
 
-    def __init__(self, task: AgentTask, toolbox_factory: Callable[[AgentTask], object], config: AgentConfig):
+    def __init__(self, task: AgentTask, toolbox_factory: Callable[[AgentTask], TaskToolbox], config: AgentConfig):
         self.task, self.config = task, config
         self.toolbox = toolbox_factory(task)
         self.labels: dict[str, str] = dict(self.toolbox.labels)
@@ -158,14 +173,14 @@ class _Episode:
         """Append the assistant turn with its calls, then one tool message per call."""
         structured = [call for call in parsed.tool_calls if call.structured]
         ids = [f"call_{self.turns}_{k}" for k in range(len(structured))]
-        message = {"role": "assistant", "content": parsed.content}
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         message["tool_calls"] = [
             {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
             for call_id, call in zip(ids, structured)
         ]
         self.messages.append(message)
         # Structured calls first (so wire formats can pair them by id), then unparseable blocks.
-        ordered = [(call, call_id) for call, call_id in zip(structured, ids)]
+        ordered: list[tuple[P.ToolCall, str | None]] = [(call, call_id) for call, call_id in zip(structured, ids)]
         ordered += [(call, None) for call in parsed.tool_calls if not call.structured]
         for call, call_id in ordered:
             output, ok, error_kind = self._execute(call)
@@ -184,6 +199,7 @@ class _Episode:
         self.tool_calls_used += 1
         if not call.ok:
             return f"Error: {call.error} (tool call: {call.raw[:200]})", False, call.error_kind
+        assert call.name is not None and call.arguments is not None  # a valid call is structured
         started = time.perf_counter()
         try:
             result = self.toolbox.call(call.name, call.arguments)

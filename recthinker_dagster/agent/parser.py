@@ -231,7 +231,7 @@ def parse_turn(
         calls.extend(block_calls)
 
     for call in calls:
-        if not call.ok:
+        if call.error_kind is not None:  # not call.ok
             issues.append(Issue(call.error_kind, call.error or ""))
 
     answer = None
@@ -281,7 +281,8 @@ def _cut(text: str, spans: list[tuple[int, int]]) -> str:
 def _json_values(body: str) -> list | None:
     """All JSON values in ``body`` one after another (whitespace or commas between), or None."""
     decoder = json.JSONDecoder()
-    values, index = [], 0
+    values: list = []
+    index = 0
     while True:
         while index < len(body) and body[index] in " \t\r\n,":
             index += 1

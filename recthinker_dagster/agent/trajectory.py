@@ -25,13 +25,15 @@ REASON_BACKEND_ERROR = "backend_error"
 
 @dataclass
 class AgentTask:
-    """What the loop needs of one ranking task (a row of the task table plus rendered history)."""
+    """One ranking task: everything the agent loop and the tools need (a row of the task
+    table plus the prompt's rendered history lines). ``tools.Toolbox`` takes it as is."""
 
     task_id: str
     user_id: str
     target_item_id: str
     candidate_item_ids: list[str]
     history_lines: list[str] = field(default_factory=list)
+    history_item_ids: list[str] = field(default_factory=list)  # chronological, oldest first; never the target
     group: str = ""
     split: str = ""
     dataset: str = ""
@@ -42,6 +44,7 @@ class AgentTask:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in row.items() if k in names}
         values["candidate_item_ids"] = [str(i) for i in values.get("candidate_item_ids", [])]
+        values["history_item_ids"] = [str(i) for i in values.get("history_item_ids", [])]
         values["history_lines"] = list(history_lines if history_lines is not None else values.get("history_lines", []))
         for key in ("task_id", "user_id", "target_item_id"):
             values[key] = str(values[key])

@@ -27,19 +27,20 @@ from recthinker_dagster.data.schema import (
     RATING_RANGE,
     USERS_SCHEMA,
     Dataset,
+    FrameSchema,
     conform,
 )
 
 REVIEW_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime")
-REVIEW_SCHEMA = {"reviewerID": pl.Utf8, "asin": pl.Utf8, "overall": pl.Float64,
+REVIEW_SCHEMA: FrameSchema = {"reviewerID": pl.Utf8, "asin": pl.Utf8, "overall": pl.Float64,
                  "unixReviewTime": pl.Int64}
-META_SCHEMA = {"asin": pl.Utf8, "title": pl.Utf8, "category": pl.List(pl.Utf8),
+META_SCHEMA: FrameSchema = {"asin": pl.Utf8, "title": pl.Utf8, "category": pl.List(pl.Utf8),
                "categories": pl.List(pl.List(pl.Utf8)),  # 2014 style: the line-by-line path
                "brand": pl.Utf8, "description": pl.List(pl.Utf8), "date": pl.Utf8}
 BLOCK = 64 << 20
 
 
-def fast_read(path: Path, schema: dict[str, pl.DataType]) -> pl.DataFrame | None:
+def fast_read(path: Path, schema: FrameSchema) -> pl.DataFrame | None:
     """Read the ``schema`` keys with polars' JSON reader, in blocks of whole lines.
 
     Returns None on any problem (bad JSON, other types, Python literals, damaged gzip):
@@ -120,10 +121,11 @@ def read_reviews(path: Path) -> pl.DataFrame:
             frame = fast.rename({"reviewerID": "user_id", "asin": "item_id", "overall": "rating",
                                  "unixReviewTime": "timestamp"})
             return conform(frame.with_row_index("order"), INTERACTIONS_SCHEMA)
-    return _slow_reviews(path)
+    return read_reviews_by_line(path)
 
 
-def _slow_reviews(path: Path) -> pl.DataFrame:
+def read_reviews_by_line(path: Path) -> pl.DataFrame:
+    """``read_reviews`` parsing one line at a time: slower, but names the exact line that is wrong."""
     users: list[str] = []
     items: list[str] = []
     ratings: list[float] = []
@@ -195,10 +197,11 @@ def read_metadata(path: Path) -> pl.DataFrame:
             date=pl.col("date"),
         )
         return _finish_metadata(frame)
-    return _slow_metadata(path)
+    return read_metadata_by_line(path)
 
 
-def _slow_metadata(path: Path) -> pl.DataFrame:
+def read_metadata_by_line(path: Path) -> pl.DataFrame:
+    """``read_metadata`` parsing one line at a time (2014 literals, or a line the fast path rejects)."""
     keys = ("item_id", "title", "categories", "creator", "description", "date")
     rows: dict[str, list[Any]] = {k: [] for k in keys}
     for number, record in iter_records(path):
@@ -212,7 +215,7 @@ def _slow_metadata(path: Path) -> pl.DataFrame:
         rows["creator"].append(_text(record.get("brand")))
         rows["description"].append(_text(" ".join(_strings(record.get("description")))))
         rows["date"].append(_text(record.get("date")))
-    schema = {**{k: pl.Utf8 for k in rows}, "categories": pl.List(pl.Utf8)}
+    schema: FrameSchema = {**{k: pl.Utf8 for k in rows}, "categories": pl.List(pl.Utf8)}
     frame = pl.DataFrame(rows, schema=schema)
     return _finish_metadata(frame)
 

@@ -8,10 +8,15 @@ all fit). Documented for users in ``docs/artifacts.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import polars as pl
+from polars.datatypes import DataTypeClass
 
-INTERACTIONS_SCHEMA: dict[str, pl.DataType] = {
+FrameSchema: TypeAlias = dict[str, pl.DataType | DataTypeClass]
+"""Column name -> polars dtype: a dtype class (``pl.Utf8``) or instance (``pl.List(pl.Utf8)``)."""
+
+INTERACTIONS_SCHEMA: FrameSchema = {
     "user_id": pl.Utf8,
     "item_id": pl.Utf8,
     "rating": pl.Float32,  # explicit rating, 1-5 on both datasets
@@ -19,7 +24,7 @@ INTERACTIONS_SCHEMA: dict[str, pl.DataType] = {
     "order": pl.Int64,  # 0-based row position in the source file; breaks timestamp ties
 }
 
-ITEMS_SCHEMA: dict[str, pl.DataType] = {
+ITEMS_SCHEMA: FrameSchema = {
     "item_id": pl.Utf8,
     "title": pl.Utf8,  # null when unknown
     "year": pl.Int32,  # release year, null when unknown
@@ -29,7 +34,7 @@ ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "has_metadata": pl.Boolean,  # False: the item only appears in interactions
 }
 
-USERS_SCHEMA: dict[str, pl.DataType] = {
+USERS_SCHEMA: FrameSchema = {
     "user_id": pl.Utf8,
     "gender": pl.Utf8,  # "M" / "F" or null
     "age": pl.Int32,  # ML-1M age bracket lower bound (1, 18, 25, 35, 45, 50, 56) or null
@@ -52,11 +57,11 @@ class Dataset:
     source: dict[str, str] = field(default_factory=dict)  # file role -> path or description
 
 
-def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
+def empty_frame(schema: FrameSchema) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
 
-def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+def conform(frame: pl.DataFrame, schema: FrameSchema) -> pl.DataFrame:
     """Select and cast ``frame`` to exactly ``schema`` (column order included)."""
     missing = [name for name in schema if name not in frame.columns]
     if missing:

@@ -52,9 +52,10 @@ class DatasetSpec:
 def _resolve_ml1m(data_dir: Path) -> Resolved | None:
     folder = data_dir / "ml-1m"
     found = {stem: textio.find_file(folder, stem) for stem in movielens.FILES}
-    if any(path is None for path in found.values()):
+    files = {stem: path for stem, path in found.items() if path is not None}
+    if len(files) < len(found):
         return None
-    return Resolved("movielens-1m", found, 0)
+    return Resolved("movielens-1m", files, 0)
 
 
 def _resolve_amazon(data_dir: Path) -> Resolved | None:
@@ -121,6 +122,7 @@ def _locate(name: str, data_dir: Path, allow_download: bool) -> Resolved:
             f"dataset {name!r} not found under {data_dir.resolve()} and {why}. "
             f"{spec.missing_hint(data_dir)}"
         )
+    assert spec.download is not None  # only file-less datasets have none, and they always resolve
     spec.download(data_dir)
     resolved = spec.resolve(data_dir)
     if resolved is None:

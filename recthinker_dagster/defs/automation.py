@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
+from recthinker_dagster.artifacts import DvcPointerError, dvc_pointer, read_dvc_md5
 from recthinker_dagster.defs.resources import MLflowTracking, ProjectPaths
-from recthinker_dagster.profiles import DEFAULT_PROFILE, PROFILES
+from recthinker_dagster.settings import DEFAULT_PROFILE, PROFILE_NAMES
 
 SCHEDULE_PROFILE_ENV = "RECTHINKER_SCHEDULE_PROFILE"
 WEEKLY_CRON = "0 3 * * 1"  # Monday 03:00
@@ -37,37 +37,14 @@ _TAG_LIMIT = 500  # characters of an error message kept in an MLflow tag (full t
 def schedule_profile() -> str:
     """The profile that scheduled and sensor-triggered runs use."""
     name = os.environ.get(SCHEDULE_PROFILE_ENV, "").strip() or DEFAULT_PROFILE
-    if name not in PROFILES:
-        raise ValueError(f"{SCHEDULE_PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILES)}")
+    if name not in PROFILE_NAMES:
+        raise ValueError(f"{SCHEDULE_PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILE_NAMES)}")
     return name
-
-
-class DvcPointerError(ValueError):
-    """A ``.dvc`` file that is missing or does not hold an md5."""
-
-
-def read_dvc_md5(dvc_file: Path) -> str:
-    """The md5 of the first output in a DVC pointer file (``outs: - md5: ...``)."""
-    dvc_file = Path(dvc_file)
-    if not dvc_file.is_file():
-        raise DvcPointerError(f"{dvc_file} is missing (track the raw data with `dvc add data`)")
-    try:
-        content = yaml.safe_load(dvc_file.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise DvcPointerError(f"{dvc_file} is malformed: not valid YAML ({error.__class__.__name__})") from None
-    outs = content.get("outs") if isinstance(content, dict) else None
-    if not isinstance(outs, list) or not outs or not isinstance(outs[0], dict):
-        raise DvcPointerError(f"{dvc_file} is malformed: no 'outs' list")
-    md5 = outs[0].get("md5")
-    if not isinstance(md5, str) or not md5.strip():
-        raise DvcPointerError(f"{dvc_file} is malformed: its first output has no md5")
-    return md5.strip()
 
 
 def raw_data_pointer(paths: ProjectPaths) -> Path:
     """``data.dvc`` next to the raw data folder (``<root>/data.dvc`` by default)."""
-    data = paths.data_path
-    return data.with_name(data.name + ".dvc")
+    return dvc_pointer(paths.data_path)
 
 
 def _job_for(jobs: list, profile: str):

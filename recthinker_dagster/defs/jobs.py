@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from recthinker_dagster.artifacts import key_prefix
 from recthinker_dagster.defs.config import (
     BaseModelConfig,
     EvaluationConfig,
@@ -20,12 +21,11 @@ from recthinker_dagster.defs.config import (
     TeacherConfig,
     ToolIndexesConfig,
 )
-from recthinker_dagster.profiles import PROFILES
+from recthinker_dagster.settings import PROFILE_NAMES
 
 
 def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
-    from recthinker_dagster.defs.datasets import key_prefix
-
+    """Every asset's config naming ``profile`` (op names: ``<prefix>__<asset>`` per dataset)."""
     ops: dict[str, dg.Config] = {
         "base_model": BaseModelConfig(profile=profile),
         "filtered_trajectories": FilterStageConfig(profile=profile),
@@ -53,5 +53,5 @@ def pipeline_jobs(datasets: list[str]) -> list:
             description=f"The whole RecThinker pipeline with the '{name}' profile.",
             tags={"profile": name},
         )
-        for name in PROFILES
+        for name in PROFILE_NAMES
     ]

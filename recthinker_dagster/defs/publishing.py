@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from recthinker_dagster.defs.resources import (
     MLflowTracking,
     ProjectPaths,
 )
+from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
 from recthinker_dagster.storage import folder_size_bytes
 
 
@@ -76,3 +78,60 @@ def preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
         [pl.col(c).cast(pl.List(pl.Utf8)).list.head(5).list.join(", ") for c, t in frame.schema.items() if isinstance(t, pl.List)]
     )
     return dg.MetadataValue.md(head.to_pandas().to_markdown(index=False))
+
+
+def publish_artifact(
+    context: dg.AssetExecutionContext,
+    asset_key: dg.AssetKey,
+    artifact: StageArtifact,
+    *,
+    paths: ProjectPaths,
+    dvc: DVCVersioning,
+    mlflow: MLflowTracking,
+) -> dg.MaterializeResult:
+    """:func:`publish` a stage's artifact, then delete the work files it no longer needs."""
+    result = publish(
+        context,
+        asset_key=asset_key,
+        folder=artifact.folder,
+        paths=paths,
+        dvc=dvc,
+        mlflow=mlflow,
+        params=artifact.params,
+        metrics=artifact.metrics,
+        metadata={name: metadata_value(value, paths) for name, value in artifact.metadata.items()},
+        texts=artifact.texts or None,
+        series=artifact.series or None,
+        artifacts=artifact.artifacts or None,
+    )
+    for path in artifact.cleanup:
+        if Path(path).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            Path(path).unlink(missing_ok=True)
+    return result
+
+
+def metadata_value(value: Any, paths: ProjectPaths) -> Any:
+    """A stage's plain metadata value as Dagster metadata."""
+    if isinstance(value, Markdown):
+        return dg.MetadataValue.md(str(value))
+    if isinstance(value, Json):
+        return dg.MetadataValue.json(value.value)
+    if isinstance(value, Path):
+        return dg.MetadataValue.path(paths.layout.relative(value))
+    return value
+
+
+def check_result(report, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
+    """A Great Expectations report (``quality.runner``) as a Dagster asset check result."""
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        passed=bool(report.success),
+        metadata={
+            "evaluated_expectations": report.evaluated,
+            "failed_expectations": len(report.failures),
+            "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in report.failures) or "none"),
+        },
+        description="; ".join(report.failures[:3]) or "all expectations met",
+    )

@@ -16,6 +16,8 @@ import yaml
 from filelock import FileLock
 from pydantic import Field
 
+from recthinker_dagster.artifacts import ArtifactLayout, dvc_pointer, read_dvc_md5, tracked_md5
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,10 +50,14 @@ class ProjectPaths(dg.ConfigurableResource):
     def cache_path(self) -> Path:
         return Path(self.cache_dir).resolve() if self.cache_dir else self.root_path / ".cache"
 
+    @property
+    def layout(self) -> ArtifactLayout:
+        """The plain layout the stage functions take."""
+        return ArtifactLayout(self.root_path, self.data_path, self.cache_path)
+
     def asset_dir(self, asset: str, dataset: str | None = None) -> Path:
         """``assets/<asset>/<dataset>`` for per-dataset assets, ``assets/<asset>`` otherwise."""
-        base = self.root_path / "assets" / asset
-        return base / dataset if dataset else base
+        return self.layout.asset_dir(asset, dataset)
 
 
 class DVCVersioning(dg.ConfigurableResource):
@@ -83,10 +89,10 @@ class DVCVersioning(dg.ConfigurableResource):
             repo.add([str(path)])
             if self.push and repo.config.get("core", {}).get("remote"):
                 repo.push(targets=[str(path)])
-        dvc_file = path.with_name(path.name + ".dvc")
+        dvc_file = dvc_pointer(path)
         out = yaml.safe_load(dvc_file.read_text())["outs"][0]
         return {
-            "md5": out["md5"],
+            "md5": read_dvc_md5(dvc_file),
             "size": int(out.get("size", 0)),
             "nfiles": int(out.get("nfiles", 1)),
             "dvc_file": str(dvc_file.relative_to(root)),
@@ -94,15 +100,12 @@ class DVCVersioning(dg.ConfigurableResource):
 
     def tracked_md5(self, path: Path) -> str | None:
         """The md5 recorded in ``<path>.dvc``, or None when it is not tracked."""
-        dvc_file = Path(path).with_name(Path(path).name + ".dvc")
-        if not dvc_file.exists():
-            return None
-        return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+        return tracked_md5(path)
 
     def restore(self, path: Path, md5: str) -> None:
         """Bring back an earlier version of ``path`` from the DVC cache (or remote)."""
         path = Path(path).resolve()
-        dvc_file = path.with_name(path.name + ".dvc")
+        dvc_file = dvc_pointer(path)
         dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": path.name}]}))
         with self._repo() as repo:
             try:

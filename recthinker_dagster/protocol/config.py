@@ -4,8 +4,8 @@ Users are grouped by their *total* number of interactions:
 
 | dataset        | sparse users           | dense users | notes                               |
 |----------------|------------------------|-------------|-------------------------------------|
-| ``ml-1m``      | 20 to 50 interactions  | >= 200      | DESIGN.md §5; every user has >= 20  |
-| ``amazon-cds`` | <= 25 (no lower bound) | >= 100      | DESIGN.md §5, 20-core CDs subset    |
+| ``ml-1m``      | 20 to 50 interactions  | >= 200      | every user has >= 20                |
+| ``amazon-cds`` | <= 25 (no lower bound) | >= 100      | 20-core CDs subset                  |
 | ``synthetic``  | <= 40 (no lower bound) | >= 100      | fits ``generate_synthetic`` default |
 
 Users with fewer than ``MIN_INTERACTIONS`` (3) interactions never get a task, whatever the
@@ -29,7 +29,7 @@ DATASET_DEFAULTS: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """Every knob of the evaluation protocol (DESIGN.md §5); defaults are ML-1M's."""
+    """Every knob of the evaluation protocol; defaults are ML-1M's."""
 
     n_candidates: int = 20  # target + n_candidates - 1 sampled negatives
     seed: int = 0  # drives user sampling and candidate sampling

@@ -1,4 +1,4 @@
-"""Ranking tasks for training, validation and evaluation (DESIGN.md §5).
+"""Ranking tasks for training, validation and evaluation.
 
 A user with ``n`` interactions in ``(timestamp, order)`` order has a test target (position
 ``n-1``), a validation target (``n-2``) and a training-visible prefix (``0..n-3``).
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from recthinker_dagster.data.schema import FrameSchema
 from recthinker_dagster.protocol.candidates import sample_candidates
 from recthinker_dagster.protocol.config import ProtocolConfig
 from recthinker_dagster.protocol.splits import (
@@ -36,7 +37,7 @@ from recthinker_dagster.protocol.splits import (
     training_visible,
 )
 
-TASKS_SCHEMA: dict[str, pl.DataType] = {
+TASKS_SCHEMA: FrameSchema = {
     "task_id": pl.Utf8,  # "<dataset>/<split>/<user_id>"
     "dataset": pl.Utf8,
     "split": pl.Utf8,  # train | valid | eval

@@ -7,8 +7,9 @@ and never sees a task's target). Higher score = ranked higher.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -17,7 +18,7 @@ import polars as pl
 class Recommender(Protocol):
     name: str
 
-    def fit(self, interactions: pl.DataFrame) -> "Recommender":
+    def fit(self, interactions: pl.DataFrame) -> Recommender:
         """Train on interactions in the normalized schema (user_id, item_id, rating, timestamp, order)."""
         ...
 
@@ -28,7 +29,7 @@ class Recommender(Protocol):
     def save(self, folder: Path) -> None: ...
 
     @classmethod
-    def load(cls, folder: Path) -> "Recommender": ...
+    def load(cls, folder: Path) -> Recommender: ...
 
 
 def rank_by_scores(candidates: Sequence[str], scores: np.ndarray, seed: int = 0) -> list[str]:

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recthinker_dagster.evaluation.metrics import mean_metrics, task_metrics
+from recthinker_dagster.metrics import mean_metrics, task_metrics
 from recthinker_dagster.recommenders.base import rank_by_scores
 
 UNKNOWN_SCORE = -1e6  # finite, below any learned score

@@ -14,8 +14,8 @@ Unknown candidates score -1, below every known item.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import polars as pl

@@ -23,7 +23,7 @@ class LazyClass:
     def __init__(self, module: str, attribute: str) -> None:
         self.module, self.attribute = module, attribute
 
-    def resolve(self) -> type:
+    def resolve(self) -> type[Any]:
         return getattr(importlib.import_module(self.module), self.attribute)
 
     def __call__(self, **params: Any) -> Recommender:

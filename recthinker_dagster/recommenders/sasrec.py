@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -88,7 +88,7 @@ class SASRecNet(nn.Module):
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.blocks = nn.ModuleList(Block(hidden, n_heads, dropout) for _ in range(n_blocks))
         self.last_norm = nn.LayerNorm(hidden, eps=1e-8)
-        for name, param in self.named_parameters():  # xavier, as the reference implementation
+        for param in self.parameters():  # xavier, as the reference implementation
             if param.dim() > 1:
                 nn.init.xavier_normal_(param)
         with torch.no_grad():
@@ -168,11 +168,12 @@ class SASRec:
     def _threads(self) -> int:
         return max(1, int(self.num_threads))
 
-    def _build(self, item_ids: list[str]) -> None:
+    def _build(self, item_ids: list[str]) -> SASRecNet:
         self.item_ids = list(item_ids)
         self.index = {item: i + 1 for i, item in enumerate(self.item_ids)}
         self.net = SASRecNet(len(self.item_ids), self.hidden, self.max_len, self.n_blocks,
                              self.n_heads, self.dropout)
+        return self.net
 
     def _sequences(self, interactions: pl.DataFrame) -> list[np.ndarray]:
         codes = pl.DataFrame({"item_id": pl.Series(self.item_ids, dtype=pl.Utf8),
@@ -187,13 +188,13 @@ class SASRec:
         rng = np.random.default_rng(self.seed)
         with torch.random.fork_rng(devices=[]), _torch_threads(self._threads()):
             torch.manual_seed(self.seed)
-            self._build(interactions["item_id"].unique().sort().to_list())
+            net = self._build(interactions["item_id"].unique().sort().to_list())
             inputs, targets = training_windows(self._sequences(interactions), self.max_len)
-            self._train(torch.from_numpy(inputs), torch.from_numpy(targets), rng)
+            self._train(net, torch.from_numpy(inputs), torch.from_numpy(targets), rng)
         return self
 
-    def _train(self, inputs: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator) -> None:
-        net, n_items = self.net, len(self.item_ids)
+    def _train(self, net: SASRecNet, inputs: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator) -> None:
+        n_items = len(self.item_ids)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.98),
                                      weight_decay=self.weight_decay)
         loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
@@ -259,9 +260,9 @@ class SASRec:
         fit_log = config.pop("fit_log", [])
         model = cls(**config)
         with np.load(folder / "items.npz", allow_pickle=False) as data:
-            model._build(data["item_ids"].tolist())
+            net = model._build(data["item_ids"].tolist())
         with np.load(folder / "weights.npz", allow_pickle=False) as data:
-            model.net.load_state_dict({k: torch.from_numpy(data[k]) for k in data.files})
-        model.net.eval()
+            net.load_state_dict({k: torch.from_numpy(data[k]) for k in data.files})
+        net.eval()
         model.fit_log = fit_log
         return model

@@ -45,8 +45,8 @@ from pathlib import Path
 
 from recthinker_dagster.agent import AgentConfig, AgentTask, SamplingParams, run_agent
 from recthinker_dagster.agent.history import history_lines
+from recthinker_dagster.models.loading import load_agent_model as load_merged_model
 from recthinker_dagster.tools import INDEX_NAMES, Toolbox, ToolIndexes
-from recthinker_dagster.training.sft import load_agent_model as load_merged_model
 
 MIN_CANDIDATES = 2
 REQUEST_KEYS = ("dataset", "user_id", "candidate_item_ids", "history_item_ids")
@@ -223,7 +223,7 @@ class RecThinkerAgent:
         stored = profiles.history(user)
         if stored is None and user not in profiles.meta.get("demographics", {}):
             raise ValueError(f"{where}: unknown user {user!r} in dataset {dataset!r} (not in its user-profile index)")
-        candidates = id_list(request["candidate_item_ids"], f"{where}: candidate_item_ids")
+        candidates = id_list(request["candidate_item_ids"], f"{where}: candidate_item_ids") or []
         if len(candidates) < MIN_CANDIDATES:
             raise ValueError(f"{where}: {len(candidates)} candidate(s) given ({_preview(candidates)}); "
                              f"rank at least {MIN_CANDIDATES}")

@@ -26,7 +26,7 @@ from another machine; ``mlflow models serve`` then needs nothing but the model).
 
 Loading a referenced folder: the recorded path, else ``$RECTHINKER_HOME/assets/<asset>[/<dataset>]``
 (a moved project checkout). A folder that is missing there, or whose ``<folder>.dvc`` records
-another md5 than the one logged, fails with an error naming the artifact, where it was
+another md5 than the one logged (or is malformed), fails with an error naming the artifact, where it was
 expected and the command ``recthinker restore <asset>/<dataset> <md5>`` that brings the logged
 version back from DVC. References are checked before the (slow) model load.
 
@@ -50,13 +50,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
-import mlflow
+from recthinker_dagster.artifacts import INDEX_ASSETS, DvcPointerError, tracked_md5
 from recthinker_dagster.serving.agent import (
     REQUEST_KEYS,
     RESULT_KEYS,
@@ -70,15 +71,6 @@ CONFIG_ARTIFACT = "agent_config"
 CONFIG_FILE = "agent_config.json"
 FORMAT_VERSION = 1
 BASE_MODEL_ASSET = "base_model"
-# index name -> asset name (folder under assets/); the same as defs/tools.py INDEX_ASSETS,
-# kept here so serving does not import Dagster (tests/test_registry_model.py checks they agree)
-INDEX_ASSETS = {
-    "catalog": "item_catalog",
-    "profiles": "user_profiles",
-    "bprmf": "cf_model",
-    "relations": "item_relations",
-    "similar_users": "similar_users",
-}
 HOME_ENV = "RECTHINKER_HOME"
 REQUIREMENTS = ("mlflow", "cloudpickle", "torch", "transformers", "peft", "trl", "polars", "numpy", "pandas",
                 "pyyaml")
@@ -181,18 +173,6 @@ def _restore_hint(ref: Mapping) -> str:
     return f"rematerialize {artifact} (no DVC md5 was logged for it)"
 
 
-def _tracked_md5(folder: Path) -> str | None:
-    dvc_file = folder.with_name(folder.name + ".dvc")
-    if not dvc_file.is_file():
-        return None
-    import yaml
-
-    try:
-        return str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
-    except (KeyError, IndexError, TypeError, yaml.YAMLError):
-        return None
-
-
 def resolve_reference(ref: Mapping, what: str, include_flag: str) -> Path:
     """The folder of a referenced artifact, or :class:`MissingModelArtifact` saying how to get it back."""
     paths = _expected_paths(ref)
@@ -205,8 +185,17 @@ def resolve_reference(ref: Mapping, what: str, include_flag: str) -> Path:
             f"{expected}{f' (DVC md5 {md5})' if md5 else ''}. Bring it back with {_restore_hint(ref)}, "
             f"set {HOME_ENV} to the project that holds it, or log the model with {include_flag}=True."
         )
-    tracked = _tracked_md5(found)
-    if md5 and tracked and tracked != md5:
+    if not md5:
+        return found  # no version was logged: nothing to check against
+    try:
+        tracked = tracked_md5(found)
+    except DvcPointerError as error:  # a damaged pointer: name it, the version wanted and how to get it
+        raise MissingModelArtifact(
+            f"{what} at {found} cannot be checked against DVC version {md5}, the one the model was logged with: "
+            f"{error}. Bring the logged version back with {_restore_hint(ref)} (it rewrites the pointer file), "
+            f"or log the model with {include_flag}=True."
+        ) from None
+    if tracked and tracked != md5:
         raise MissingModelArtifact(
             f"{what} at {found} is DVC version {tracked}, but the model was logged with {md5}. "
             f"Bring the logged version back with {_restore_hint(ref)}, or log the model with {include_flag}=True."

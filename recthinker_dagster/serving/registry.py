@@ -30,16 +30,25 @@ Tags written on the candidate version (always):
 The replaced champion keeps its version and its tags and gets ``replaced_by`` (the new
 champion's version). The alias ``challenger`` points at the latest rejected version (and is
 removed when it pointed at the version just promoted).
+
+:func:`promote_registered_version` is the pipeline's promotion gate: it applies the rule to
+the version described by ``assets/registered_model/registration.json``
+(``stages/registration.py``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
-from recthinker_dagster.serving.promotion import PromotionDecision, flatten_metrics
+from recthinker_dagster.serving.promotion import (
+    PromotionDecision,
+    decide_promotion,
+    flatten_metrics,
+)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -128,3 +137,29 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
     return {"alias": decision.alias, "version": version, "previous_champion": previous_version}
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the promotion gate did to a registered version."""
+
+    version: str
+    alias: str  # champion or challenger
+    decision: PromotionDecision | None  # None: the version already was the champion (nothing decided)
+    previous_champion: str | None = None
+
+
+def promote_registered_version(client, registration: Mapping) -> GateOutcome:
+    """Compare a registered version (a ``registration.json`` record: ``model_name``, ``version``,
+    ``candidate``, ``base``, ``metric``, ``margin``) with the champion and move the aliases."""
+    name, version = registration["model_name"], str(registration["version"])
+    current = champion_version(client, name)
+    if current is not None and str(current.version) == version:
+        return GateOutcome(version, CHAMPION, None, version)
+    decision = decide_promotion(
+        registration["candidate"], champion_metrics(client, name), registration["base"],
+        metric=registration["metric"], margin=registration["margin"],
+        champion_version=str(current.version) if current is not None else None,
+    )
+    outcome = apply_promotion(client, name, version, decision, registration["candidate"])
+    return GateOutcome(version, outcome["alias"], decision, outcome["previous_champion"])

@@ -1,4 +1,4 @@
-"""The agent's recommendation tools and the indexes behind them (DESIGN.md §6).
+"""The agent's recommendation tools and the indexes behind them.
 
 Visibility (what the tools may know)
 ------------------------------------

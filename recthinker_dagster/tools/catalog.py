@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recthinker_dagster.tools._store import prepare, read_json, write_json
 from recthinker_dagster.tools.formatting import clip
+from recthinker_dagster.tools.store import prepare, read_json, write_json
 from recthinker_dagster.tools.text import BM25, normalize
 
 UNKNOWN_TITLE = "unknown title"
@@ -102,8 +102,8 @@ class ItemCatalog:
         k = self.index.get(item_id)
         if k is None:
             return UNKNOWN_TITLE
-        if self.titles[k]:
-            return clip(self.titles[k], limit)
+        if title := self.titles[k]:
+            return clip(title, limit)
         creator = self.creators[k]
         return f"{UNKNOWN_TITLE} by {clip(creator, limit)}" if creator else UNKNOWN_TITLE
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def clip(text: str, limit: int) -> str:
@@ -14,7 +14,7 @@ def clip(text: str, limit: int) -> str:
 def date(timestamp: int | float | None) -> str:
     if timestamp is None or timestamp != timestamp:  # None or NaN
         return "date unknown"
-    return datetime.fromtimestamp(int(timestamp), tz=timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(int(timestamp), tz=UTC).strftime("%Y-%m-%d")
 
 
 def stars(rating: float | None) -> str:

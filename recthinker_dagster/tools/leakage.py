@@ -22,7 +22,7 @@ LEAK_CHECKS = ("profiles_history", "similar_users", "bprmf_training", "history_t
 MISMATCH_CHECKS = ("profiles_history", "profiles_profile", "similar_users", "bprmf_training")
 
 
-def _mentions(text: str, token: str, *, history_lines: bool = False) -> bool:
+def mentions(text: str, token: str, *, history_lines: bool = False) -> bool:
     """``token`` used as an item reference ("<token>: ...") in a tool output; in history lines
     ("- <date> <rating> <item>: <title>...") only the item position counts, since titles may
     contain "<word>:" themselves."""
@@ -62,8 +62,8 @@ def leakage_report(indexes, tasks: pl.DataFrame) -> dict:
         outputs = {"history_tool": "\n".join([header, *lines]),
                    "profile_tool": box.call("get_user_profile").output}
         for check, text in outputs.items():
-            lines = check == "history_tool"
-            if _mentions(text, target, history_lines=lines) or _mentions(text, label, history_lines=lines):
+            in_history = check == "history_tool"
+            if mentions(text, target, history_lines=in_history) or mentions(text, label, history_lines=in_history):
                 leaks[check] += 1
                 leaking.add(task["task_id"])
     consistency = _consistency(indexes)

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recthinker_dagster.tools._store import load_npz, prepare, read_json, save_npz, str_array, write_json
 from recthinker_dagster.tools.formatting import date
+from recthinker_dagster.tools.store import load_npz, prepare, read_json, save_npz, str_array, write_json
 
 TOP_CATEGORIES = 5
 TOP_TASTE = 3
@@ -126,7 +126,8 @@ def render_profile(p: dict) -> list[str]:
     lines = [f"Profile of the current user ({p['n_items']} items in history):"]
     demo = p.get("demographics") or {}
     if demo:
-        parts = [GENDERS.get(demo.get("gender"), demo.get("gender"))]
+        gender = demo.get("gender")
+        parts = [GENDERS.get(gender, gender) if isinstance(gender, str) else gender]
         if demo.get("age") is not None:
             parts.append(f"age {AGE_BRACKETS.get(demo['age'], demo['age'])}")
         parts.append(demo.get("occupation"))
@@ -207,7 +208,9 @@ class UserProfiles:
         built = cls({}, arrays)
         profiles = {}
         for user in arrays["user_ids"].tolist():
-            ids, ratings, times = built.history(user)
+            history = built.history(user)
+            assert history is not None  # every user of ``arrays`` has one
+            ids, ratings, times = history
             profiles[user] = compute_profile(ids, ratings.tolist(), times.tolist(),
                                              lambda i: categories.get(i, empty), demographics.get(user))
         meta = {"n_users": len(profiles), "n_interactions": len(frame), "demographics": demographics}

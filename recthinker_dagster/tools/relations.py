@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recthinker_dagster.tools._store import load_npz, prepare, read_json, save_npz, write_json
 from recthinker_dagster.tools.matrix import cosine_topk, user_item_matrix
+from recthinker_dagster.tools.store import load_npz, prepare, read_json, save_npz, write_json
 
 
 class ItemRelations:
@@ -52,7 +52,7 @@ class ItemRelations:
         k = self.index.get(item_id)
         if k is None:
             return None
-        out = []
+        out: list[tuple[str, float, int]] = []
         for j, cos, count in zip(self.arrays["neighbours"][k], self.arrays["cosine"][k], self.arrays["counts"][k]):
             if j < 0 or len(out) >= limit:
                 break

@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from recthinker_dagster.tools._store import load_npz, prepare, read_json, save_npz, write_json
 from recthinker_dagster.tools.matrix import cosine_topk, user_item_matrix
+from recthinker_dagster.tools.store import load_npz, prepare, read_json, save_npz, write_json
 
 LIKED_MIN_RATING = 4.0
 
@@ -77,7 +77,7 @@ class SimilarUsers:
         k = self.user_index.get(user_id)
         distinct = set(history)
         if k is not None and self.sizes[k] == len(distinct) and limit <= self.neighbours_k:
-            out = []
+            out: list[tuple[int, float, int]] = []
             a = self.arrays
             for v, sim, ov in zip(a["neighbours"][k], a["similarity"][k], a["overlap"][k]):
                 if v < 0 or len(out) >= limit:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from recthinker_dagster.tools._store import load_npz, save_npz, str_array
+from recthinker_dagster.tools.store import load_npz, save_npz, str_array
 
 TOKEN = re.compile(r"[^\W_]+")
 
@@ -42,13 +42,15 @@ class BM25:
         counts = [Counter(tokenize(doc)) for doc in documents]
         vocab = sorted({t for c in counts for t in c})
         index = {t: k for k, t in enumerate(vocab)}
-        rows, cols, tf = [], [], []
+        doc_of: list[int] = []
+        term_of: list[int] = []
+        freq: list[int] = []
         for d, c in enumerate(counts):
-            rows.extend([d] * len(c))
-            cols.extend(index[t] for t in c)
-            tf.extend(c.values())
-        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        tf = np.asarray(tf, np.float64)
+            doc_of.extend([d] * len(c))
+            term_of.extend(index[t] for t in c)
+            freq.extend(c.values())
+        rows, cols = np.asarray(doc_of, np.int64), np.asarray(term_of, np.int64)
+        tf = np.asarray(freq, np.float64)
         length = np.array([sum(c.values()) for c in counts], np.float64)
         avg = length.mean() if len(length) and length.mean() > 0 else 1.0
         df = np.bincount(cols, minlength=len(vocab)).astype(np.float64)

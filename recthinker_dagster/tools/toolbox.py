@@ -17,7 +17,7 @@ import json
 import math
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 import numpy as np
 import polars as pl
@@ -73,7 +73,9 @@ def _task_dict(task) -> dict:
         return task.row(0, named=True)
     if isinstance(task, Mapping):
         return dict(task)
-    raise TypeError(f"task must be a dict or a one-row polars DataFrame, got {type(task).__name__}")
+    if is_dataclass(task) and hasattr(task, "history_item_ids"):  # agent.trajectory.AgentTask
+        return {f.name: getattr(task, f.name) for f in fields(task)}
+    raise TypeError(f"task must be an AgentTask, a dict or a one-row polars DataFrame, got {type(task).__name__}")
 
 
 class Toolbox:
@@ -203,7 +205,8 @@ class Toolbox:
 
         tool.__name__ = tool.__qualname__ = name
         tool.__doc__ = method.__doc__
-        tool.__signature__ = inspect.Signature(list(params.values()), return_annotation=str)
+        # read by inspect.signature (and so by the tool schema)
+        tool.__signature__ = inspect.Signature(list(params.values()), return_annotation=str)  # type: ignore[attr-defined]
         tool.__annotations__ = dict(hints)
         return tool
 

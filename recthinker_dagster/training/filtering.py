@@ -264,7 +264,7 @@ def _turns_clean(t: Trajectory, turns: list[tuple[P.ParsedTurn, Mapping]]) -> bo
         recorded = [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []]
         if [(c.name, c.arguments) for c in turn.tool_calls] != recorded:
             return False
-        if last and turn.answer.ranking_labels != list(t.final_labels):
+        if last and (turn.answer is None or turn.answer.ranking_labels != list(t.final_labels)):
             return False
     return True
 

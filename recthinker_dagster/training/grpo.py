@@ -35,21 +35,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from recthinker_dagster.agent import prompts as agent_prompts
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.models.loading import adapter_list, load_agent_model
+from recthinker_dagster.training.data import IGNORE_INDEX, tokenize_conversation, training_chat_template
+from recthinker_dagster.training.device import resolve_precision, training_device
 from recthinker_dagster.training.rewards import RolloutOutcome, trl_reward_functions
 from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
-from recthinker_dagster.training.sft import (
-    IGNORE_INDEX,
-    _clock_callback,
-    adapter_list,
-    load_agent_model,
-    resolve_precision,
-    tokenize_conversation,
-    training_chat_template,
-)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -116,7 +111,8 @@ class ToolRollout:
         self.toolbox_factory, self.batch_size, self.seed = toolbox_factory, batch_size, seed
         self.backend_factory = backend_factory
         self.chat_template = training_chat_template(tokenizer)
-        self.by_prompt, self.rows = {}, []
+        self.by_prompt: dict[str, Any] = {}  # prompt text -> AgentTask
+        self.rows: list[dict] = []
         for task in tasks:
             messages = opening_messages(task, toolbox_factory(task), agent_config)
             key = messages[-1]["content"]
@@ -265,7 +261,6 @@ def train_grpo(
     """Train an RL LoRA adapter with GRPO on ``tasks`` (AgentTasks of train tasks; see the module
     docstring). ``resume=True`` continues from ``output_dir/checkpoints``. ``extra_reward_funcs``
     are raw TRL reward functions added with weight 1 (for experiments)."""
-    import torch
     from peft import LoraConfig
     from transformers import AutoTokenizer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -274,19 +269,14 @@ def train_grpo(
     from recthinker_dagster.agent.backends.chat_template import (
         ensure_tool_chat_template,
     )
-    from recthinker_dagster.agent.backends.transformers_backend import (
-        available_cores,
-        resolve_device,
-    )
+    from recthinker_dagster.training.callbacks import StepClock
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     recipe = load_rl_recipe(recipe)
     output_dir = Path(output_dir)
     checkpoint_dir = output_dir / CHECKPOINTS
     set_seed(recipe.seed)
-    device = resolve_device(recipe.device)
-    if device.type == "cpu":
-        torch.set_num_threads(recipe.num_threads or available_cores())
+    device = training_device(recipe.device, recipe.num_threads)
     precision = resolve_precision(recipe.precision, device)
     adapters = adapter_list(sft_adapter_dirs)
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(adapters[-1] if adapters else base_model_dir))
@@ -304,7 +294,7 @@ def train_grpo(
     args = grpo_config(recipe, checkpoint_dir, precision, use_cpu=device.type == "cpu")
     if extra_reward_funcs:
         args.reward_weights = list(args.reward_weights) + [1.0] * len(extra_reward_funcs)
-    clock = _clock_callback()
+    clock = StepClock()
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,

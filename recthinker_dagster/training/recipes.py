@@ -4,9 +4,10 @@
     recipe = load_recipe("path/to/my_recipe.yaml")    # or .json
     recipe = recipe.with_overrides(max_steps=2, save_steps=1)
 
-A recipe file is a flat mapping of ``SFTRecipe`` fields (unknown keys are an error) plus two
-sections handed on as they are: ``filter`` (``FilterConfig`` fields) and ``eval`` (the
-validation run of the trained adapter). Names resolve to ``sft_<name>.yaml`` in the recipe
+A recipe file is a flat mapping of ``SFTRecipe`` fields (unknown keys are an error) plus one
+section handed on as it is: ``filter`` (``FilterConfig`` fields). How the trained adapter is
+validated is a run setting, not a recipe field (``sft.validation`` in ``profiles/<name>.yaml``).
+Names resolve to ``sft_<name>.yaml`` in the recipe
 folder: ``$RECTHINKER_RECIPES_DIR`` if set, else ``recipes/`` at the repository root.
 """
 
@@ -35,7 +36,7 @@ class RecipeFields:
     @classmethod
     def from_dict(cls, values: Mapping):
         values = dict(values)
-        unknown = set(values) - {f.name for f in fields(cls)}
+        unknown = set(values) - {f.name for f in fields(cls)}  # type: ignore[arg-type]  # subclasses are dataclasses
         if unknown:
             raise ValueError(f"unknown {cls._KIND} keys: {sorted(unknown)}")
         if "lora_target_modules" in values:
@@ -45,8 +46,10 @@ class RecipeFields:
                 values[name] = dict(values[name] or {})
         return cls(**values)
 
+    lora_target_modules: tuple[str, ...]  # every recipe has LoRA targets
+
     def to_dict(self) -> dict:
-        values = asdict(self)
+        values = asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
         values["lora_target_modules"] = list(self.lora_target_modules)
         return values
 
@@ -63,7 +66,7 @@ class RecipeFields:
 @dataclass(frozen=True)
 class SFTRecipe(RecipeFields):
     _KIND = "recipe"
-    _MAPPINGS = ("filter", "eval")
+    _MAPPINGS = ("filter",)
 
     name: str
     version: int = 1
@@ -96,9 +99,8 @@ class SFTRecipe(RecipeFields):
     save_steps: int = 50
     save_total_limit: int | None = 2
     seed: int = 2026
-    # sections handed on unchanged
+    # the trajectory filter (FilterConfig fields), handed on unchanged
     filter: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

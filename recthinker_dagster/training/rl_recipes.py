@@ -4,8 +4,8 @@
     recipe = load_rl_recipe("my_rl.yaml").with_overrides(max_steps=2)
 
 Unknown keys are an error. ``reward_weights`` name rewards of ``training.rewards.REWARDS``;
-``reward_params`` go to every reward (``correct_k``: the rank a correct answer reaches);
-``eval`` is the validation run after training (as in the SFT recipes).
+``reward_params`` go to every reward (``correct_k``: the rank a correct answer reaches).
+The validation run after training is a run setting (``rl.validation`` in ``profiles/<name>.yaml``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from recthinker_dagster.training.rewards import check_weights
 @dataclass(frozen=True)
 class RLRecipe(RecipeFields):
     _KIND = "RL recipe"
-    _MAPPINGS = ("reward_weights", "reward_params", "eval")
+    _MAPPINGS = ("reward_weights", "reward_params")
 
     name: str
     version: int = 1
@@ -68,7 +68,6 @@ class RLRecipe(RecipeFields):
     save_steps: int = 1
     save_total_limit: int | None = 2
     seed: int = 2026
-    eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

@@ -1,6 +1,6 @@
 """Validation of a policy (base model plus adapters) on fixed slices of validation tasks.
 
-    suites = [ValidationSuite("ml-1m", tasks, TaskToolboxes(indexes, frame)), ...]
+    suites = [ValidationSuite("ml-1m", tasks, Toolboxes(indexes)), ...]
     report = evaluate_policy("assets/base_model", ["assets/sft_model/adapter"], suites, AgentConfig())
     report["overall"]["ndcg@10"], report["by_dataset"]["ml-1m"]["valid_rate"]
 
@@ -12,17 +12,15 @@ compare like with like.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 
-from recthinker_dagster.training.sft import (
-    adapter_list,
-    load_agent_model,
-    summarize_trajectories,
-)
+from recthinker_dagster.agent.trajectory import Trajectory
+from recthinker_dagster.models.loading import adapter_list, load_agent_model
 
 
 @dataclass
@@ -45,6 +43,29 @@ def validation_slice(tasks: pl.DataFrame, n_tasks: int) -> pl.DataFrame:
         for i, group in enumerate(groups)
     ]
     return pl.concat(parts)
+
+
+def summarize_trajectories(trajectories: Sequence[Trajectory]) -> dict:
+    """Mean ranking metrics, the valid-answer rate and tool use over a set of trajectories."""
+    n = len(trajectories)
+    if not n:
+        return {"n_tasks": 0}
+
+    def mean(values):
+        return round(statistics.fmean(values), 4)
+
+    summary = {"n_tasks": n}
+    for key in ("ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "mrr"):
+        summary[key] = mean(t.metrics.get(key, 0.0) for t in trajectories)
+    summary.update(
+        valid_rate=mean(t.valid for t in trajectories),
+        answered_rate=mean(t.finish == "answer" for t in trajectories),
+        tool_calls_per_task=mean(t.n_tool_calls for t in trajectories),
+        invalid_calls_per_task=mean(t.n_invalid_calls for t in trajectories),
+        turns_per_task=mean(t.n_turns for t in trajectories),
+        completion_tokens_per_task=mean(t.completion_tokens for t in trajectories),
+    )
+    return summary
 
 
 def evaluate_policy(

@@ -183,6 +183,11 @@ class TransformersBackend:
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()
 
+    @property
+    def cached_prefixes(self) -> int:
+        """How many shared prompt prefixes (with their KV) are stored for reuse."""
+        return len(self._prefixes)
+
     def _new_cache(self, batch: int, max_len: int, prefix_len: int, prefix_kv):
         """A KV cache for one generate call, holding the shared prefix in every row if given.
 

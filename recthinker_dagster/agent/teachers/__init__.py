@@ -1,4 +1,4 @@
-"""Teachers: whatever writes the trajectories the policy is trained on (DESIGN.md §6).
+"""Teachers: whatever writes the trajectories the policy is trained on.
 
     teacher = ScriptedTeacher(AgentConfig())               # offline, CPU, really calls the tools
     teacher = LLMTeacher(OpenAICompatibleBackend(...), AgentConfig())   # any LLM backend

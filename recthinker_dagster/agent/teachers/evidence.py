@@ -143,9 +143,13 @@ class Evidence:
         return len(self.history)
 
     # ------------------------------------------------------------ recording
+    def clear_cache(self) -> None:
+        """Forget the z-scored features; needed after any change to the evidence (they are recomputed lazily)."""
+        self._z.clear()
+
     def record(self, name: str, arguments: dict, ok: bool = True) -> None:
         """Take in the data behind one tool call (``ok=False``: its output was an error)."""
-        self._z.clear()
+        self.clear_cache()
         if not ok:
             self.failed.append(name)
             return

@@ -31,7 +31,8 @@ class LLMTeacher:
 
     @property
     def name(self) -> str:
-        return self.config.producer or getattr(self.backend, "name", type(self.backend).__name__)
+        backend_name: str = getattr(self.backend, "name", type(self.backend).__name__)
+        return self.config.producer or backend_name
 
     def sampling_for(self, config: AgentConfig, sample_index: int, seed: int):
         """The sampling parameters of sample ``sample_index`` (sample 0, seed 0: unchanged)."""

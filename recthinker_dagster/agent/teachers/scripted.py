@@ -181,7 +181,7 @@ class Investigator:
         forced = messages[-1]["role"] == "user" and len(messages) > 2  # final-answer request or nudge
         if forced or self.calls_left <= 0 or self.turns_left <= 0:
             return self._answer()
-        rounds = [self._round_assess, self._round_fill, self._round_contenders]
+        rounds = [self.round_assess, self.round_fill, self.round_contenders]
         while self.stage < len(rounds):
             self.stage += 1
             analysis, steps = rounds[self.stage - 1]()
@@ -241,7 +241,7 @@ class Investigator:
         return "short" if n < s.short_history else "long" if n >= s.long_history else "medium"
 
     # -------------------------------------------------------------------- rounds
-    def _round_assess(self) -> tuple[str, list[Step]]:
+    def round_assess(self) -> tuple[str, list[Step]]:
         ev, rng, s = self.ev, self.rng, self.settings
         steps = [Step(1, ("get_user_profile", {}),
                       N.pick(rng, "read the profile for the history length and long-term taste",
@@ -259,7 +259,7 @@ class Investigator:
                               "find similar users right away, as there are few turns to spare"))
         return N.prompt_assessment(ev, rng), steps
 
-    def _round_fill(self) -> tuple[str, list[Step]]:
+    def round_fill(self) -> tuple[str, list[Step]]:
         """Turn 2: what the history length calls for, and unknown candidates that BPR-MF likes."""
         if self._made_count("find_similar_users"):  # merged into turn 1
             return "", []
@@ -303,7 +303,7 @@ class Investigator:
         leaders = set(np.argsort(-cf, kind="stable")[: s.info_leaders].tolist())
         return [k for k in N.unknown_candidates(ev) if k in leaders]
 
-    def _round_contenders(self) -> tuple[str, list[Step]]:
+    def round_contenders(self) -> tuple[str, list[Step]]:
         ev, s = self.ev, self.settings
         k = s.contenders - (1 if N.cf_margin(ev) >= s.confident_margin else 0)
         k = min(k, self.calls_left, len(ev.labels))

@@ -19,7 +19,7 @@ from recthinker_dagster.agent.teachers import narrative as N
 from recthinker_dagster.agent.teachers.evidence import Evidence, FusionWeights
 from recthinker_dagster.agent.teachers.scripted import Investigator, InvestigatorSettings, ScriptedTeacher
 from recthinker_dagster.agent.trajectory import AgentTask
-from recthinker_dagster.evaluation.metrics import task_metrics
+from recthinker_dagster.metrics import task_metrics
 
 TUNED = tuple(f.name for f in fields(FusionWeights) if f.name not in ("decay", "cooc_baseline"))
 
@@ -39,7 +39,7 @@ def gather(task: AgentTask, box, teacher: ScriptedTeacher) -> Case:
     plus the links of every candidate."""
     inv = Investigator(task, box, teacher, teacher.config)
     ev, calls = inv.ev, 0
-    for make in (inv._round_assess, inv._round_fill):
+    for make in (inv.round_assess, inv.round_fill):
         _, steps = make()
         inv.made += [step.call for step in steps]
         for step in steps:
@@ -55,7 +55,7 @@ def replay(case: Case, w: FusionWeights, settings: InvestigatorSettings, budget:
     ev = case.evidence
     all_links, ev.links = ev.links, {}
     try:
-        ev._z.clear()
+        ev.clear_cache()
         order = [k for k in np.argsort(-ev.stage1(w), kind="stable")]
         k = settings.contenders - (1 if N.cf_margin(ev) >= settings.confident_margin else 0)
         k = max(0, min(k, budget - case.calls))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import polars as pl
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+from tests.support.paths import SHARED_DATA, has_shared
+
 PROTOCOL = {"n_eval_users_per_group": 3, "n_valid_users_per_group": 3, "n_train_users_per_group": 3}
 ML1M_USERS = 150
 # fast and deterministic: the untrained model never calls a tool within 32 tokens, and the
@@ -57,7 +56,7 @@ def _datasets():
     from recthinker_dagster.data.synthetic import generate_synthetic
 
     out = {"synthetic": generate_synthetic(n_users=120, n_items=150, seed=3)}
-    if (SHARED_DATA / "ml-1m").is_dir():
+    if has_shared("ml-1m"):
         data, _ = load_dataset("ml-1m", SHARED_DATA, allow_download=False)
         keep = pl.col("user_id").cast(pl.Int64) <= ML1M_USERS
         out["ml-1m"] = dataclasses.replace(data, interactions=data.interactions.filter(keep),

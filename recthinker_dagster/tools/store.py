@@ -1,4 +1,4 @@
-"""Small save/load helpers: JSON and ``.npz`` (never pickle)."""
+"""Small save/load helpers of the tool indexes: JSON and ``.npz`` (never pickle)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def read_json(path: Path) -> Any:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # the stub takes any keyword for allow_pickle
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

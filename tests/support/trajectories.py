@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import polars as pl
-import pytest
 
 from recthinker_dagster.agent import (
     AgentConfig,
@@ -25,9 +22,8 @@ from recthinker_dagster.agent import (
     SamplingParams,
     run_agent,
 )
+from tests.support.paths import SHARED_DATA, require_shared
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 PROTOCOL = {"n_eval_users_per_group": 5, "n_valid_users_per_group": 5, "n_train_users_per_group": 20}
 _SCORE_LINE = re.compile(r"^\s*\d+\.\s*(C\d+):\s*(-?[\d.]+)", re.MULTILINE)
 
@@ -70,8 +66,7 @@ def real_world() -> SimpleNamespace:
     from recthinker_dagster.protocol import build_task_splits, protocol_config_for
     from recthinker_dagster.tools import build_all, index_interactions
 
-    if not (SHARED_DATA / "ml-1m").is_dir():
-        pytest.skip(f"shared data {SHARED_DATA / 'ml-1m'} not found (set RECTHINKER_SHARED_DATA)")
+    require_shared("ml-1m")
     data, _ = load_dataset("ml-1m", SHARED_DATA, allow_download=False)
     splits = build_task_splits(data.interactions, protocol_config_for("ml-1m", **PROTOCOL), "ml-1m")
     valid = splits.tasks.filter(pl.col("split") == "valid")

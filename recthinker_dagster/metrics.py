@@ -1,5 +1,8 @@
 """Ranking metrics for one held-out target per task (the only module that computes them).
 
+A foundation module: recommenders, the agent loop, teachers and evaluation all import it,
+so it imports nothing from the project.
+
 A ranking is a list of candidate item ids, best first. The target's 0-based position in it
 is its ``rank``; a ranking that omits the target (an invalid or partial answer) gives
 rank ``None`` and scores 0 on every metric.
@@ -54,7 +57,7 @@ def mean_metrics(per_task: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def bootstrap_ci(
-    values: Sequence[float], *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    values: Sequence[float] | np.ndarray, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
     data = np.asarray(values, dtype=np.float64)

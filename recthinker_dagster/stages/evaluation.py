@@ -1,0 +1,263 @@
+"""The evaluation stage: every system on the same frozen eval tasks of one dataset, per group.
+
+    result = run_evaluation_stage(EvaluationSettings(systems=("popularity", "bprmf")), layout, "ml-1m",
+                                  profile="smoke")
+    result.artifact.folder          # assets/evaluation/ml-1m
+    result.subset_summaries["bprmf"]
+
+Classical recommenders are fitted on the index interactions (the data the tools see; BPR-MF
+is the tools' own CF model); the scripted teacher and the LLM systems run through the real
+agent loop and tools. LLM systems (zero-shot base model, base model with tools, SFT, SFT+RL)
+cost far more per task, so they run on a fixed, group-balanced subset of the eval tasks
+(``llm_tasks`` per dataset; 0: all), and a second table scores every system on exactly that
+subset. The folder holds:
+
+- ``rankings.parquet``: one row per system and task (ranking, target, metrics, ``in_llm_subset``),
+  so anyone can recompute every number;
+- ``summary.parquet``: per system and group, means and 95% bootstrap intervals, on all eval
+  tasks (``tasks == "all"``, systems other than the LLM ones) and on the LLM subset
+  (``tasks == "llm_subset"``, every system);
+- ``results.md`` (both tables), ``agents.json`` (tool calls, validity, tokens and latency of
+  the agent systems), ``ndcg10_by_system.png`` and, with agents, ``tool_calls_histogram.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from recthinker_dagster.agent.history import Toolboxes, agent_tasks
+from recthinker_dagster.agent.loop import AgentConfig
+from recthinker_dagster.agent.teachers import ScriptedTeacher
+from recthinker_dagster.artifacts import (
+    ArtifactLayout,
+    load_tool_indexes,
+    read_lineage,
+    read_table,
+    read_tasks,
+    read_train_interactions,
+)
+from recthinker_dagster.evaluation.agents import agent_summary, trajectories_per_task
+from recthinker_dagster.evaluation.baselines import METRICS, evaluate_recommender, summarize
+from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
+from recthinker_dagster.evaluation.report import (
+    plot_ndcg_by_system,
+    plot_tool_use,
+    results_table_markdown,
+)
+from recthinker_dagster.recommenders.base import Recommender
+from recthinker_dagster.recommenders.registry import make_recommender
+from recthinker_dagster.settings import LLM_SYSTEMS, EvaluationSettings
+from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
+from recthinker_dagster.storage import remove_stale_staging, staged_directory
+from recthinker_dagster.tools import ToolIndexes, index_interactions
+from recthinker_dagster.training.validation import validation_slice
+
+ASSET = "evaluation"
+TEACHER = "teacher"
+RANKING_COLUMNS = ["task_id", "split", "group", "user_id", "ranking", "target_item_id", *METRICS]
+SUMMARY_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "mrr")  # logged per scope, system and group
+NDCG_PLOT = "ndcg10_by_system.png"
+TOOL_USE_PLOT = "tool_calls_histogram.png"
+# the trained assets whose adapters each LLM system merges into the base model, in order
+POLICY_ADAPTERS = {"zero_shot": (), "base_tools": (), "sft": ("sft_model",), "sft_rl": ("sft_model", "rl_model")}
+
+
+@dataclass
+class EvaluationResult:
+    artifact: StageArtifact
+    eval_tasks: int
+    llm_subset_tasks: int
+    per_task: dict[str, pl.DataFrame]  # {system: one row per scored task}, in the configured order
+    summaries: dict[str, pl.DataFrame]  # all eval tasks, systems other than the LLM ones
+    subset_summaries: dict[str, pl.DataFrame]  # the LLM subset, every system
+    agent_figures: dict[str, dict[str, float]]
+    report: str
+
+
+def llm_settings(settings: EvaluationSettings) -> dict:
+    """The LLM systems' budgets as ``run_llm_systems`` takes them (also logged as ``llm_<key>`` params)."""
+    return {
+        "tasks": settings.llm_tasks,
+        "max_turns": settings.llm_max_turns,
+        "max_tool_calls": settings.max_tool_calls,
+        "max_new_tokens": settings.llm_max_new_tokens,
+        "prompt_history_len": settings.prompt_history_len,
+    }
+
+
+def policy_for(system: str, layout: ArtifactLayout) -> Policy:
+    """The model behind an LLM system; a missing trained adapter is an error that says what to run.
+
+    Trained systems run on the backbone their adapters were trained on (the SFT lineage)."""
+    folders = []
+    for asset in POLICY_ADAPTERS[system]:
+        folder = layout.asset_dir(asset) / "adapter"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"system {system!r} needs {folder}: materialize {asset} first, "
+                                    f"or leave {system!r} out of the evaluation's systems")
+        folders.append(folder)
+    base = layout.asset_dir("base_model")
+    if folders:
+        try:
+            base = layout.resolve(read_lineage(layout, "sft_model")["base_model"])
+        except FileNotFoundError:
+            pass  # an adapter without lineage: assume the published base model
+    return Policy(base, tuple(folders))
+
+
+def fitted_recommender(system: str, visible: pl.DataFrame, indexes: ToolIndexes,
+                       settings: EvaluationSettings) -> Recommender:
+    """A classical system fitted on the index interactions (BPR-MF: the tools' own model)."""
+    if system == "bprmf":
+        return indexes.bprmf
+    params: dict = {}
+    if system == "sasrec":
+        params = {"train_windows": settings.sasrec_train_windows, "seed": settings.seed}
+    elif system == "random":
+        params = {"seed": settings.seed}
+    return make_recommender(system, **params).fit(visible)
+
+
+def teacher_per_task(eval_tasks: pl.DataFrame, indexes: ToolIndexes, settings: EvaluationSettings) -> pl.DataFrame:
+    """The scripted teacher's rows on ``eval_tasks`` (its budgets: ``max_turns``, ``max_tool_calls``)."""
+    teacher = ScriptedTeacher(config=AgentConfig(max_turns=settings.max_turns, max_tool_calls=settings.max_tool_calls))
+    tasks = agent_tasks(eval_tasks, indexes, prompt_history_len=settings.prompt_history_len)
+    trajectories = teacher.run(tasks, Toolboxes(indexes), sample_index=0, seed=settings.seed)
+    return trajectories_per_task(trajectories)
+
+
+def llm_per_task(systems: list[str], subset: pl.DataFrame, indexes: ToolIndexes, settings: EvaluationSettings,
+                 layout: ArtifactLayout, log: Callable[[str], None]) -> dict[str, pl.DataFrame]:
+    """The LLM systems' rows on the subset (each distinct model loaded once)."""
+    llm = llm_settings(settings)
+    trajectories = run_llm_systems(
+        {s: policy_for(s, layout) for s in systems},
+        agent_tasks(subset, indexes, prompt_history_len=llm["prompt_history_len"]),
+        Toolboxes(indexes), llm, progress=log,
+    )
+    return {system: trajectories_per_task(found) for system, found in trajectories.items()}
+
+
+def summarize_systems(per_task: Mapping[str, pl.DataFrame], subset_ids: set[str], settings: EvaluationSettings
+                      ) -> tuple[dict[str, pl.DataFrame], dict[str, pl.DataFrame]]:
+    """Per-group summaries on all eval tasks (non-LLM systems) and on the LLM subset (every system)."""
+    def summary(frame: pl.DataFrame) -> pl.DataFrame:
+        return summarize(frame, by=("group",), n_resamples=settings.n_bootstrap, seed=settings.seed)
+
+    summaries = {s: summary(f) for s, f in per_task.items() if s not in LLM_SYSTEMS}
+    subset = {s: summary(f.filter(pl.col("task_id").is_in(subset_ids))) for s, f in per_task.items()}
+    return summaries, subset
+
+
+def results_markdown(dataset: str, n_eval: int, n_subset: int, summaries: Mapping[str, pl.DataFrame],
+                     subset_summaries: Mapping[str, pl.DataFrame]) -> str:
+    table = results_table_markdown(summaries) if summaries else "(no classical system)"
+    return (f"# {dataset}: eval tasks\n\n## All {n_eval} eval tasks\n\n{table}\n\n"
+            f"## Every system on the same {n_subset} eval tasks (the LLM subset)\n\n"
+            f"{results_table_markdown(subset_summaries)}\n")
+
+
+def evaluation_metrics(seconds: Mapping[str, float], summaries: Mapping[str, pl.DataFrame],
+                       subset_summaries: Mapping[str, pl.DataFrame], agent_figures: Mapping[str, Mapping]) -> dict:
+    """``seconds_<system>``, ``<all|subset>_<system>_<group>_<metric>`` and ``<system>_<agent figure>``."""
+    metrics = {"seconds_" + s: v for s, v in seconds.items()}
+    for scope, scoped in (("all", summaries), ("subset", subset_summaries)):
+        for system, summary in scoped.items():
+            for row in summary.iter_rows(named=True):
+                for metric in SUMMARY_METRICS:
+                    metrics[f"{scope}_{system}_{row['group']}_{metric}"] = row[metric]
+    for system, figures in agent_figures.items():
+        metrics.update({f"{system}_{k}": v for k, v in figures.items()})
+    return metrics
+
+
+def write_evaluation(staging: Path, dataset: str, per_task: Mapping[str, pl.DataFrame], subset: pl.DataFrame,
+                     summaries: Mapping[str, pl.DataFrame], subset_summaries: Mapping[str, pl.DataFrame],
+                     report: str, agent_figures: Mapping[str, Mapping]) -> None:
+    """The evaluation folder's files (see the module docstring)."""
+    subset_ids = set(subset["task_id"].to_list())
+    pl.concat(
+        [f.select(RANKING_COLUMNS).with_columns(system=pl.lit(s), in_llm_subset=pl.col("task_id").is_in(subset_ids))
+         for s, f in per_task.items()], how="vertical",
+    ).write_parquet(staging / "rankings.parquet")
+    pl.concat(
+        [s.with_columns(system=pl.lit(n), tasks=pl.lit("all")) for n, s in summaries.items()]
+        + [s.with_columns(system=pl.lit(n), tasks=pl.lit("llm_subset")) for n, s in subset_summaries.items()],
+        how="diagonal_relaxed",
+    ).write_parquet(staging / "summary.parquet")
+    (staging / "results.md").write_text(report)
+    (staging / "agents.json").write_text(json.dumps(agent_figures, indent=2))
+    plot_ndcg_by_system(subset_summaries, staging / NDCG_PLOT,
+                        title=f"{dataset}: NDCG@10 by system and group ({subset.height} eval tasks)")
+    if agent_figures:
+        plot_tool_use(per_task, staging / TOOL_USE_PLOT, title=f"{dataset}: tool calls per task")
+
+
+def score_systems(settings: EvaluationSettings, layout: ArtifactLayout, dataset: str, eval_tasks: pl.DataFrame,
+                  subset: pl.DataFrame, log: Callable[[str], None]
+                  ) -> tuple[dict[str, pl.DataFrame], dict[str, float]]:
+    """``{system: per-task rows}`` in the configured order, and the seconds each took.
+
+    The LLM systems run first (on the subset), then the others on every eval task."""
+    indexes = load_tool_indexes(layout, dataset)
+    per_task: dict[str, pl.DataFrame] = {}
+    seconds: dict[str, float] = {}
+    llm_systems = [s for s in settings.systems if s in LLM_SYSTEMS]
+    if llm_systems:
+        started = time.perf_counter()
+        per_task.update(llm_per_task(llm_systems, subset, indexes, settings, layout, lambda m: log(f"{dataset}: {m}")))
+        seconds["llm_systems"] = time.perf_counter() - started
+        log(f"{dataset}: LLM systems {llm_systems} on {subset.height} tasks in {seconds['llm_systems']:.1f}s")
+    visible = None
+    for system in [s for s in settings.systems if s not in LLM_SYSTEMS]:
+        started = time.perf_counter()
+        if system == TEACHER:
+            per_task[system] = teacher_per_task(eval_tasks, indexes, settings)
+        else:
+            if visible is None:
+                visible = index_interactions(read_train_interactions(layout, dataset), read_tasks(layout, dataset))
+            recommender = fitted_recommender(system, visible, indexes, settings)
+            per_task[system] = evaluate_recommender(recommender, eval_tasks, seed=settings.seed)
+        seconds[system] = time.perf_counter() - started
+        log(f"{dataset}: {system} scored {eval_tasks.height} eval tasks in {seconds[system]:.1f}s")
+    return {s: per_task[s] for s in settings.systems}, seconds
+
+
+def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, dataset: str, *, profile: str,
+                         log: Callable[[str], None] = print) -> EvaluationResult:
+    """Score ``settings.systems`` on the eval tasks of ``dataset`` and write ``assets/evaluation/<dataset>``."""
+    eval_tasks = read_table(layout, "task_splits", dataset, "tasks_eval.parquet")
+    subset = validation_slice(eval_tasks, settings.llm_tasks)
+    per_task, seconds = score_systems(settings, layout, dataset, eval_tasks, subset, log)
+    subset_ids = set(subset["task_id"].to_list())
+    summaries, subset_summaries = summarize_systems(per_task, subset_ids, settings)
+    report = results_markdown(dataset, eval_tasks.height, subset.height, summaries, subset_summaries)
+    agent_figures = {s: figures for s, f in per_task.items() if (figures := agent_summary(f))}
+    folder = layout.asset_dir(ASSET, dataset)
+    remove_stale_staging(folder.parent)
+    with staged_directory(folder) as staging:
+        write_evaluation(staging, dataset, per_task, subset, summaries, subset_summaries, report, agent_figures)
+    artifact = StageArtifact(
+        folder=folder,
+        params={"dataset": dataset, "systems": ",".join(settings.systems), "profile": profile,
+                "eval_tasks": eval_tasks.height, **{f"llm_{k}": v for k, v in llm_settings(settings).items()}},
+        metrics=evaluation_metrics(seconds, summaries, subset_summaries, agent_figures),
+        metadata={
+            "results": Markdown(report),
+            "agents": Json(agent_figures),
+            "eval_tasks": eval_tasks.height,
+            "llm_subset_tasks": subset.height,
+            "plot": folder / NDCG_PLOT,
+        },
+        texts={"results.md": report},
+        artifacts={ASSET: folder},
+    )
+    return EvaluationResult(artifact, eval_tasks.height, subset.height, per_task, summaries, subset_summaries,
+                            agent_figures, report)
+

@@ -1,0 +1,112 @@
+"""Tool index stages: the five indexes behind the agent's tools, the tool suite, the leakage report.
+
+    result = build_tool_indexes_stage(ToolIndexSettings(), layout, "ml-1m")  # one folder per index
+    suite = build_tool_suite_stage(layout, "ml-1m")                          # assets/tool_suite/ml-1m/tools.json
+    report = tool_leakage_report(layout, "ml-1m")                            # report["ok"]: no target leaks
+
+All five indexes are built in one step from the same index interactions (training-visible
+interactions minus every task's own target), so they always agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from recthinker_dagster.artifacts import (
+    INDEX_ASSETS,
+    ArtifactLayout,
+    load_tool_indexes,
+    read_table,
+    read_tasks,
+    read_train_interactions,
+)
+from recthinker_dagster.settings import ToolIndexSettings
+from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
+from recthinker_dagster.storage import remove_stale_staging, staged_directory
+from recthinker_dagster.tools import TOOL_GROUPS, Toolbox, build_all, index_interactions, leakage_report
+
+
+@dataclass
+class ToolIndexesResult:
+    indexes: dict[str, StageArtifact]  # index name (``INDEX_ASSETS`` keys) -> its published folder
+    index_interactions: int  # rows every index was built from
+
+
+def build_tool_indexes_stage(
+    settings: ToolIndexSettings, layout: ArtifactLayout, dataset: str, log: Callable[[str], None] = print
+) -> ToolIndexesResult:
+    """Build the five indexes from the published protocol and tables; write each atomically."""
+    tasks = read_tasks(layout, dataset)
+    visible = index_interactions(read_train_interactions(layout, dataset), tasks)
+    index_config = settings.index_config()
+    started = time.perf_counter()
+    indexes = build_all(
+        visible,
+        read_table(layout, "items", dataset),
+        read_table(layout, "users", dataset),
+        tasks.filter(pl.col("split") == "valid"),
+        index_config,
+    )
+    log(f"built {dataset} tool indexes in {time.perf_counter() - started:.1f}s: {indexes.build_seconds}")
+    params = {"dataset": dataset, "index_interactions": visible.height, **flatten(index_config.to_dict())}
+    artifacts = {}
+    for name, asset in INDEX_ASSETS.items():
+        folder = layout.asset_dir(asset, dataset)
+        remove_stale_staging(folder.parent)
+        with staged_directory(folder) as staging:
+            getattr(indexes, name).save(staging)
+        artifact = StageArtifact(
+            folder=folder,
+            params=params,
+            metrics={"build_seconds": indexes.build_seconds[name], "index_interactions": visible.height},
+            metadata={"build_seconds": round(indexes.build_seconds[name], 2)},
+        )
+        if name == "bprmf":  # the only trained index: its validation scores and loss curve
+            artifact.metrics.update({f"valid_{k}": v for k, v in indexes.bprmf.validation_metrics.items()})
+            artifact.metadata["validation_metrics"] = Json(indexes.bprmf.validation_metrics)
+            artifact.series["train_loss"] = list(indexes.bprmf.losses)
+        artifacts[name] = artifact
+    return ToolIndexesResult(artifacts, visible.height)
+
+
+def build_tool_suite_stage(layout: ArtifactLayout, dataset: str) -> StageArtifact:
+    """The tool registry as the agent sees it: every tool's JSON schema, grouped by kind."""
+    indexes = load_tool_indexes(layout, dataset)
+    example_task = read_tasks(layout, dataset, ("eval",)).row(0, named=True)
+    schemas = Toolbox(indexes, example_task).schemas()
+    document = json.dumps({"groups": dict(TOOL_GROUPS), "tools": schemas}, indent=2)
+    folder = layout.asset_dir("tool_suite", dataset)
+    remove_stale_staging(folder.parent)
+    with staged_directory(folder) as staging:
+        (staging / "tools.json").write_text(document)
+    listing = "\n".join(f"- `{s['function']['name']}`: {s['function']['description'].splitlines()[0]}" for s in schemas)
+    return StageArtifact(
+        folder=folder,
+        params={"dataset": dataset},
+        metrics={"tools": len(schemas)},
+        metadata={"tools": Markdown(listing)},
+        texts={"tools.json": document},
+    )
+
+
+def tool_leakage_report(layout: ArtifactLayout, dataset: str) -> dict:
+    """``leakage_report`` over the published indexes and every task: ``ok``, ``leaks``,
+    ``mismatches`` and ``leaking_task_ids`` (see ``tools.leakage``)."""
+    return leakage_report(load_tool_indexes(layout, dataset), read_tasks(layout, dataset))
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as flat params: ``{"bpr": {"dim": 64}}`` -> ``{"bpr_dim": 64}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}_"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,167 @@
+"""The ``rl_model`` stage: GRPO on top of the published SFT policy, over real tool-using rollouts.
+
+    result = build_rl_model_stage(RLSettings(recipe="smoke"), layout, ["ml-1m"], log=print)
+    result.artifact.folder       # assets/rl_model: adapter/, metrics.json, validation.json, lineage.json
+
+Train tasks of every dataset (a fixed, group-balanced sample of the recipe's ``n_train_tasks``
+each) are the prompts; the rollouts run the real agent loop and tools. The run works in
+``.work/rl_model/<fingerprint>/`` (recipe, SFT adapter version and datasets), so an interrupted
+run resumes from its last checkpoint. After training the SFT policy and the SFT+RL policy are
+scored on the same validation slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from recthinker_dagster.agent.history import Toolboxes, agent_tasks
+from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_lineage, read_table, tracked_md5
+from recthinker_dagster.settings import RLSettings
+from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
+from recthinker_dagster.stages.validation import (
+    validate_policies,
+    validation_document,
+    validation_metrics,
+    validation_table,
+)
+from recthinker_dagster.storage import remove_stale_staging, staged_directory
+from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
+from recthinker_dagster.training.validation import validation_slice
+
+ASSET = "rl_model"
+LOGGED_METRICS = ("train_seconds", "seconds_per_step", "global_step", "final_reward", "n_tasks", "trainable_parameters")
+SERIES = ("reward", "reward_std", "frac_reward_zero_std", "kl", "learning_rate", "completions/mean_length",
+          "tools/call_frequency", "tools/failure_rate", "rollout/valid_rate", "rollout/ndcg@10")
+
+
+@dataclass
+class RLModelResult:
+    artifact: StageArtifact
+    metrics: dict  # the GRPO run's metrics.json
+    validation: dict  # {policy: evaluate_policy report}
+    global_step: int
+    resumed_from: str | None
+
+
+@dataclass(frozen=True)
+class PolicyLineage:
+    """The published SFT policy: its base model folder and adapter folder."""
+
+    base_model: Path
+    sft_adapter: Path
+
+
+class DatasetToolboxes:
+    """A toolbox factory over several datasets: each task goes to its own dataset's tools."""
+
+    def __init__(self, factories: Mapping[str, Callable]):
+        self.factories = dict(factories)
+
+    def __call__(self, task):
+        return self.factories[task.dataset](task)
+
+
+def policy_lineage(layout: ArtifactLayout) -> PolicyLineage:
+    """Where the published SFT policy's base model and adapter are (from its ``lineage.json``)."""
+    lineage = read_lineage(layout, "sft_model")
+    return PolicyLineage(layout.resolve(lineage["base_model"]), layout.asset_dir("sft_model") / "adapter")
+
+
+def rl_recipe(settings: RLSettings) -> RLRecipe:
+    recipe = load_rl_recipe(settings.recipe)
+    return recipe.with_overrides(max_steps=settings.max_steps) if settings.max_steps is not None else recipe
+
+
+def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int,
+             prompt_history_len: int) -> tuple[list, DatasetToolboxes]:
+    """The RL prompts (a group-balanced slice of every dataset's train tasks) and their toolboxes."""
+    tasks, factories = [], {}
+    for dataset in datasets:
+        frame = validation_slice(read_table(layout, "task_splits", dataset, "tasks_train.parquet"), n_train_tasks)
+        indexes = load_tool_indexes(layout, dataset)
+        tasks.extend(agent_tasks(frame, indexes, prompt_history_len))
+        factories[dataset] = Toolboxes(indexes)
+    return tasks, DatasetToolboxes(factories)
+
+
+def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets: Sequence[str],
+                         log: Callable[[str], None] = print) -> RLModelResult:
+    """Train (or resume) the RL adapter, validate SFT and SFT+RL, write ``assets/rl_model``."""
+    from recthinker_dagster.training.callbacks import LogProgress
+    from recthinker_dagster.training.grpo import train_grpo
+
+    recipe = rl_recipe(settings)
+    policy = policy_lineage(layout)
+    sft_md5 = tracked_md5(layout.asset_dir("sft_model")) or "untracked"
+    # the prompts show as much history as the validation (and the evaluation) prompts
+    tasks, toolboxes = rl_tasks(layout, datasets, recipe.n_train_tasks, settings.validation.prompt_history_len)
+    fingerprint = hashlib.sha256(f"{recipe.digest}|{sft_md5}|{','.join(datasets)}".encode()).hexdigest()[:16]
+    work_dir = layout.work_dir(ASSET, fingerprint)
+    log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
+        f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
+    result = train_grpo(tasks, toolboxes, policy.base_model, [policy.sft_adapter], work_dir, recipe,
+                        resume=settings.resume, callbacks=[LogProgress(log, "reward")])
+    m = result.metrics
+    log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
+        f"{m['time_split_per_step']}, final reward {m['final_reward']}")
+
+    policies = {"sft_model": [policy.sft_adapter], "rl_model": [policy.sft_adapter, result.adapter_dir]}
+    validation = validate_policies(layout, datasets, settings.validation, policy.base_model, policies, log)
+    folder = layout.asset_dir(ASSET)
+    remove_stale_staging(folder.parent)
+    with staged_directory(folder) as staging:
+        shutil.copytree(result.adapter_dir, staging / "adapter")
+        (staging / "metrics.json").write_text(json.dumps(m, indent=2))
+        (staging / "validation.json").write_text(json.dumps(validation_document(settings.validation, validation), indent=2))
+        (staging / "lineage.json").write_text(json.dumps({
+            "base_model": layout.relative(policy.base_model), "sft_model_md5": sft_md5,
+            "adapters": [layout.relative(policy.sft_adapter), layout.relative(folder / "adapter")],
+            "recipe": recipe.to_dict(), "recipe_digest": recipe.digest,
+        }, indent=2))
+    steps = m["steps"]
+    last = steps[-1] if steps else {}
+    artifact = StageArtifact(
+        folder,
+        params={**recipe.to_dict(), "recipe_digest": recipe.digest, "sft_model_md5": sft_md5,
+                "precision": m["precision"], "device": m["device"]},
+        metrics=rl_metrics(m, validation),
+        metadata={
+            "global_step": result.global_step,
+            "resumed_from": result.resumed_from or "none",
+            "seconds_per_step": m["seconds_per_step"],
+            "time_split_per_step": Json(m["time_split_per_step"]),
+            "final_reward": m["final_reward"],
+            "reward_curve": Json([{k: s.get(k) for k in ("step", "reward", "reward_std", "frac_reward_zero_std")}
+                                  for s in steps]),
+            "health": Json(last),
+            "validation": Markdown(validation_table(validation)),
+        },
+        texts={"validation.json": json.dumps(validation, indent=2), "metrics.json": json.dumps(m, indent=2)},
+        series=rl_series(steps),
+        artifacts={"adapter": folder / "adapter"},
+        cleanup=(work_dir,),
+    )
+    return RLModelResult(artifact, m, validation, result.global_step, result.resumed_from)
+
+
+def rl_metrics(m: dict, validation: dict) -> dict[str, float]:
+    """The run's figures, its time split per step, the last step's health figures and the validation."""
+    last = m["steps"][-1] if m["steps"] else {}
+    metrics = {k: m[k] for k in LOGGED_METRICS if m.get(k) is not None}
+    metrics.update({f"time_{k}": v for k, v in m["time_split_per_step"].items() if v is not None})
+    metrics.update({f"last_{k}": v for k, v in last.items() if k != "step" and isinstance(v, (int, float))})
+    metrics.update(validation_metrics(validation))
+    return metrics
+
+
+def rl_series(steps: list[dict]) -> dict[str, list[float]]:
+    """Per-step curves of the health figures and of every reward function (non-empty ones only)."""
+    series = {name: [s[name] for s in steps if name in s] for name in SERIES}
+    rewards = sorted({k for s in steps for k in s if k.startswith("rewards/")})
+    series.update({k: [s[k] for s in steps if k in s] for k in rewards})
+    return {k: v for k, v in series.items() if v}

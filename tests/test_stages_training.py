@@ -1,0 +1,204 @@
+"""The training stages' helpers, without training a model: the filtering stage on real teacher
+trajectories in a tiny artifact layout, its blocking check, the validation table and metrics,
+the RL stage's lineage, metrics and curves, the recipe overrides and the progress callback."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+
+from recthinker_dagster.artifacts import ArtifactLayout
+from recthinker_dagster.quality import validate_sft_examples
+from recthinker_dagster.settings import FilterSettings, RLSettings, SFTSettings, ValidationSettings
+from recthinker_dagster.stages.filtering import (
+    build_filtered_trajectories_stage,
+    check_sft_examples,
+    combined_counts,
+    eval_tasks_of,
+)
+from recthinker_dagster.stages.result import Json, Markdown
+from recthinker_dagster.stages.rl import DatasetToolboxes, policy_lineage, rl_metrics, rl_recipe, rl_series
+from recthinker_dagster.stages.sft import sft_recipe
+from recthinker_dagster.stages.validation import validation_document, validation_metrics, validation_table
+from tests.support.trajectories import real_trajectories, real_world
+
+DATASET = "ml-1m"
+
+
+# -- filtering ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory, prepared_base_model):
+    """The filtering stage over every scripted train trajectory of ML-1M, one moved onto an eval user."""
+    layout = ArtifactLayout(tmp_path_factory.mktemp("project"))
+    eval_tasks = real_world().tasks.filter(pl.col("split") == "eval")
+    records = [t.to_dict() for t in real_trajectories("train")]
+    records[0] = {**records[0], "user_id": eval_tasks["user_id"][0]}  # must be dropped as an eval leak
+    teacher = layout.asset_dir("teacher_trajectories", DATASET)
+    teacher.mkdir(parents=True)
+    (teacher / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    splits = layout.asset_dir("task_splits", DATASET)
+    splits.mkdir(parents=True)
+    eval_tasks.write_parquet(splits / "tasks_eval.parquet")
+    os.symlink(prepared_base_model[0], layout.asset_dir("base_model"))  # its tokenizer counts the tokens
+    messages = []
+    result = build_filtered_trajectories_stage(FilterSettings(recipe="smoke", min_examples=2), layout, [DATASET],
+                                               log=messages.append)
+    return layout, records, result, messages
+
+
+def test_filtering_stage_publishes_every_decision_and_the_kept_set(filtered):
+    layout, records, result, messages = filtered
+    folder = layout.asset_dir("filtered_trajectories")
+    assert result.artifact.folder == folder
+    decisions = pl.read_parquet(folder / "decisions.parquet")
+    assert decisions.height == len(records) and set(decisions["dataset"]) == {DATASET}
+    assert decisions.filter(pl.col("task_id") == records[0]["task_id"])["reasons"][0].startswith("eval_leak")
+    kept = [json.loads(line) for line in (folder / "trajectories.jsonl").read_text().splitlines()]
+    assert len(kept) == decisions["kept"].sum() == result.totals["kept"] > 0
+    assert all(r["dataset"] == DATASET for r in kept) and len({r["task_id"] for r in kept}) == len(kept)
+    counts = json.loads((folder / "counts.json").read_text())
+    assert counts["recipe"] == "smoke" and counts["min_examples"] == 2 and counts["by_dataset"][DATASET]["total"] == len(records)
+    assert messages and messages[0].startswith(f"{DATASET}: kept {len(kept)} of {len(records)}")
+
+
+def test_filtering_stage_figures(filtered):
+    _, records, result, _ = filtered
+    artifact = result.artifact
+    assert artifact.metrics["total"] == len(records) and artifact.metrics["dropped_eval_leak"] >= 1
+    assert artifact.metrics["kept"] + artifact.metrics["dropped"] == len(records)
+    assert artifact.params["recipe"] == "smoke" and artifact.params["datasets"] == DATASET
+    assert "filter_top_k" in artifact.params
+    table = artifact.metadata["dropped_by_reason"]
+    assert isinstance(table, Markdown) and "| `eval_leak` |" in table and "| `low_rank` |" in table
+    assert isinstance(artifact.metadata["by_group"], Json) and set(artifact.metadata["by_group"].value) == {"sparse", "dense"}
+    by_dataset = {DATASET: {"kept": result.totals["kept"], "dropped": result.totals["dropped"]}}
+    assert artifact.metadata["by_dataset"].value == by_dataset
+    assert json.loads(artifact.texts["counts.json"])["total"] == result.totals
+    assert artifact.cleanup == ()
+
+
+def test_the_blocking_check_reads_the_published_set(filtered):
+    layout, _, result, _ = filtered
+    assert eval_tasks_of(layout, [DATASET]).columns == ["dataset", "user_id", "target_item_id"]
+    report = check_sft_examples(layout, [DATASET])
+    assert report.success, report.failures
+    counts_file = layout.asset_dir("filtered_trajectories") / "counts.json"
+    counts = json.loads(counts_file.read_text())
+    counts_file.write_text(json.dumps({**counts, "min_examples": result.totals["kept"] + 1}))
+    try:
+        assert not check_sft_examples(layout, [DATASET]).success  # too few examples
+    finally:
+        counts_file.write_text(json.dumps(counts))
+
+
+def test_combined_counts_sum_the_datasets():
+    one = {"total": 3, "kept": 1, "dropped": 2, "by_reason": {"low_rank": 2, "too_long": 1},
+           "by_primary_reason": {"low_rank": 2}, "by_group": {"sparse": {"kept": 1, "dropped": 2}},
+           "by_producer": {"scripted": {"kept": 1, "dropped": 2}}}
+    two = {"total": 2, "kept": 2, "dropped": 0, "by_reason": {}, "by_primary_reason": {},
+           "by_group": {"dense": {"kept": 2, "dropped": 0}}, "by_producer": {"scripted": {"kept": 2, "dropped": 0}}}
+    total = combined_counts({"a": one, "b": two})
+    assert (total["total"], total["kept"], total["dropped"]) == (5, 3, 2)
+    assert total["by_reason"] == {"low_rank": 2, "too_long": 1}
+    assert total["by_group"] == {"sparse": {"kept": 1, "dropped": 2}, "dense": {"kept": 2, "dropped": 0}}
+    assert total["by_producer"] == {"scripted": {"kept": 3, "dropped": 2}}
+
+
+def _kept_frame(**overrides) -> pl.DataFrame:
+    rows = {"dataset": ["d", "d"], "task_id": ["t1", "t2"], "split": ["train", "train"], "group": ["sparse", "dense"],
+            "user_id": ["u1", "u2"], "target_item_id": ["i1", "i2"]}
+    return pl.DataFrame({**rows, **overrides})
+
+
+def test_sft_examples_suite_blocks_eval_leaks_missing_groups_and_small_sets():
+    eval_tasks = pl.DataFrame({"dataset": ["d", "other"], "user_id": ["u9", "u1"], "target_item_id": ["i9", "i1"]})
+    assert validate_sft_examples(_kept_frame(), eval_tasks, min_examples=2).success  # u1 is an eval user elsewhere only
+    leak = validate_sft_examples(_kept_frame(user_id=["u9", "u2"]), eval_tasks, min_examples=2)
+    assert not leak.success and any("user_key" in f for f in leak.failures)
+    one_group = validate_sft_examples(_kept_frame(group=["sparse", "sparse"]), eval_tasks, min_examples=2)
+    assert not one_group.success and any("group" in f for f in one_group.failures)
+    small = validate_sft_examples(_kept_frame(), eval_tasks, min_examples=3)
+    assert not small.success
+    eval_split = validate_sft_examples(_kept_frame(split=["train", "eval"]), eval_tasks, min_examples=2)
+    assert not eval_split.success and any("split" in f for f in eval_split.failures)
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def _report(ndcg: float) -> dict:
+    summary = {"n_tasks": 2, "ndcg@1": ndcg, "ndcg@5": ndcg, "ndcg@10": ndcg, "valid_rate": 1.0,
+               "tool_calls_per_task": 2.0, "completion_tokens_per_task": 50.0, "mrr": ndcg}
+    return {"producer": "p", "overall": summary, "by_dataset": {DATASET: summary}, "seconds": 1.0}
+
+
+def test_validation_table_metrics_and_document():
+    validation = {"base_model": _report(0.25), "sft_model": _report(0.5)}
+    table = validation_table(validation).splitlines()
+    assert table[0].startswith("| policy | dataset | tasks | ndcg@1 |") and len(table) == 2 + 4
+    assert "| sft_model | ml-1m | 2 | 0.500 | 0.500 | 0.500 | 1.000 | 2.000 | 50.000 |" in table
+    assert "| base_model | overall | 2 |" in "\n".join(table)
+    metrics = validation_metrics(validation)
+    assert metrics["valid_sft_model_overall_ndcg@10"] == 0.5 and metrics["valid_base_model_ml-1m_valid_rate"] == 1.0
+    assert not any("mrr" in name for name in metrics)  # only the table's columns
+    settings = ValidationSettings(n_tasks=2, max_turns=2, max_tool_calls=2, max_new_tokens=96, batch_size=4)
+    document = validation_document(settings, validation)
+    assert list(document) == ["settings", "base_model", "sft_model"]
+    assert document["settings"] == {"n_tasks": 2, "max_turns": 2, "max_tool_calls": 2, "max_new_tokens": 96,
+                                    "batch_size": 4}
+
+
+# -- SFT and RL -----------------------------------------------------------------------------------
+
+
+def test_recipes_take_the_max_steps_override():
+    assert sft_recipe(SFTSettings(recipe="smoke", max_steps=7)).max_steps == 7
+    assert sft_recipe(SFTSettings(recipe="smoke")).max_steps == sft_recipe(SFTSettings(recipe="smoke", max_steps=None)).max_steps
+    assert rl_recipe(RLSettings(recipe="smoke", max_steps=3)).max_steps == 3
+
+
+def test_policy_lineage_resolves_recorded_paths(tmp_path):
+    layout = ArtifactLayout(tmp_path)
+    with pytest.raises(FileNotFoundError, match="materialize sft_model first"):
+        policy_lineage(layout)
+    folder = layout.asset_dir("sft_model")
+    folder.mkdir(parents=True)
+    (folder / "lineage.json").write_text(json.dumps({"base_model": "assets/base_model", "adapters": ["adapter"]}))
+    lineage = policy_lineage(layout)
+    assert lineage.base_model == tmp_path / "assets" / "base_model" and lineage.sft_adapter == folder / "adapter"
+
+
+def test_dataset_toolboxes_route_each_task_to_its_dataset():
+    toolboxes = DatasetToolboxes({"a": lambda task: ("a", task.task_id), "b": lambda task: ("b", task.task_id)})
+    assert toolboxes(SimpleNamespace(dataset="b", task_id="t1")) == ("b", "t1")
+
+
+def test_rl_metrics_and_series():
+    steps = [{"step": 1, "reward": 0.1, "rewards/ranking/mean": 0.1, "kl": 0.0},
+             {"step": 2, "reward": 0.3, "rewards/ranking/mean": 0.2, "tools/call_frequency": 2.0, "note": "x"}]
+    m = {"steps": steps, "train_seconds": 4.0, "seconds_per_step": 2.0, "global_step": 2, "final_reward": 0.3,
+         "n_tasks": 2, "trainable_parameters": 10, "time_split_per_step": {"generation_s": 1.5, "tools_s": None}}
+    metrics = rl_metrics(m, {"rl_model": _report(0.5)})
+    assert metrics["global_step"] == 2 and metrics["time_generation_s"] == 1.5 and "time_tools_s" not in metrics
+    assert metrics["last_reward"] == 0.3 and metrics["last_tools/call_frequency"] == 2.0 and "last_note" not in metrics
+    assert metrics["valid_rl_model_overall_ndcg@10"] == 0.5
+    series = rl_series(steps)
+    assert series["reward"] == [0.1, 0.3] and series["rewards/ranking/mean"] == [0.1, 0.2]
+    assert series["tools/call_frequency"] == [2.0] and "grad_norm" not in series  # empty curves are left out
+
+
+def test_progress_callback_logs_lines_with_its_key():
+    from recthinker_dagster.training.callbacks import LogProgress
+
+    lines = []
+    callback = LogProgress(lines.append, "reward")
+    state = SimpleNamespace(global_step=3, max_steps=5)
+    callback.on_log(None, state, None, logs={"loss": 1.0})
+    callback.on_log(None, state, None, logs={"reward": 0.25, "learning_rate": 1e-5})
+    assert lines == ["step 3/5: reward 0.2500, lr 1.00e-05"]
