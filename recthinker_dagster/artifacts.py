@@ -62,6 +62,11 @@ class ArtifactLayout:
         """``.work/<stage>/...``: resumable state of an unfinished run (never published)."""
         return Path(self.root).joinpath(".work", stage, *parts)
 
+    @property
+    def lock_dir(self) -> Path:
+        """``.work/locks``: the per-artifact publication locks (``storage.artifact_locks``)."""
+        return self.work_dir("locks")
+
     def relative(self, path: Path) -> str:
         """``path`` relative to the project root when inside it (artifacts never record machine paths)."""
         try:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from recthinker_dagster.data.coverage import METADATA_MIN_SHARE, METADATA_WARN_SHARE
 from recthinker_dagster.protocol.config import ProtocolConfig, protocol_config_for
 from recthinker_dagster.tools.indexes import ToolIndexConfig
 
@@ -38,6 +39,12 @@ SHARED_KEYS = ("seed", "prompt_history_len", "max_turns", "max_tool_calls")
 
 CLASSICAL_SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "sasrec")
 LLM_SYSTEMS = ("zero_shot", "base_tools", "sft", "sft_rl")  # base model without / with tools, then trained
+ANSWER_MODES = ("generate", "logits")  # who orders the answer: the model's tokens, or the label head
+
+
+def check_answer_mode(value: str) -> None:
+    if value not in ANSWER_MODES:
+        raise ValueError(f"answer_mode must be one of {list(ANSWER_MODES)}, got {value!r}")
 EVALUATED_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS)
 
 
@@ -45,13 +52,17 @@ EVALUATED_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS)
 class IngestSettings:
     allow_download: bool = True  # download the originals when absent (RECTHINKER_OFFLINE=1 forbids it)
     kcore: int | None = None  # iterative k-core filter; None keeps the source's default
+    # share of items with metadata (a non-empty title): below warn_share a warning, below
+    # min_share the ingest fails (defaults from the real data: data/coverage.py)
+    metadata_warn_share: float = METADATA_WARN_SHARE
+    metadata_min_share: float = METADATA_MIN_SHARE
 
 
 @dataclass(frozen=True)
 class ProtocolSettings:
     """The evaluation protocol; ``None`` thresholds take the dataset's defaults."""
 
-    n_candidates: int = 20
+    n_candidates: int = 10  # the paper's 1 target + 9 negatives; 20 via --set protocol.n_candidates=20
     seed: int = 2026
     n_eval_users_per_group: int = 100
     n_valid_users_per_group: int = 25
@@ -105,6 +116,10 @@ class ValidationSettings:
     max_new_tokens: int = 256
     batch_size: int = 8
     prompt_history_len: int = 10
+    answer_mode: str = "generate"  # "generate" or "logits" (the label head ranks; agent/loop.py)
+
+    def __post_init__(self) -> None:
+        check_answer_mode(self.answer_mode)
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,11 @@ class RLSettings:
     recipe: str = "demo"  # a name under recipes/ (rl_<name>.yaml) or a .yaml/.json path
     max_steps: int | None = None
     resume: bool = True
+    answer_mode: str = "generate"  # the rollouts' answers; "logits": the reward scores the label head's ranking
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    def __post_init__(self) -> None:
+        check_answer_mode(self.answer_mode)
 
 
 @dataclass(frozen=True)
@@ -142,11 +161,13 @@ class EvaluationSettings:
     llm_max_new_tokens: int = 384
     prompt_history_len: int = 10
     seed: int = 2026
+    answer_mode: str = "generate"  # the LLM systems' answers: "generate" or "logits" (the label head)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.systems) - set(EVALUATED_SYSTEMS))
         if unknown:
             raise ValueError(f"unknown systems {unknown}; known: {list(EVALUATED_SYSTEMS)}")
+        check_answer_mode(self.answer_mode)
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,11 @@ class RegistrySettings:
     max_tool_calls: int = 8
     llm_max_new_tokens: int = 384
     prompt_history_len: int = 10
+    # request bounds of the served agent: more candidates, or a longer history given in a
+    # request, is a bad request (HTTP 400). 100 is 5x the protocol's 20 candidates; 2000 is
+    # above the longest user history in the shared data (ML-1M 1,850, Amazon CDs 625).
+    max_candidates: int = 100
+    max_history_len: int = 2000
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -43,8 +42,7 @@ from recthinker_dagster.artifacts import ArtifactLayout, index_folders, load_too
 from recthinker_dagster.cli import parse_overrides
 from recthinker_dagster.settings import Profile, default_profile_name, load_profile
 from recthinker_dagster.stages import indexes as index_stage
-from recthinker_dagster.stages.ingest import build_ingest_stage
-from recthinker_dagster.stages.splits import build_task_splits_stage
+from recthinker_dagster.stages.inputs import ensure_tasks
 from recthinker_dagster.tools import TOOL_NAMES, Toolbox, build_all
 from recthinker_dagster.tools.text import tokenize
 
@@ -137,9 +135,7 @@ def bench_tools(indexes, tasks: pl.DataFrame, calls: int, seed: int) -> None:
 
 def run(profile: Profile, layout: ArtifactLayout, dataset: str, calls: int, seed: int) -> None:
     print(f"\n=== {dataset} ===")
-    if not layout.asset_dir("task_splits", dataset).exists():
-        build_ingest_stage(replace(profile.ingest, allow_download=False), layout, dataset, log=lambda _: None)
-        build_task_splits_stage(profile.protocol, layout, dataset, log=lambda _: None)
+    ensure_tasks(profile, layout, dataset)
     memory: dict[str, int] = {}
 
     @contextlib.contextmanager

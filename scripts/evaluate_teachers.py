@@ -28,7 +28,6 @@ import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,6 @@ from recthinker_dagster.agent.teachers import FusionWeights, ScriptedTeacher, tu
 from recthinker_dagster.artifacts import (
     TASK_SPLITS,
     ArtifactLayout,
-    index_folders,
     load_tool_indexes,
     read_tasks,
     read_train_interactions,
@@ -49,9 +47,7 @@ from recthinker_dagster.cli import parse_overrides
 from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize
 from recthinker_dagster.settings import EvaluationSettings, Profile, default_profile_name, load_profile
 from recthinker_dagster.stages.evaluation import fitted_recommender
-from recthinker_dagster.stages.indexes import build_tool_indexes_stage
-from recthinker_dagster.stages.ingest import build_ingest_stage
-from recthinker_dagster.stages.splits import build_task_splits_stage
+from recthinker_dagster.stages.inputs import ensure_tool_inputs
 from recthinker_dagster.tools import index_interactions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,19 +55,11 @@ METRICS = ["ndcg@1", "ndcg@5", "ndcg@10"]
 BASELINES = ("popularity", "itemknn", "bprmf")
 
 
-def publish_inputs(profile: Profile, layout: ArtifactLayout, dataset: str) -> None:
-    """Run the ingest, splits and tool-index stages into ``layout`` unless it already holds their folders."""
-    if not layout.asset_dir("task_splits", dataset).exists():
-        build_ingest_stage(replace(profile.ingest, allow_download=False), layout, dataset, log=lambda _: None)
-        build_task_splits_stage(profile.protocol, layout, dataset, log=lambda _: None)
-    if not all(folder.exists() for folder in index_folders(layout, dataset).values()):
-        build_tool_indexes_stage(profile.tool_indexes, layout, dataset, log=lambda _: None)
-
 
 def prepare(profile: Profile, layout: ArtifactLayout, dataset: str, splits: set[str]):
     """Tasks of ``splits``, tool indexes and the fitted baselines of one dataset, read back from ``layout``."""
     started = time.perf_counter()
-    publish_inputs(profile, layout, dataset)
+    ensure_tool_inputs(profile, layout, dataset)
     indexes = load_tool_indexes(layout, dataset)
     visible = index_interactions(read_train_interactions(layout, dataset), read_tasks(layout, dataset))
     baselines = {s: fitted_recommender(s, visible, indexes, profile.evaluation) for s in BASELINES}

@@ -68,3 +68,11 @@ def prepared_base_model(tmp_path_factory) -> tuple[Path, dict]:
         patch.setattr(subprocess, "run", _no_network)
         info = prepare_base_model(out, cache_dir=CACHE_DIR)
     return out, info
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory):
+    """SmolLM2's real tokenizer without the model weights (``tests/support/tiny_models.py``)."""
+    from tests.support.tiny_models import smollm2_tokenizer as load
+
+    return load(tmp_path_factory.mktemp("smollm2-tokenizer"))

@@ -15,7 +15,7 @@ from recthinker_dagster.agent import (
     run_agent,
 )
 from recthinker_dagster.agent.loop import BUDGET_EXHAUSTED, TOOL_EXCEPTION
-from recthinker_dagster.agent.prompts import FINAL_ANSWER_REQUEST, NO_ACTION_NUDGE
+from recthinker_dagster.agent.prompts import final_answer_request, no_action_nudge
 from tests.support.agent_fakes import FakeToolbox, task
 
 
@@ -46,6 +46,8 @@ def call(name, **arguments):
 
 
 ANALYSIS = "Analysis: likes dramas; C2 unknown.\nPlan: look at C2.\n"
+LABELS = ["C1", "C2", "C3", "C4"]  # the fake toolbox's numbered labels
+FINAL_REQUEST = final_answer_request(LABELS)["content"]
 
 
 def run(scripts, tasks=None, **config):
@@ -109,7 +111,7 @@ def test_turn_budget_forces_a_final_answer():
         max_turns=2,
     )
     assert backend.batches == [1, 1, 1]
-    assert t.messages[-2]["content"] == FINAL_ANSWER_REQUEST.format(n=4)
+    assert t.messages[-2]["content"] == FINAL_REQUEST
     assert t.finish == "forced_answer" and t.valid and t.n_turns == 3 and t.n_tool_calls == 2
 
 
@@ -124,7 +126,7 @@ def test_fallback_to_candidate_order_when_no_answer_comes():
 def test_no_action_on_the_last_turn_gets_only_the_final_request():
     _, (t,) = run({"u1": ["Analysis: hmm.\nPlan: wait.", "<answer>C1, C2, C3, C4</answer>"]}, max_turns=1)
     assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user", "assistant"]
-    assert t.messages[3]["content"] == FINAL_ANSWER_REQUEST.format(n=4)
+    assert t.messages[3]["content"] == FINAL_REQUEST
     assert t.finish == "forced_answer" and t.valid and t.n_tool_calls == 0
     with pytest.raises(ValueError):
         AgentConfig(max_turns=0)
@@ -139,7 +141,7 @@ def test_tool_call_budget_refuses_extra_calls():
     assert [r.error_kind for r in t.tool_calls] == [None, None, BUDGET_EXHAUSTED]
     assert t.messages[5]["content"].startswith("Error: the tool-call budget is used up")
     assert t.n_tool_calls == 2 and t.n_invalid_calls == 0
-    assert t.finish == "forced_answer" and not t.valid and t.reasons == ["partial_answer:2"]
+    assert t.finish == "forced_answer" and not t.valid and t.reasons == ["partial_answer:2"] and t.repaired
     assert t.final_ranking == ["u1-i2", "u1-i1", "u1-i3", "u1-i4"]
 
 
@@ -148,7 +150,7 @@ def test_no_action_gets_a_nudge_and_long_outputs_are_cut():
         {"u1": ["Analysis: thinking.\nPlan: think more.", ANALYSIS + call("dump"), "<answer>C2, C2, C7, C1, C3, C4</answer>"]},
         max_observation_chars=100,
     )
-    assert t.messages[3]["content"] == NO_ACTION_NUDGE
+    assert t.messages[3]["content"] == no_action_nudge(LABELS)["content"]
     dump = t.messages[5]
     assert dump["role"] == "tool" and len(dump["content"]) < 200 and "4900 more characters" in dump["content"]
     assert t.tool_calls[0].output_chars == len(dump["content"])
@@ -157,13 +159,15 @@ def test_no_action_gets_a_nudge_and_long_outputs_are_cut():
 
 
 def test_backend_error_and_empty_answer_fall_back():
-    _, (err, empty) = run({
+    backend, (err, empty) = run({
         "u1": [Generation("", finish_reason="error", error="HTTP 500")],
-        "u2": ["<answer>the first one</answer>"],
+        "u2": ["<answer>the first one</answer>", "<answer>still none</answer>"],
     })
     assert err.finish == "fallback" and err.reasons == ["backend_error: HTTP 500"] and not err.valid
-    assert empty.finish == "fallback" and empty.reasons == ["empty_answer"]
-    assert empty.final_ranking == ["u2-i1", "u2-i2", "u2-i3", "u2-i4"]
+    # an empty answer is asked for once more; without a label head the ranking is the fallback, marked
+    assert empty.messages[3]["content"] == FINAL_REQUEST and empty.n_turns == 2
+    assert empty.finish == "fallback" and empty.reasons == ["empty_answer", "empty_answer", "no_answer"]
+    assert empty.final_ranking == ["u2-i1", "u2-i2", "u2-i3", "u2-i4"] and not empty.valid and not empty.repaired
 
 
 def test_trajectory_json_round_trip_and_mapping_tasks():
@@ -196,3 +200,24 @@ def test_trajectory_renders_with_the_qwen_tool_template(prepared_base_model):
     assert "<tool_response>\nC2: Movie u1-i2 | Drama\n</tool_response>" in text
     assert "<tool_call>{bad}</tool_call>" in text
     assert text.count("<|im_start|>assistant") == 2
+
+
+def test_repaired_answers_are_counted_in_every_summary():
+    from recthinker_dagster.evaluation.agents import agent_summary, trajectories_per_task
+    from recthinker_dagster.training.validation import summarize_trajectories
+
+    _, trajectories = run({
+        "u1": ["<answer>C2, C1, C3, C4</answer>"],  # clean
+        "u2": ["<answer>C2, C2, C9</answer>"],  # repaired: duplicate and unknown dropped, C1, C3, C4 appended
+        "u3": ["Analysis: no.", "Analysis: still no."],  # no answer and no head: the fallback
+    }, max_turns=1)
+    clean, repaired, fallback = trajectories
+    assert (clean.valid, clean.repaired) == (True, False)
+    assert (repaired.valid, repaired.repaired, repaired.final_labels) == (False, True, ["C2", "C1", "C3", "C4"])
+    assert (fallback.valid, fallback.repaired, fallback.finish) == (False, False, "fallback")
+    assert Trajectory.from_json(repaired.to_json()).repaired
+    figures = agent_summary(trajectories_per_task(trajectories))
+    assert figures["repaired_answer_rate"] == pytest.approx(1 / 3)
+    assert figures["invalid_answer_rate"] == pytest.approx(2 / 3) and figures["forced_head_rate"] == 0.0
+    assert summarize_trajectories(trajectories)["repaired_rate"] == pytest.approx(round(1 / 3, 4))
+    assert trajectories_per_task(trajectories)["finish"].to_list() == ["answer", "answer", "fallback"]

@@ -215,3 +215,27 @@ def test_parser_never_raises_on_random_garbage():
         if parsed.answer is not None:
             assert sorted(parsed.answer.ranking) == sorted(LABELS.values())
         json.dumps([str(issue) for issue in parsed.issues])
+
+
+# -- letter labels and the repair ------------------------------------------------------------
+
+LETTERS = {label: f"item{k}" for k, label in enumerate("ABCDE", start=1)}  # A..E -> item1..item5
+
+
+def test_letter_labels_are_read_in_order_and_only_standing_alone():
+    answer, issues = parse_answer("1. C\n2. A\n3. E, D, B", LETTERS)
+    assert answer.complete and answer.ranking == ["item3", "item1", "item5", "item4", "item2"] and issues == []
+    answer, issues = parse_answer("E > Apple, b, D", LETTERS)  # "Apple" and lower-case "b" are not labels
+    assert answer.labels == ["E", "D"] and answer.repaired and P.UNPARSED_ANSWER_TEXT in [i.kind for i in issues]
+
+
+def test_the_repair_drops_duplicates_and_unknown_labels_then_appends_the_missing_ones():
+    answer, issues = parse_answer("D, Z, D, B", LETTERS)
+    assert answer.labels == ["D", "B"] and answer.duplicates == ["D"] and answer.unknown == ["Z"]
+    assert answer.ranking_labels == ["D", "B", "A", "C", "E"]  # then the missing ones, in candidate order
+    assert answer.repaired and not answer.complete
+    assert {i.kind for i in issues} == {P.DUPLICATE_LABEL, P.UNKNOWN_LABEL, P.MISSING_LABELS}
+    clean, _ = parse_answer("E, D, C, B, A", LETTERS)
+    assert clean.complete and not clean.repaired
+    empty, _ = parse_answer("none of them", LETTERS)
+    assert empty.empty and not empty.repaired  # nothing to repair: the loop asks again

@@ -151,6 +151,8 @@ class _Handler(BaseHTTPRequestHandler):
             message = {"role": "assistant", "content": "Analysis: a\nPlan: b", "tool_calls": [
                 {"id": "x1", "type": "function", "function": {"name": "get_item_info", "arguments": "{\"label\": \"C2\"}"}},
                 {"id": "x2", "type": "function", "function": {"name": "get_item_info", "arguments": "{oops"}}]}
+        if model == "sloppy":  # an answer with a repeat and an invented label
+            message = {"role": "assistant", "content": "Analysis: done.\nPlan: rank.\n<answer>C3, C3, C8, C1</answer>"}
         if model == "agent":  # a tool call first, the answer once a tool result is in
             if any(m["role"] == "tool" for m in body["messages"]):
                 message = {"role": "assistant", "content": "Analysis: done.\nPlan: rank.\n<answer>C2, C1, C3, C4</answer>"}
@@ -270,3 +272,12 @@ def test_agent_loop_over_http(server):
     second = server.requests[1]["body"]["messages"]
     assert second[2]["tool_calls"][0]["function"]["arguments"] == '{"label": "C2"}'
     assert second[3]["role"] == "tool" and second[3]["content"] == "C2: Movie u1-i2 | Drama"
+
+
+def test_http_answers_take_the_documented_repair_and_are_counted(server):
+    backend = backend_for(server, "sloppy")
+    (t,) = run_agent([task("u1")], backend, FakeToolbox, AgentConfig())
+    assert "answers" not in server.requests[0]["body"]  # nothing constrains an HTTP server's answer
+    assert t.final_labels == ["C3", "C1", "C2", "C4"]  # repeat and unknown dropped, missing appended in order
+    assert t.repaired and not t.valid and t.finish == "answer"
+    assert set(t.reasons) == {"partial_answer:2", "duplicate_labels:1", "unknown_labels:C8"}

@@ -157,7 +157,9 @@ def test_length_limit_with_the_tokenizer(clean, prepared_base_model):
     tokens = conversation_length(clean, tokenizer)  # installs the tool template on the tokenizer
     assert tokens == len(tokenizer.apply_chat_template(clean.messages, tools=clean.tools, tokenize=True,
                                                        return_dict=True)["input_ids"])
-    assert abs(conversation_length(clean, None, 2.8) - tokens) / tokens < 0.15  # the proxy is close
+    # the proxy is close: 2.8-2.9 chars per token on the scripted teacher's conversations, 3.2 on
+    # these short, tool-output-heavy ones with single-token labels
+    assert abs(conversation_length(clean, None, 2.8) - tokens) / tokens < 0.2
     result = filter_trajectories([clean], FilterConfig(top_k=20, max_tokens=tokens - 1), tokenizer=tokenizer)
     assert result.decisions[0].reasons == [TOO_LONG] and result.decisions[0].tokens == tokens
     assert reasons_of(clean, FilterConfig(top_k=20, max_tokens=tokens), tokenizer=tokenizer) == []

@@ -96,7 +96,7 @@ def test_a_full_run_writes_every_task_and_sample_once(world, reference):
 
 def test_the_summary_matches_the_file(reference):
     summary, records = reference.summary, reference.records
-    assert summary.valid_rate == 1.0 and summary.finish == {"answer": len(records)}
+    assert summary.valid_rate == 1.0 and summary.finish == {"answer": len(records)} and summary.repaired_rate == 0.0
     names = [call["name"] for r in records for call in r["tool_calls"]]
     assert summary.tool_calls == {name: names.count(name) for name in set(names)}
     assert summary.tool_calls_per_trajectory == pytest.approx(len(names) / len(records), abs=1e-3)

@@ -23,10 +23,12 @@ import pytest
 
 from recthinker_dagster.data import download
 from recthinker_dagster.data.amazon_json import load_amazon_json, read_metadata, read_reviews
-from recthinker_dagster.data.cleaning import clean_dataset, clean_text, kcore_filter
-from recthinker_dagster.data.errors import DataFormatError, DatasetNotFoundError
-from recthinker_dagster.data.movielens import load_movielens_1m, read_ratings, read_users
-from recthinker_dagster.data.recbole import load_recbole
+from recthinker_dagster.data.cleaning import clean_dataset, clean_text, kcore_filter, tied_targets
+from recthinker_dagster.data.coverage import check_metadata_share
+from recthinker_dagster.data.errors import DataFormatError, DatasetNotFoundError, MetadataQualityError
+from recthinker_dagster.data.movielens import load_movielens_1m, read_movies, read_ratings, read_users
+from recthinker_dagster.data.notes import notes_of, warning_lines
+from recthinker_dagster.data.recbole import load_recbole, read_item
 from recthinker_dagster.data.schema import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
@@ -131,9 +133,12 @@ def test_real_amazon_recbole(real_cds):
     assert stats["source_format"] == "recbole" and stats["kcore"] == 0
     assert dataset.interactions.height == 107_517
     assert dataset.users.height == 2_230 and dataset.items.height == 2_672
-    assert int(dataset.items["has_metadata"].sum()) == 1_446
-    assert stats["items_without_metadata"] == stats["items_without_metadata_added"] == 1_226
-    assert stats["titles_nulled"] == 132 and stats["html_titles_cleaned"] >= 132
+    # 1,446 item rows, 132 of them with only an HTML title: an item has metadata only with a title
+    assert stats["item_rows_read"] == 1_446 and stats["items_without_metadata_added"] == 1_226
+    assert int(dataset.items["has_metadata"].sum()) == stats["items_with_metadata"] == 1_314
+    assert stats["items_without_metadata"] == 1_226 + 132 and stats["items_with_metadata_share"] == 0.4918
+    assert stats["titles_nulled"] == stats["item_rows_without_title"] == 132
+    assert stats["html_titles_cleaned"] >= 132
     counts = dict(dataset.interactions.group_by("rating").len().iter_rows())
     assert counts == {5.0: 57_414, 4.0: 27_221, 3.0: 11_498, 2.0: 5_180, 1.0: 6_204}
     titles = dataset.items["title"].drop_nulls()
@@ -144,7 +149,10 @@ def test_real_amazon_recbole(real_cds):
     assert row["categories"] == ["Rock", "Progressive", "Progressive Rock"]
     bare = dataset.items.filter(~pl.col("has_metadata"))
     assert bare["title"].null_count() == bare.height
-    assert bare["categories"].list.len().sum() == 0
+    placeholders = bare.filter(pl.col("creator").is_null())
+    assert placeholders.height >= 1_226 and placeholders["categories"].list.len().sum() == 0
+    untitled = dataset.items.filter(pl.col("item_id") == "14").row(0, named=True)  # an HTML-only title
+    assert untitled["title"] is None and not untitled["has_metadata"] and untitled["creator"] == "Lil' Kim"
     assert not dataset.users["has_demographics"].any()
 
 
@@ -200,10 +208,11 @@ def test_amazon_json_fixture(tmp_path, gz):
     assert stats["duplicate_interactions_dropped"] == 1
     assert stats["duplicate_item_rows_dropped"] == 1
     assert stats["unused_item_rows_dropped"] == 1  # B0UNUSED01
-    assert stats["items_without_metadata"] == 1  # B0000NOMETA
+    assert stats["items_without_metadata"] == 2  # B0000NOMETA, and B000000112 (an HTML-only title)
     assert stats["titles_nulled"] == 1
     items = {r["item_id"]: r for r in dataset.items.iter_rows(named=True)}
-    assert items["B000000112"]["title"] is None and items["B000000112"]["has_metadata"]
+    assert items["B000000112"]["title"] is None and not items["B000000112"]["has_metadata"]
+    assert items["B000000112"]["creator"] == "Lil' Kim"  # the row's other fields stay
     assert items["B00000016K"]["title"] == "Wheels Of Fire"  # first metadata row wins
     assert items["0001393774"]["title"] == "Tales & Mysteries"
     assert items["0001393774"]["description"] == "Songs & hymns"
@@ -404,6 +413,61 @@ def test_clean_dataset_duplicates_placeholders_and_kcore():
     assert set(cored.interactions["user_id"]) == {"u1", "u2"}
     assert set(cored.items["item_id"]) == {"a", "b"}
     assert stats["kcore_interactions_dropped"] == 1
+
+
+def test_every_cleaning_action_is_a_note_with_its_count_and_three_examples():
+    inter = _frame([("u1", "a", 5.0, 10, 0), ("u1", "a", 4.0, 10, 1), ("u1", "a", 3.0, 10, 2),
+                    ("u1", "a", 3.0, 10, 3), ("u1", "a", 3.0, 10, 4), ("u2", "b", 1.0, 13, 5)],
+                   INTERACTIONS_SCHEMA)
+    items = _frame([("a", "<b></b>", None, ["x"], "Artist", None, True), ("a", "again", None, [], None, None, True)],
+                   ITEMS_SCHEMA)
+    users = _frame([("u1", "F", 25, "writer", "1", True)], USERS_SCHEMA)
+    _, stats = clean_dataset(Dataset("t", inter, items, users))
+    notes = {note.action: note for note in notes_of(stats)}
+    assert set(notes) == {"duplicate_interactions_dropped", "duplicate_item_rows_dropped",
+                          "items_without_metadata_added", "html_titles_cleaned", "item_rows_without_title",
+                          "users_without_demographics_added"}
+    dropped = notes["duplicate_interactions_dropped"]
+    assert dropped.count == stats["duplicate_interactions_dropped"] == 4 and len(dropped.examples) == 3
+    assert dropped.examples[0] == "user_id=u1, item_id=a, timestamp=10, order=1"
+    assert notes["items_without_metadata_added"].examples == ("b",)
+    assert stats["items_with_metadata_share"] == 0.0  # 'a' has only an HTML title
+    json.dumps(stats)
+    lines = warning_lines({"dataset": "t", **stats})
+    assert "t: duplicate interactions dropped" in lines[0] and "4 (e.g. user_id=u1" in lines[0]
+
+
+def test_ties_at_the_end_of_a_history_are_counted():
+    inter = _frame([("u1", "a", 5.0, 10, 0), ("u1", "b", 5.0, 20, 1), ("u1", "c", 5.0, 20, 2),  # test and valid tie
+                    ("u2", "a", 5.0, 10, 3), ("u2", "b", 5.0, 10, 4), ("u2", "c", 5.0, 30, 5),  # valid ties
+                    ("u3", "a", 5.0, 10, 6)], INTERACTIONS_SCHEMA)
+    assert tied_targets(inter) == {"tied_test_targets": 1, "tied_valid_targets": 2}
+
+
+def test_metadata_share_warns_then_fails(tmp_path):
+    stats = {"items_with_metadata": 40, "items": 100, "items_with_metadata_share": 0.4}
+    assert check_metadata_share(stats, "items.txt", warn_share=0.3, min_share=0.2) is None
+    assert "40 of 100 items (40.0%)" in check_metadata_share(stats, "items.txt", warn_share=0.45, min_share=0.2)
+    with pytest.raises(MetadataQualityError) as info:
+        check_metadata_share(stats, "items.txt", warn_share=0.5, min_share=0.45)
+    assert "items.txt, column 'title'" in str(info.value) and "ingest.metadata_min_share" in str(info.value)
+    folder = copy_fixture("recbole", tmp_path / "amazon-cds" / "recbole")
+    (folder / "mini.item").write_text((folder / "mini.item").read_text().splitlines()[0] + "\n")
+    with pytest.raises(MetadataQualityError, match="mini.item, column 'title': only 0 of"):
+        load_dataset("amazon-cds", tmp_path)
+    assert load_dataset("amazon-cds", tmp_path, metadata_min_share=0.0)[1]["items_with_metadata_share"] == 0.0
+
+
+def test_text_decoding_strips_a_bom_and_reads_utf8_movielens(tmp_path):
+    notes: list = []
+    path = write(tmp_path / "movies.dat", b"\xef\xbb\xbf" + "1::Misérables, Les (1995)::Drama\n".encode())
+    assert read_movies(path, notes)["title"].to_list() == ["Misérables, Les"]
+    assert [n.action for n in notes] == ["byte_order_marks_stripped", "files_read_as_utf8"]
+    latin = write(tmp_path / "latin.dat", "1::Misérables, Les (1995)::Drama\n".encode("latin-1"))
+    assert read_movies(latin)["title"].to_list() == ["Misérables, Les"]
+    bad = write(tmp_path / "bad.item", "item_id\ttitle\n1\tok\n2\tBeyoncé\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"bad.item, line 3: byte 0xe9 at character 9 is not valid utf-8"):
+        read_item(bad)
 
 
 def test_kcore_is_iterative():

@@ -75,7 +75,7 @@ def test_every_materialization_is_an_mlflow_run_with_tags(synthetic_run):
     run = by_asset["synthetic/task_splits"]
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert run.data.tags["dvc_md5"].endswith(".dir")
-    assert run.data.params["n_candidates"] == "20"
+    assert run.data.params["n_candidates"] == "10"
     assert run.data.metrics["tasks"] > 0
     assert by_asset["synthetic/interactions"].data.metrics["rows"] > 0
     cf_run = by_asset["synthetic/cf_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -18,6 +19,7 @@ from recthinker_dagster.protocol import (
     group_sizes,
     protocol_config_for,
 )
+from recthinker_dagster.settings import ProtocolSettings, load_profile
 from tests.support.paths import require_shared
 
 # --------------------------------------------------------------------------- data helpers
@@ -105,12 +107,12 @@ def all_cases(ml1m, ml1m_splits, random_cases):
 def test_protocol_config_defaults_and_overrides():
     ml = protocol_config_for("ml-1m")
     assert (ml.sparse_min, ml.sparse_max, ml.dense_min) == (20, 50, 200)
-    assert (ml.n_candidates, ml.seed, ml.prompt_history_len) == (20, 0, 10)
+    assert (ml.n_candidates, ml.seed, ml.prompt_history_len) == (10, 0, 10)  # the paper's 1 target + 9 negatives
     cds = protocol_config_for("amazon-cds", seed=3)
     assert (cds.sparse_min, cds.sparse_max, cds.dense_min, cds.seed) == (0, 25, 100, 3)
     assert protocol_config_for("synthetic").dense_min > protocol_config_for("synthetic").sparse_max
     assert ProtocolConfig.for_dataset("ml-1m", n_candidates=5).n_candidates == 5
-    assert ml.to_dict()["n_candidates"] == 20
+    assert ml.to_dict()["n_candidates"] == 10
     with pytest.raises(ValueError, match="known"):
         protocol_config_for("netflix")
     with pytest.raises(ValueError):
@@ -176,8 +178,8 @@ def test_candidates_valid(ml1m, ml1m_splits, random_cases):
 
 def test_candidates_are_shuffled(ml1m_splits):
     positions = ml1m_splits.tasks["target_position"]
-    assert positions.n_unique() == 20  # the target lands everywhere ...
-    assert abs(positions.mean() - 9.5) < 1.5  # ... roughly uniformly
+    assert positions.n_unique() == 10  # the target lands everywhere ...
+    assert abs(positions.mean() - 4.5) < 1.0  # ... roughly uniformly
 
 
 def test_targets_and_histories_match_reference(ml1m, ml1m_splits, random_cases):
@@ -300,6 +302,24 @@ def test_missing_columns_or_null_keys_raise():
     with pytest.raises(ValueError, match="nulls"):
         build_task_splits(df.with_columns(user_id=pl.lit(None, pl.Utf8)), ProtocolConfig(),
                           "synthetic")
+
+
+def test_twenty_candidates_change_only_the_candidates(ml1m, ml1m_splits):
+    """N is the one knob of the candidate sets: users, targets, histories and the
+    training-visible interactions are the same at 10 and 20 candidates."""
+    twenty = build_task_splits(ml1m, replace(ml1m_splits.config, n_candidates=20), "ml-1m")
+    assert twenty.tasks["candidate_item_ids"].list.len().unique().to_list() == [20]
+    same = [c for c in TASKS_SCHEMA if c not in ("candidate_item_ids", "target_position")]
+    assert twenty.tasks.select(same).equals(ml1m_splits.tasks.select(same))
+    assert twenty.train_interactions.equals(ml1m_splits.train_interactions)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "demo", "full"])
+def test_every_profile_uses_ten_candidates_and_twenty_stays_available(profile):
+    assert ProtocolSettings().n_candidates == 10
+    assert load_profile(profile).protocol.for_dataset("ml-1m").n_candidates == 10
+    overridden = load_profile(profile, {"protocol.n_candidates": 20})  # --set protocol.n_candidates=20
+    assert overridden.protocol.for_dataset("amazon-cds").n_candidates == 20
 
 
 def test_smaller_runs_nest_in_larger_ones(ml1m):

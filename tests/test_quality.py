@@ -146,6 +146,12 @@ def test_duplicate_item_id(items):
     assert "'1'" in line
 
 
+def test_metadata_without_a_title(items):
+    bad = replace_row(items, 2, title=None)
+    line = failure(validate_items(bad), "expect_column_values_to_be_in_set(metadata_without_title")
+    assert "1 unexpected values" in line and str(items["item_id"][2]) in line
+
+
 def test_duplicate_user_and_unknown_gender(users):
     bad = replace_row(pl.concat([users, users.head(1)]), 3, gender="X")
     result = validate_users(bad)

@@ -9,6 +9,7 @@ import pytest
 from recthinker_dagster.data.synthetic import generate_synthetic
 from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize
 from recthinker_dagster.evaluation.report import (
+    candidates_per_task,
     combine_summaries,
     format_ci,
     plot_ndcg_by_system,
@@ -23,12 +24,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def summaries():
+def splits():
     data = generate_synthetic(n_users=150, n_items=200, seed=5)
     config = protocol_config_for("synthetic", sparse_max=30, dense_min=60, n_eval_users_per_group=15,
                                  n_valid_users_per_group=0, n_train_users_per_group=0)
-    splits = build_task_splits(data.interactions, config, "synthetic")
-    tasks = splits.tasks.filter(split="eval")
+    return build_task_splits(data.interactions, config, "synthetic")
+
+
+@pytest.fixture(scope="module")
+def tasks(splits):
+    return splits.tasks.filter(split="eval")
+
+
+@pytest.fixture(scope="module")
+def summaries(splits, tasks):
     assert set(tasks["group"]) == {"sparse", "dense"}
     systems = {"random": RandomRecommender(seed=0), "popularity": Popularity(), "itemknn": ItemKNN()}
     return {name: summarize(evaluate_recommender(model.fit(splits.train_interactions), tasks))
@@ -40,8 +49,9 @@ def test_format_ci():
 
 
 def test_table_has_every_system_and_group(summaries):
-    table = results_table_markdown(summaries)
-    lines = table.strip().splitlines()
+    table = results_table_markdown(summaries, n_candidates=10)
+    note, blank, *lines = table.strip().splitlines()
+    assert note.startswith("N = 10 candidates per task (the target + 9 sampled negatives)") and blank == ""
     assert lines[0].startswith("| system | group | n | NDCG@1 | NDCG@5 | NDCG@10 | HR@1")
     assert lines[0].rstrip().endswith("MRR |") and set(lines[1]) <= set("|-: ")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
@@ -50,8 +60,20 @@ def test_table_has_every_system_and_group(summaries):
     pop_dense = summaries["popularity"].filter(pl.col("group") == "dense").row(0, named=True)
     expected = format_ci(pop_dense["ndcg@10"], pop_dense["ndcg@10_lo"], pop_dense["ndcg@10_hi"])
     assert expected in next(line for line in lines if "| popularity | dense |" in line)
-    narrow = results_table_markdown(summaries, metrics=("ndcg@1", "ndcg@5", "ndcg@10"))
-    assert narrow.splitlines()[0] == "| system | group | n | NDCG@1 | NDCG@5 | NDCG@10 |"
+    narrow = results_table_markdown(summaries, metrics=("ndcg@1", "ndcg@5", "ndcg@10"), n_candidates=20)
+    assert narrow.splitlines()[0].startswith("N = 20 candidates per task (the target + 19 sampled negatives)")
+    assert narrow.splitlines()[2] == "| system | group | n | NDCG@1 | NDCG@5 | NDCG@10 |"
+
+
+def test_every_table_and_plot_must_state_n(summaries, tmp_path, tasks):
+    with pytest.raises(TypeError, match="n_candidates"):
+        results_table_markdown(summaries)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="n_candidates"):
+        plot_ndcg_by_system(summaries, tmp_path / "x.png")  # type: ignore[call-arg]
+    assert candidates_per_task(tasks) == 10
+    mixed = pl.concat([tasks.head(1), tasks.tail(1).with_columns(pl.col("candidate_item_ids").list.head(5))])
+    with pytest.raises(ValueError, match=r"same number of candidates, found \[5, 10\]"):
+        candidates_per_task(mixed)
 
 
 def test_combined_summary_keeps_system_order(summaries):
@@ -63,10 +85,10 @@ def test_combined_summary_keeps_system_order(summaries):
 def test_plot_writes_a_valid_png(summaries, tmp_path):
     import matplotlib.image
 
-    path = plot_ndcg_by_system(summaries, tmp_path / "plots" / "ndcg.png")
+    path = plot_ndcg_by_system(summaries, tmp_path / "plots" / "ndcg.png", n_candidates=10)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert np.ptp(image) > 0  # not blank
-    again = plot_ndcg_by_system(combine_summaries(summaries), tmp_path / "combined.png")
+    again = plot_ndcg_by_system(combine_summaries(summaries), tmp_path / "combined.png", n_candidates=10)
     assert again.read_bytes()[:8] == PNG_SIGNATURE

@@ -88,8 +88,8 @@ def test_only_assistant_turns_are_labelled(tokenizer, trajectories):
     spans = [tokenizer.decode(span) for span in labelled_spans(ids, labels)]
     assistants = [m for m in t.messages if m["role"] == "assistant"]
     assert spans == ["\n" + assistant_text(m) + "<|im_end|>\n" for m in assistants]
-    assert '<tool_call>\n{"name": "score_candidates", "arguments": {"item_ids": ["C1", ' in spans[0]
-    assert spans[1].startswith("\nAnalysis:") and "<answer>C" in spans[1]
+    assert '<tool_call>\n{"name": "score_candidates", "arguments": {"item_ids": ["A", ' in spans[0]
+    assert spans[1].startswith("\nAnalysis:") and "<answer>" in spans[1]
     # the labelled first turn parses back to the very calls the loop ran
     parsed = parse_turn(spans[0].removesuffix("<|im_end|>\n"), candidate_labels(t))
     assert [(c.name, c.arguments) for c in parsed.tool_calls] == [(c.name, c.arguments) for c in t.tool_calls]

@@ -55,7 +55,7 @@ def test_raw_dataset_of_the_synthetic_source_has_no_files(tmp_path):
     assert raw.files == [] and raw.files_md5 == "synthetic"
     assert raw.metrics["files"] == 0 and raw.metrics["bytes"] == 0
     assert raw.params == {"dataset": DATASET, "data_dir": str(tmp_path / "data"), "profile": "smoke",
-                          "allow_download": False, "kcore": None}
+                          "allow_download": False, "kcore": None, "metadata_warn_share": 0.45, "metadata_min_share": 0.25}
 
 
 def test_files_md5_ignores_the_order_but_not_the_bytes(tmp_path):
@@ -77,7 +77,8 @@ def test_ingest_writes_each_table_with_its_statistics(tmp_path):
         frame = pl.read_parquet(artifact.folder / f"{name}.parquet")
         assert artifact.folder == layout.asset_dir(name, DATASET)
         assert artifact.metrics["rows"] == artifact.metadata["rows"] == frame.height > 0
-        assert artifact.params == {"dataset": DATASET, "profile": "smoke", "allow_download": False, "kcore": None}
+        assert artifact.params == {"dataset": DATASET, "profile": "smoke", "allow_download": False, "kcore": None,
+                                   "metadata_warn_share": 0.45, "metadata_min_share": 0.25}
         assert isinstance(artifact.metadata["preview"], Markdown) and isinstance(artifact.metadata["cleaning"], Json)
         assert validate_published_table(layout, DATASET, name).success
     interactions = result.tables["interactions"]
@@ -92,7 +93,7 @@ def test_task_splits_reproduce_the_profile_protocol(layout):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["train_interactions.parquet", "protocol.json", *(f"tasks_{s}.parquet" for s in TASK_SPLITS)]
     )
-    expected = protocol_config_for(DATASET, n_candidates=20, seed=2026, n_eval_users_per_group=10,
+    expected = protocol_config_for(DATASET, n_candidates=10, seed=2026, n_eval_users_per_group=10,
                                    n_valid_users_per_group=5, n_train_users_per_group=20, prompt_history_len=10)
     assert settings.for_dataset(DATASET) == expected
     assert json.loads((folder / "protocol.json").read_text()) == jsonable(expected)

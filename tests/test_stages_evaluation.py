@@ -79,10 +79,12 @@ def test_evaluation_writes_rankings_summaries_report_and_plot(evaluated):
         assert sorted(scoped["system"].unique()) == sorted(SYSTEMS)
         assert set(scoped["group"]) == {"sparse", "dense"}
     assert summary.filter(pl.col("tasks") == "llm_subset")["n_tasks"].sum() == 4 * len(SYSTEMS)
+    assert summary["n_candidates"].unique().to_list() == [10]  # every table states N
 
     report = (folder / "results.md").read_text()
     assert report == result.report
     assert f"## All {eval_tasks.height} eval tasks" in report and "## Every system on the same 4 eval tasks" in report
+    assert "N = 10 candidates per task" in report.splitlines()[0] and report.count("N = 10 candidates per task") == 3
     assert all(f"| {system} | sparse |" in report and f"| {system} | dense |" in report for system in SYSTEMS)
     agents = json.loads((folder / "agents.json").read_text())
     assert list(agents) == ["teacher"] and agents["teacher"]["tool_calls_per_task"] > 0  # the only agent
@@ -96,8 +98,9 @@ def test_evaluation_figures_for_the_publisher(evaluated):
     layout, result, _ = evaluated
     artifact = result.artifact
     assert artifact.params == {"dataset": DATASET, "systems": ",".join(SYSTEMS), "profile": "smoke",
-                               "eval_tasks": result.eval_tasks, "llm_tasks": 4, "llm_max_turns": 6,
-                               "llm_max_tool_calls": 8, "llm_max_new_tokens": 384, "llm_prompt_history_len": 10}
+                               "eval_tasks": result.eval_tasks, "n_candidates": 10, "llm_tasks": 4, "llm_max_turns": 6,
+                               "llm_max_tool_calls": 8, "llm_max_new_tokens": 384, "llm_prompt_history_len": 10,
+                               "llm_answer_mode": "generate"}
     subset = result.subset_summaries["popularity"].filter(pl.col("group") == "dense").row(0, named=True)
     assert artifact.metrics["subset_popularity_dense_ndcg@10"] == subset["ndcg@10"]
     assert {"all_bprmf_sparse_mrr", "seconds_itemknn", "seconds_teacher", "teacher_tool_calls_per_task"} <= set(
@@ -112,7 +115,7 @@ def test_llm_settings_are_the_budgets_the_llm_systems_run_with():
     settings = EvaluationSettings(llm_tasks=3, llm_max_turns=2, max_tool_calls=5, llm_max_new_tokens=64,
                                   prompt_history_len=7, max_turns=9)
     assert llm_settings(settings) == {"tasks": 3, "max_turns": 2, "max_tool_calls": 5, "max_new_tokens": 64,
-                                      "prompt_history_len": 7}
+                                      "prompt_history_len": 7, "answer_mode": "generate"}
 
 
 def test_policies_name_the_asset_to_materialize(tmp_path):
@@ -149,7 +152,8 @@ def test_registration_plans_from_the_evaluation_and_the_lineage(evaluated):
     figures = system_figures(layout, [DATASET], "popularity", "ndcg@10")
     assert set(figures[DATASET]) == {"sparse", "dense"}
     assert serving_budgets(settings) == {"max_turns": 2, "max_tool_calls": 8, "max_new_tokens": 384,
-                                         "prompt_history_len": 10}
+                                         "prompt_history_len": 10, "max_candidates": settings.max_candidates,
+                                         "max_history_len": settings.max_history_len}
     with pytest.raises(FileNotFoundError, match="materialize ml_1m/evaluation first"):
         system_figures(layout, ["ml-1m"], "popularity", "ndcg@10")
     with pytest.raises(ValueError, match="candidate_system must be one of"):

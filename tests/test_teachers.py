@@ -119,15 +119,15 @@ def test_the_text_cites_the_evidence_from_the_tools(world):
         assert f"Profile: {n_items} items in the history" in text
         top_category = re.search(r"Top categories: (\S+) (\d+)%", outputs["get_user_profile"][0]).groups()
         assert f"{top_category[0]} {top_category[1]}%" in text
-        label, score = re.search(r"1\. (C\d+): (-?[\d.]+)", outputs["score_candidates"][0]).groups()
-        assert re.search(rf"{label} \([^)]*\) {re.escape(score)}", text)  # "C17 (Title) 5.41"
+        label, score = re.search(r"1\. ([A-Z]): (-?[\d.]+)", outputs["score_candidates"][0]).groups()
+        assert re.search(rf"{label} \([^)]*\) {re.escape(score)}", text)  # "Q (Title) 5.41"
         if "find_similar_users" in outputs:
-            counted = re.search(r"Candidates in their histories: (C\d+) \((\d+) of (\d+)\)",
+            counted = re.search(r"Candidates in their histories: ([A-Z]) \((\d+) of (\d+)\)",
                                 outputs["find_similar_users"][0])
             if counted:
                 assert f"{counted.group(1)} ({counted.group(2)} of {counted.group(3)})" in text
         for output in outputs.get("get_related_items", []):
-            subject = re.match(r"Items most often consumed together with (C\d+) ", output)
+            subject = re.match(r"Items most often consumed together with ([A-Z]) ", output)
             if subject:
                 marked = output.count("[in the user's history]")
                 phrase = f"{subject.group(1)} co-occurs with " + (f"{marked} of the user's items" if marked else "none")

@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 from transformers.utils import get_json_schema
 
+from recthinker_dagster.agent.labels import candidate_labels
 from recthinker_dagster.data.sources import load_dataset
 from recthinker_dagster.data.synthetic import generate_synthetic
 from recthinker_dagster.protocol import build_task_splits, protocol_config_for
@@ -202,23 +203,24 @@ def test_history_is_most_recent_first_and_searchable(ml1m):
 # ---------------------------------------------------------------- item side
 def test_item_info_on_ml1m_and_missing_metadata_on_amazon(ml1m, amazon):
     box = Toolbox(ml1m.indexes, _task(ml1m))
-    c1 = box.labels["C1"]
+    c1 = box.labels["A"]
     title = ml1m.data.items.filter(pl.col("item_id") == c1)["title"][0]
-    output = box.call("get_item_info", {"item_ids": ["C1", box.history[-1]]}).output
-    assert output.splitlines()[0].startswith(f"C1: {title}")
+    output = box.call("get_item_info", {"item_ids": ["A", box.history[-1]]}).output
+    assert output.splitlines()[0].startswith(f"A: {title}")
     assert output.splitlines()[1].startswith(f"{box.history[-1]}: ") and "in the user's history" in output
     pop = ml1m.visible.filter(pl.col("item_id") == c1).height
     assert f"{pop} ratings" in output
 
     items = amazon.data.items
-    no_meta = items.filter(~pl.col("has_metadata"))["item_id"][0]
-    html_title = items.filter(pl.col("has_metadata") & pl.col("title").is_null()).row(0, named=True)
+    bare = ~pl.col("has_metadata") & pl.col("creator").is_null() & (pl.col("categories").list.len() == 0)
+    no_meta = items.filter(bare)["item_id"][0]
+    html_title = items.filter(pl.col("title").is_null() & pl.col("creator").is_not_null()).row(0, named=True)
     box = Toolbox(amazon.indexes, _task(amazon))
     out = box.call("get_item_info", {"item_ids": [no_meta, html_title["item_id"]]}).output.splitlines()
     assert "unknown title (no metadata; known only from interactions)" in out[0]
     assert out[1].startswith(f"{html_title['item_id']}: unknown title | ")
     assert html_title["creator"] in out[1]
-    no_metadata = set(items.filter(~pl.col("has_metadata"))["item_id"])
+    no_metadata = set(items.filter(bare)["item_id"])
     missing = [label for label, item in box.labels.items() if item in no_metadata]
     lines = dict(line.split(": ", 1) for line in box.candidate_lines())
     assert missing and all(lines[label] == "unknown title (no metadata)" for label in missing)
@@ -241,11 +243,11 @@ def test_candidate_lines_and_labels(ml1m):
     box = Toolbox(ml1m.indexes, task)
     assert list(box.labels.values()) == task["candidate_item_ids"]
     lines = box.candidate_lines()
-    assert len(lines) == len(task["candidate_item_ids"]) and lines[2].startswith("C3: ")
+    assert len(lines) == len(task["candidate_item_ids"]) and lines[2].startswith("C: ")
     one_row = ml1m.tasks.filter(pl.col("task_id") == task["task_id"])
     assert Toolbox(ml1m.indexes, one_row).candidate_lines() == lines
     toy = dict(task, candidate_item_ids=["1", *task["candidate_item_ids"][1:]])
-    assert Toolbox(ml1m.indexes, toy).candidate_lines()[0] == "C1: Toy Story (1995) | Animation, Children's, Comedy"
+    assert Toolbox(ml1m.indexes, toy).candidate_lines()[0] == "A: Toy Story (1995) | Animation, Children's, Comedy"
 
 
 # ---------------------------------------------------------------- collaborative
@@ -292,12 +294,13 @@ def test_score_candidates_orders_by_the_cf_model(ml1m):
     box = Toolbox(ml1m.indexes, task)
     model = ml1m.indexes.bprmf
     scores = model.score(task["user_id"], task["history_item_ids"], task["candidate_item_ids"])
-    expected = [f"C{k + 1}" for k in np.argsort(-scores, kind="stable")
+    labels = list(box.labels)
+    expected = [labels[k] for k in np.argsort(-scores, kind="stable")
                 if model.knows_item(task["candidate_item_ids"][k])]
     output = box.call("score_candidates", {"item_ids": list(box.labels)}).output
-    assert re.findall(r"^\d+\. (C\d+):", output, flags=re.M) == expected
-    partial = box.call("score_candidates", {"item_ids": ["C2", box.labels["C1"]]})
-    assert partial.ok and "for 2 of 20 candidates" in partial.output
+    assert re.findall(r"^\d+\. ([A-Z]):", output, flags=re.M) == expected
+    partial = box.call("score_candidates", {"item_ids": ["B", box.labels["A"]]})
+    assert partial.ok and "for 2 of 10 candidates" in partial.output  # the default protocol: 10 candidates
 
 
 # ---------------------------------------------------------------- budget, errors, schemas
@@ -305,9 +308,9 @@ def test_outputs_stay_within_the_budget(ml1m):
     task = _task(ml1m, "eval", "dense")
     calls = {
         "get_user_profile": {}, "search_user_history": {"limit": 50}, "search_items": {"query": "the", "limit": 20},
-        "get_item_info": {"item_ids": [f"C{k}" for k in range(1, 11)]}, "find_similar_users": {"limit": 20},
-        "get_related_items": {"item_id": "C1", "limit": 20},
-        "score_candidates": {"item_ids": [f"C{k}" for k in range(1, 21)]},
+        "get_item_info": {"item_ids": candidate_labels(10)}, "find_similar_users": {"limit": 20},
+        "get_related_items": {"item_id": "A", "limit": 20},
+        "score_candidates": {"item_ids": candidate_labels(len(task["candidate_item_ids"]))},
     }
     assert set(calls) == set(TOOL_NAMES)
     for budget in (150, 400, 1200):
@@ -330,15 +333,16 @@ def test_fit_to_budget_counts_what_is_left_out():
 
 BAD_CALLS = [
     ("no_such_tool", {}, "unknown_tool"),
-    ("get_item_info", '{"item_ids": ["C1"', "bad_json"),
-    ("get_item_info", '["C1"]', "bad_arguments"),
+    ("get_item_info", '{"item_ids": ["A"', "bad_json"),
+    ("get_item_info", '["A"]', "bad_arguments"),
     ("get_item_info", {}, "bad_arguments"),
-    ("get_item_info", {"item_ids": ["C1"], "verbose": True}, "bad_arguments"),
-    ("get_item_info", {"item_ids": "C1"}, "wrong_type"),
+    ("get_item_info", {"item_ids": ["A"], "verbose": True}, "bad_arguments"),
+    ("get_item_info", {"item_ids": "A"}, "wrong_type"),
     ("get_item_info", {"item_ids": [1, 2]}, "wrong_type"),
     ("get_item_info", {"item_ids": []}, "empty_list"),
-    ("get_item_info", {"item_ids": [f"C{k}" for k in range(1, 12)]}, "too_many_items"),
+    ("get_item_info", {"item_ids": [str(k) for k in range(1, 12)]}, "too_many_items"),  # 11 ML-1M movie ids
     ("get_item_info", {"item_ids": ["no-such-item"]}, "unknown_item"),
+    ("get_item_info", {"item_ids": ["Z"]}, "unknown_item"),  # a label, but not a candidate's
     ("get_item_info", {"item_ids": ["C99"]}, "unknown_item"),
     ("search_items", {"query": "star", "limit": "5"}, "wrong_type"),
     ("search_items", {"query": "star", "limit": True}, "wrong_type"),
@@ -364,16 +368,16 @@ def test_bad_arguments_give_error_observations(ml1m, name, arguments, kind):
 def test_non_candidates_are_rejected_where_only_candidates_make_sense(ml1m):
     task = _task(ml1m)
     box = Toolbox(ml1m.indexes, task)
-    result = box.call("score_candidates", {"item_ids": ["C1", task["history_item_ids"][0]]})
+    result = box.call("score_candidates", {"item_ids": ["A", task["history_item_ids"][0]]})
     assert not result.ok and result.error_kind == "not_candidate"
-    assert task["history_item_ids"][0] in result.output and "C1..C20" in result.output
+    assert task["history_item_ids"][0] in result.output and f"A..{list(box.labels)[-1]}" in result.output
 
 
 def test_own_user_id_and_json_strings_are_accepted(ml1m):
     task = _task(ml1m)
     box = Toolbox(ml1m.indexes, task)
     assert box.call("get_user_profile", {"user_id": task["user_id"]}).ok
-    assert box.call("get_item_info", '{"item_ids": ["c2"]}').output.startswith("C2: ")
+    assert box.call("get_item_info", '{"item_ids": ["b"]}').output.startswith("B: ")
     assert box.call("get_user_profile", "").ok and box.call("find_similar_users", None).ok
 
 
@@ -396,21 +400,21 @@ def test_functions_are_schema_ready_and_never_raise(ml1m):
     props = box.schemas()[2]["function"]["parameters"]["properties"]
     assert props["item_ids"]["type"] == "array" and props["item_ids"]["items"] == {"type": "string"}
     by_name = {f.__name__: f for f in functions}
-    assert by_name["get_item_info"](item_ids=["C1"]).startswith("C1: ")
-    assert by_name["get_item_info"](["C1"]).startswith("C1: ")
-    assert by_name["get_item_info"](item_ids=["C1"], extra=1).startswith("Error: ")
+    assert by_name["get_item_info"](item_ids=["A"]).startswith("A: ")
+    assert by_name["get_item_info"](["A"]).startswith("A: ")
+    assert by_name["get_item_info"](item_ids=["A"], extra=1).startswith("Error: ")
     assert by_name["get_item_info"]().startswith("Error: ")
     assert by_name["search_items"]("a", 5, 6).startswith("Error: ")
-    assert box.get_item_info(["C1"]) == by_name["get_item_info"](item_ids=["C1"])
+    assert box.get_item_info(["A"]) == by_name["get_item_info"](item_ids=["A"])
 
 
 # ---------------------------------------------------------------- synthetic, save/load
 def test_every_tool_works_on_synthetic_data_and_survives_save_load(synthetic, tmp_path):
     task = _task(synthetic, "valid", "sparse")
     calls = [("get_user_profile", {}), ("search_user_history", {"query": "rock"}),
-             ("get_item_info", {"item_ids": ["C1", "C2"]}), ("search_items", {"query": "jazz"}),
-             ("find_similar_users", {}), ("get_related_items", {"item_id": "C3"}),
-             ("score_candidates", {"item_ids": ["C1", "C2", "C3"]})]
+             ("get_item_info", {"item_ids": ["A", "B"]}), ("search_items", {"query": "jazz"}),
+             ("find_similar_users", {}), ("get_related_items", {"item_id": "C"}),
+             ("score_candidates", {"item_ids": ["A", "B", "C"]})]
     before = Toolbox(synthetic.indexes, task)
     outputs = [before.call(name, args) for name, args in calls]
     assert all(r.ok for r in outputs), outputs

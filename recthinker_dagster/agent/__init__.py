@@ -9,7 +9,7 @@
 Nothing here imports Dagster, MLflow or DVC.
 """
 
-from recthinker_dagster.agent.backends.base import Backend, Generation, SamplingParams
+from recthinker_dagster.agent.backends.base import AnswerSpec, Backend, Generation, SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.parser import (
     Answer,
@@ -25,6 +25,7 @@ __all__ = [
     "AgentConfig",
     "AgentTask",
     "Answer",
+    "AnswerSpec",
     "Backend",
     "Generation",
     "Issue",

@@ -56,6 +56,7 @@ class GenerationSummary:
     tool_calls_per_trajectory: float = 0.0
     by_teacher: dict[str, dict[str, float]] = field(default_factory=dict)  # producer -> n, mean NDCGs
     by_group: dict[str, dict[str, float]] = field(default_factory=dict)  # "split/group" -> n, mean NDCGs
+    repaired_rate: float = 0.0  # answers that took the parser's repair (never valid, never silent)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +194,7 @@ class _Stats:
     """Running counts and metric lists over records."""
 
     def __init__(self) -> None:
-        self.n = self.valid = self.calls = 0
+        self.n = self.valid = self.calls = self.repaired = 0
         self.finish: Counter = Counter()
         self.tools: Counter = Counter()
         self.teacher: dict[str, list[dict]] = {}
@@ -202,6 +203,7 @@ class _Stats:
     def add(self, record: dict) -> None:
         self.n += 1
         self.valid += bool(record.get("valid"))
+        self.repaired += bool(record.get("repaired"))
         self.finish[record.get("finish", "?")] += 1
         calls = record.get("tool_calls") or []
         self.calls += len(calls)
@@ -221,6 +223,7 @@ class _Stats:
         return GenerationSummary(
             **fields,
             valid_rate=round(self.valid / self.n, 4) if self.n else 0.0,
+            repaired_rate=round(self.repaired / self.n, 4) if self.n else 0.0,
             finish=dict(self.finish),
             tool_calls=dict(self.tools.most_common()),
             tool_calls_per_trajectory=round(self.calls / self.n, 3) if self.n else 0.0,

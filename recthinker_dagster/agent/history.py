@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
+from recthinker_dagster.agent.labels import DEFAULT_LABEL_STYLE
 from recthinker_dagster.agent.trajectory import AgentTask
 from recthinker_dagster.tools import Toolbox
 
@@ -50,11 +51,12 @@ def agent_tasks(tasks: pl.DataFrame | Iterable[Mapping], indexes,
 
 class Toolboxes:
     """A ``toolbox_factory`` for the agent loop: the :class:`Toolbox` of an :class:`AgentTask`
-    (or of a task-table row) over one dataset's indexes."""
+    (or of a task-table row) over one dataset's indexes, its candidates labelled in ``label_style``."""
 
-    def __init__(self, indexes, *, output_budget_chars: int = 1200):
+    def __init__(self, indexes, *, output_budget_chars: int = 1200, label_style: str = DEFAULT_LABEL_STYLE):
         self.indexes = indexes
         self.output_budget_chars = output_budget_chars
+        self.label_style = label_style
 
     def __call__(self, task: AgentTask | Mapping) -> Toolbox:
-        return Toolbox(self.indexes, task, output_budget_chars=self.output_budget_chars)
+        return Toolbox(self.indexes, task, output_budget_chars=self.output_budget_chars, label_style=self.label_style)

@@ -11,17 +11,35 @@ task has answered. Rules per task:
   calls (malformed JSON, unknown tool, bad arguments) are not run; the model gets an
   ``Error: ...`` observation instead and can recover. Calls beyond the budget are refused.
 - A turn with neither calls nor an answer gets a nudge message.
-- When ``max_turns`` turns or the tool budget are used up, the model is asked once more for
-  its final answer (``finish="forced_answer"``). If that fails too, the ranking falls back to
-  the candidates' original order (``finish="fallback"``, invalid).
+- When ``max_turns`` turns or the tool budget are used up, or the model answered without a
+  single valid label, the model is asked once more for its final answer
+  (``finish="forced_answer"``). If that fails too, the ranking comes from the label head
+  (``finish="forced_head"``: the conversation plus an assistant turn opened with ``<answer>``,
+  one forward pass, labels by their logits; the head's answer is appended as an assistant
+  message). Only a backend without a head (HTTP) falls back to the candidates' original order
+  (``finish="fallback"``, invalid, reason ``no_answer``): never silently.
+
+Answers (``AgentConfig.answer_mode``, recorded on every trajectory):
+
+- ``generate``: the model writes the ranking. On a backend that constrains answers (the
+  transformers backend), every ``<answer>`` it opens decodes as a permutation of the labels,
+  so answers are valid by construction. Elsewhere (HTTP) the strict parser reads the answer and
+  an incomplete one takes the documented repair (``parser.py``), counted as ``repaired``.
+- ``logits``: the ranking head. Once the model opens ``<answer>``, the labels are ordered by
+  their log-probabilities at that position (``Trajectory.head_scores``) and that order is the
+  answer. It needs a backend with a head; others are refused up front.
+
+Labels: when the backend can tell (``labels_fit``, local models), a task whose labels are not
+single tokens of its tokenizer is relabelled ``C1..CN`` (``agent/labels.py``), with a warning.
 
 The toolbox is duck-typed (:class:`TaskToolbox`): ``schemas()``, ``call(name, arguments) -> result``
-with ``.ok``, ``.output``, ``.error_kind``; ``labels`` (label -> item id, candidate order) and
-``candidate_lines()``.
+with ``.ok``, ``.output``, ``.error_kind``; ``labels`` (label -> item id, candidate order),
+``candidate_lines()`` and, optionally, ``use_label_style(style)``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,11 +47,22 @@ from typing import Any, Protocol
 
 from recthinker_dagster.agent import parser as P
 from recthinker_dagster.agent import prompts
-from recthinker_dagster.agent.backends.base import Backend, Generation, SamplingParams
+from recthinker_dagster.agent.backends.base import (
+    ANSWER_MODES,
+    AnswerSpec,
+    Backend,
+    Generation,
+    SamplingParams,
+    constrains_answers,
+    has_label_head,
+    head_ranking,
+)
+from recthinker_dagster.agent.labels import NUMBERED_STYLE, label_style_of
 from recthinker_dagster.agent.trajectory import (
     REASON_BACKEND_ERROR,
     REASON_DUPLICATES,
     REASON_EMPTY_ANSWER,
+    REASON_FORCED_HEAD,
     REASON_HALLUCINATED,
     REASON_NO_ANSWER,
     REASON_PARTIAL,
@@ -46,6 +75,7 @@ from recthinker_dagster.metrics import task_metrics
 
 BUDGET_EXHAUSTED = "budget_exhausted"
 TOOL_EXCEPTION = "tool_exception"
+logger = logging.getLogger(__name__)
 
 
 class TaskToolbox(Protocol):
@@ -69,10 +99,14 @@ class AgentConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     producer: str | None = None  # recorded on trajectories; defaults to the backend's name
     system_prompt: str = prompts.SYSTEM_PROMPT
+    answer_mode: str = "generate"  # "generate": the model writes the ranking; "logits": the label head
+    constrain_answers: bool = True  # decode answers under the label constraint where the backend can
 
     def __post_init__(self):
         if self.max_turns < 1 or self.max_tool_calls < 0:
             raise ValueError("max_turns must be >= 1 and max_tool_calls >= 0")
+        if self.answer_mode not in ANSWER_MODES:
+            raise ValueError(f"answer_mode must be one of {list(ANSWER_MODES)}, got {self.answer_mode!r}")
 
 
 def run_agent(
@@ -85,8 +119,13 @@ def run_agent(
 ) -> list[Trajectory]:
     """Run every task to a final ranking; one trajectory per task, in input order."""
     config = config or AgentConfig()
+    constrained = config.constrain_answers and constrains_answers(backend)
+    if config.answer_mode == "logits" and not (constrained and has_label_head(backend)):
+        raise ValueError("answer_mode='logits' needs a backend with a label head (the transformers backend) "
+                         "and constrain_answers=True; use answer_mode='generate' with this backend")
+    fits = _LabelCheck(backend)
     episodes = [
-        _Episode(task if isinstance(task, AgentTask) else AgentTask.from_mapping(task), toolbox_factory, config)
+        _Episode(task if isinstance(task, AgentTask) else AgentTask.from_mapping(task), toolbox_factory, config, fits)
         for task in tasks
     ]
     step = 0
@@ -94,27 +133,75 @@ def run_agent(
         if on_step is not None:
             on_step(step, len(active))
         seed = None if config.sampling.seed is None else config.sampling.seed + step
+        extra = {"answers": [episode.answer_spec() for episode in active]} if constrained else {}
         generations = backend.generate(
             [episode.messages for episode in active],
             [episode.tools for episode in active],
             config.sampling.with_seed(seed),
+            **extra,
         )
         if len(generations) != len(active):
             raise RuntimeError(f"backend returned {len(generations)} generations for {len(active)} prompts")
         for episode, generation in zip(active, generations):
             episode.advance(generation)
+        _rank_by_head(backend, [episode for episode in active if episode.needs_head])
         step += 1
     backend_name: str = getattr(backend, "name", type(backend).__name__)
     producer = config.producer or backend_name
     return [episode.trajectory(producer) for episode in episodes]
 
 
+def _rank_by_head(backend: Backend, episodes: list[_Episode]) -> None:
+    """The forced head for episodes that never gave a usable answer; without a head, the fallback."""
+    if not episodes:
+        return
+    if not has_label_head(backend):
+        for episode in episodes:
+            episode.give_up()
+        return
+    started = time.perf_counter()
+    scores = backend.rank_labels(  # type: ignore[attr-defined]
+        [episode.messages for episode in episodes],
+        [episode.tools for episode in episodes],
+        [list(episode.labels) for episode in episodes],
+    )
+    seconds = time.perf_counter() - started  # like a generation: the wall time of the batch
+    for episode, label_scores in zip(episodes, scores):
+        episode.latency += seconds
+        episode.accept_head(label_scores)
+
+
+class _LabelCheck:
+    """Whether a task's labels are single tokens of the backend's tokenizer (cached per label set;
+    always true for backends that cannot tell); warns once per run about a fallback."""
+
+    def __init__(self, backend: Backend):
+        self.check = getattr(backend, "labels_fit", None)
+        self.known: dict[tuple[str, ...], bool] = {}
+        self.warned = False
+
+    def __call__(self, labels: tuple[str, ...]) -> bool:
+        if self.check is None or label_style_of(labels) == NUMBERED_STYLE:
+            return True
+        if labels not in self.known:
+            self.known[labels] = bool(self.check(labels))
+        if not self.known[labels] and not self.warned:
+            self.warned = True
+            logger.warning("labels %s are not single tokens of the backend's tokenizer: falling back to "
+                           "C1..CN labels", ", ".join(labels))
+        return self.known[labels]
+
+
 class _Episode:
     """The state of one task's conversation."""
 
-    def __init__(self, task: AgentTask, toolbox_factory: Callable[[AgentTask], TaskToolbox], config: AgentConfig):
+    def __init__(self, task: AgentTask, toolbox_factory: Callable[[AgentTask], TaskToolbox], config: AgentConfig,
+                 labels_fit: Callable[[tuple[str, ...]], bool] | None = None):
         self.task, self.config = task, config
         self.toolbox = toolbox_factory(task)
+        if labels_fit is not None and not labels_fit(tuple(self.toolbox.labels)) \
+                and hasattr(self.toolbox, "use_label_style"):
+            self.toolbox.use_label_style(NUMBERED_STYLE)
         self.labels: dict[str, str] = dict(self.toolbox.labels)
         self.tools: list[dict] = list(self.toolbox.schemas())
         self.tool_names = {schema["function"]["name"] for schema in self.tools}
@@ -125,15 +212,20 @@ class _Episode:
             max_turns=config.max_turns,
             max_tool_calls=config.max_tool_calls,
             template=config.system_prompt,
+            labels=list(self.labels),
         )
         self.records: list[ToolCallRecord] = []
         self.turns = self.tool_calls_used = self.parse_issues = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.latency = 0.0
-        self.forced = self.done = False
+        self.forced = self.done = self.needs_head = False
         self.answer: P.Answer | None = None
+        self.head_scores: dict[str, float] | None = None
         self.finish = "fallback"
         self.reasons: list[str] = []
+
+    def answer_spec(self) -> AnswerSpec:
+        return AnswerSpec(tuple(self.labels), self.config.answer_mode)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -150,24 +242,43 @@ class _Episode:
         parsed = P.parse_turn(generation.text, self.labels, self.tool_names, generation.finish_reason)
         self.parse_issues += len(parsed.issues)
 
-        if parsed.answer is not None:
+        if parsed.answer is not None and not parsed.answer.empty:
             self.messages.append({"role": "assistant", "content": parsed.text.strip()})
+            self.head_scores = generation.head_scores
             self._accept(parsed.answer)
             return
-        if self.forced:  # the last chance went unused: calls are not run any more
+        if parsed.answer is not None:  # an answer without a single valid label: ask once more
+            self.reasons.append(REASON_EMPTY_ANSWER)
+        if self.forced:  # the last chance went unused: calls are not run any more; the head ranks (run_agent)
             self.messages.append({"role": "assistant", "content": parsed.text.strip()})
-            self.reasons.append(REASON_NO_ANSWER)
-            self.done = True
+            self.needs_head = True
             return
-        if parsed.tool_calls:
+        if parsed.tool_calls and parsed.answer is None:
             self._act(parsed)
         else:
             self.messages.append({"role": "assistant", "content": parsed.text.strip()})
-        if self.turns >= self.config.max_turns or self.tool_calls_used >= self.config.max_tool_calls:
+        if parsed.answer is not None or self.turns >= self.config.max_turns \
+                or self.tool_calls_used >= self.config.max_tool_calls:
             self.forced = True
-            self.messages.append(prompts.final_answer_request(len(self.labels)))
+            self.messages.append(prompts.final_answer_request(list(self.labels)))
         elif not parsed.tool_calls:
-            self.messages.append(prompts.no_action_nudge())
+            self.messages.append(prompts.no_action_nudge(list(self.labels)))
+
+    def accept_head(self, scores: Mapping[str, float]) -> None:
+        """The forced head's ranking (after the final request went unanswered), as an assistant turn."""
+        order = head_ranking(dict(scores), list(self.labels))
+        self.messages.append({"role": "assistant",
+                              "content": f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}"})
+        answer, _ = P.parse_answer(", ".join(order), self.labels)
+        self.head_scores = {label: round(float(scores[label]), 4) for label in self.labels}
+        self.answer, self.finish = answer, "forced_head"
+        self.reasons.append(REASON_FORCED_HEAD)
+        self.needs_head, self.done = False, True
+
+    def give_up(self) -> None:
+        """No answer and no head: the candidates' original order, marked invalid."""
+        self.reasons.append(REASON_NO_ANSWER)
+        self.needs_head, self.done = False, True
 
     def _act(self, parsed: P.ParsedTurn) -> None:
         """Append the assistant turn with its calls, then one tool message per call."""
@@ -215,10 +326,6 @@ class _Episode:
     def _accept(self, answer: P.Answer) -> None:
         self.done = True
         self.finish = "forced_answer" if self.forced else "answer"
-        if answer.empty:
-            self.reasons.append(REASON_EMPTY_ANSWER)
-            self.finish = "fallback"
-            return
         self.answer = answer
         if answer.missing:
             self.reasons.append(f"{REASON_PARTIAL}:{len(answer.missing)}")
@@ -254,6 +361,9 @@ class _Episode:
             valid=self.answer is not None and self.answer.complete,
             reasons=self.reasons,
             finish=self.finish if self.answer is not None else "fallback",
+            answer_mode=self.config.answer_mode,
+            repaired=self.answer is not None and self.answer.repaired,
+            head_scores=None if self.head_scores is None else {k: round(v, 4) for k, v in self.head_scores.items()},
             metrics=task_metrics(ranking, task.target_item_id),
             n_turns=self.turns,
             n_tool_calls=sum(1 for r in self.records if r.error_kind != BUDGET_EXHAUSTED),

@@ -13,14 +13,23 @@ Tool calls
     ``unclosed_tool_call`` note. A block with several objects is invalid as a whole if any is.
 
 Answer
-    The last ``<answer>...</answer>`` block (``multiple_answers`` if more than one). Labels are
-    ``C<n>`` (case-insensitive, ``C07`` = ``C7``), read in order. Labels not among the candidates
-    (``unknown_label``: hallucinated) and repeats (``duplicate_label``) are dropped; other text in
-    the block is reported (``unparsed_answer_text``) but harmless; candidates never mentioned are
-    appended in their original candidate order (``missing_labels``: a partial answer). So a
-    non-empty answer always yields a permutation of the candidate item ids. An answer without any
-    valid label is ``empty_answer``. An ``<answer>`` still open at the end of the text is parsed
-    as far as it goes (``unclosed_answer``).
+    The last ``<answer>...</answer>`` block (``multiple_answers`` if more than one), read in
+    order against the task's labels, whose style the labels themselves tell (``agent/labels.py``):
+    letters are single upper-case letters standing alone (``A, C, B``; so a stray ``I`` or
+    ``A`` word inside the block counts as a label), numbered labels are ``C<n>``
+    (case-insensitive, ``C07`` = ``C7``). Other text in the block is reported
+    (``unparsed_answer_text``) but harmless. An ``<answer>`` still open at the end of the text is
+    parsed as far as it goes (``unclosed_answer``). An answer without any valid label is
+    ``empty_answer``.
+
+    The strict reading: an answer is *complete* when it names every candidate exactly once,
+    invents none and is closed. Anything else is *repaired*, always the same documented way:
+    labels not among the candidates (``unknown_label``: hallucinated) and repeats
+    (``duplicate_label``) are dropped, then the candidates never mentioned are appended in
+    their original candidate order (``missing_labels``). So a non-empty answer always yields a
+    permutation of the candidate item ids, and ``Answer.repaired`` says when it took the repair
+    (the loop records it as the trajectory's ``repaired``; it is never a valid answer). Local
+    models decode answers under a constraint and never need the repair; HTTP backends can.
 
 Both in one turn
     The answer wins and ends the episode; the calls are not executed (``answer_with_tool_calls``).
@@ -38,6 +47,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from recthinker_dagster.agent.labels import NUMBERED_STYLE, label_style_of
 from recthinker_dagster.agent.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # Problems with one tool call (each makes the call invalid).
@@ -65,6 +75,7 @@ _BLOCK = re.compile(
 )
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
 _LABEL = re.compile(r"(?<![A-Za-z0-9_])[Cc](\d{1,6})(?![A-Za-z0-9_])")
+_LETTER = re.compile(r"(?<![A-Za-z0-9_])[A-Z](?![A-Za-z0-9_])")
 _ENUMERATOR = re.compile(r"(?<![A-Za-z0-9_])\d+[.)](?!\d)")
 _SEPARATORS = re.compile(r"[\s,;:>\-\u2013\u2014\[\]()\"'`.*#|/]+")
 _ANALYSIS = re.compile(r"\**analysis\**\s*:\s*\**\s*(.*?)(?=\n\s*\**plan\**\s*:|\Z)", re.DOTALL | re.IGNORECASE)
@@ -121,6 +132,11 @@ class Answer:
         """Every candidate ranked exactly once by the model, no hallucinated label, tag closed."""
         return bool(self.labels) and not (self.missing or self.duplicates or self.unknown) and self.closed
 
+    @property
+    def repaired(self) -> bool:
+        """The ranking took the documented repair (some labels, but not a complete answer)."""
+        return bool(self.labels) and not self.complete
+
 
 @dataclass
 class ParsedTurn:
@@ -160,19 +176,21 @@ def format_tool_call(name: str, arguments: dict | str) -> str:
 
 def parse_answer(body: str, labels: Mapping[str, str], *, closed: bool = True) -> tuple[Answer, list[Issue]]:
     """Read an answer block against ``labels`` (candidate label -> item id, in candidate order)."""
-    known = {normalize_label(label) or label: label for label in labels}
+    numbered = label_style_of(list(labels)) == NUMBERED_STYLE
+    pattern = _LABEL if numbered else _LETTER
+    known = {(normalize_label(label) or label) if numbered else label: label for label in labels}
     ranked: list[str] = []
     duplicates: list[str] = []
     unknown: list[str] = []
-    for match in _LABEL.finditer(body):
-        label = known.get(f"C{int(match.group(1))}")
+    for match in pattern.finditer(body):
+        label = known.get(f"C{int(match.group(1))}" if numbered else match.group(0))
         if label is None:
             unknown.append(match.group(0))
         elif label in ranked:
             duplicates.append(label)
         else:
             ranked.append(label)
-    leftover = _ENUMERATOR.sub(" ", _LABEL.sub(" ", body))
+    leftover = _ENUMERATOR.sub(" ", pattern.sub(" ", body))
     extra = _SEPARATORS.sub(" ", leftover).strip()
     missing = [label for label in labels if label not in ranked] if ranked else []
     order = ranked + missing if ranked else list(labels)

@@ -7,15 +7,18 @@ A conversation is a list of OpenAI-style chat messages::
     assistant  "Analysis: ... Plan: ..." then <tool_call>{...}</tool_call> (one or more)
     tool       one message per call, in call order
     ...
-    assistant  "Analysis: ... Plan: ..." then <answer>C3, C1, C7, ...</answer>
+    assistant  "Analysis: ... Plan: ..." then <answer>C, A, G, ...</answer>
 
-Tool schemas are not written here: chat templates render them into the system turn
+Label examples follow the task's labels (``agent/labels.py``): ``C, A, G`` with letter labels,
+``C3, C1, C7`` with numbered ones. Tool schemas are not written here: chat templates render them into the system turn
 (``apply_chat_template(..., tools=...)``) and HTTP servers receive them as ``tools``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from recthinker_dagster.agent.labels import DEFAULT_LABEL_STYLE, candidate_labels
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -31,28 +34,47 @@ Then act in exactly one of two ways:
 1. Call one or more tools, each as <tool_call>{"name": "<tool name>", "arguments": {...}}</tool_call>. \
 The results come back in the next message.
 2. When you know enough, give the final ranking of ALL candidates by label, best first, and stop: \
-<answer>C3, C1, C7, ...</answer>
+<answer>{answer_example}</answer>
 
 Rules:
-- Refer to candidates by their labels (C1, C2, ...); rank every candidate exactly once.
+- Refer to candidates by their labels ({label_list}); rank every candidate exactly once.
 - Do not call tools and answer in the same turn.
 - You have at most {max_turns} turns and {max_tool_calls} tool calls; use them only where they help."""
 
 FINAL_ANSWER_REQUEST = (
     "Your budget of turns and tool calls is used up. Do not call any more tools. Give your final "
-    "ranking of all {n} candidates now, best first, as <answer>C.., C.., ...</answer>."
+    "ranking of all {n} candidates now, best first, as <answer>{answer_example}</answer>."
 )
 
 NO_ACTION_NUDGE = (
     "Your reply contained neither a tool call nor an answer. Call a tool as "
     '<tool_call>{"name": ..., "arguments": {...}}</tool_call> or give the final ranking as '
-    "<answer>C.., C.., ...</answer>."
+    "<answer>{answer_example}</answer>."
 )
 
 
-def system_prompt(max_turns: int, max_tool_calls: int, template: str = SYSTEM_PROMPT) -> str:
-    """The system prompt with the budgets filled in (plain replacement: the JSON braces stay)."""
-    return template.replace("{max_turns}", str(max_turns)).replace("{max_tool_calls}", str(max_tool_calls))
+def answer_example(labels: Sequence[str] | None = None) -> str:
+    """``C, A, G, ...``: three of the labels in a shuffled order (``C3, C1, C7, ...`` when numbered)."""
+    labels = list(labels) if labels else candidate_labels(10, DEFAULT_LABEL_STYLE)
+    picks = [labels[k] for k in (2, 0, 6) if k < len(labels)] or labels
+    return ", ".join(picks) + ", ..."
+
+
+def label_list(labels: Sequence[str] | None = None) -> str:
+    """``A, B, ...``: how the rules name the labels."""
+    labels = list(labels) if labels else candidate_labels(10, DEFAULT_LABEL_STYLE)
+    return ", ".join(labels[:2]) + ", ..."
+
+
+def system_prompt(max_turns: int, max_tool_calls: int, template: str = SYSTEM_PROMPT,
+                  labels: Sequence[str] | None = None) -> str:
+    """The system prompt with the budgets and label examples filled in (plain replacement: the
+    JSON braces stay)."""
+    values = {"max_turns": max_turns, "max_tool_calls": max_tool_calls,
+              "answer_example": answer_example(labels), "label_list": label_list(labels)}
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", str(value))
+    return template
 
 
 def user_prompt(history_lines: Sequence[str], candidate_lines: Sequence[str], user_id: str | None = None) -> str:
@@ -79,17 +101,20 @@ def initial_messages(
     max_turns: int,
     max_tool_calls: int,
     template: str = SYSTEM_PROMPT,
+    labels: Sequence[str] | None = None,
 ) -> list[dict]:
-    """``[system, user]``: the start of every conversation."""
+    """``[system, user]``: the start of every conversation (``labels``: the candidates' labels)."""
     return [
-        {"role": "system", "content": system_prompt(max_turns, max_tool_calls, template)},
+        {"role": "system", "content": system_prompt(max_turns, max_tool_calls, template, labels)},
         {"role": "user", "content": user_prompt(history_lines, candidate_lines, user_id)},
     ]
 
 
-def final_answer_request(n_candidates: int) -> dict:
-    return {"role": "user", "content": FINAL_ANSWER_REQUEST.format(n=n_candidates)}
+def final_answer_request(labels: Sequence[str]) -> dict:
+    """The one request for the final answer, once the budgets are used up."""
+    text = FINAL_ANSWER_REQUEST.replace("{n}", str(len(labels))).replace("{answer_example}", answer_example(labels))
+    return {"role": "user", "content": text}
 
 
-def no_action_nudge() -> dict:
-    return {"role": "user", "content": NO_ACTION_NUDGE}
+def no_action_nudge(labels: Sequence[str] | None = None) -> dict:
+    return {"role": "user", "content": NO_ACTION_NUDGE.replace("{answer_example}", answer_example(labels))}

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 # Why a trajectory's final ranking is not a clean model answer (``Trajectory.reasons``).
-REASON_NO_ANSWER = "no_answer"  # budgets ran out and the forced turn gave no answer: fallback order
-REASON_EMPTY_ANSWER = "empty_answer"  # an answer without a single valid label: fallback order
+REASON_NO_ANSWER = "no_answer"  # no usable answer even when asked, and no label head: fallback order
+REASON_EMPTY_ANSWER = "empty_answer"  # an answer without a single valid label (the model is asked once more)
+REASON_FORCED_HEAD = "forced_head"  # no usable answer even when asked: the label head ranked
 REASON_PARTIAL = "partial_answer"  # missing candidates appended in candidate order
 REASON_DUPLICATES = "duplicate_labels"
 REASON_HALLUCINATED = "unknown_labels"
@@ -75,9 +76,10 @@ class Trajectory:
     target_item_id: str
     final_ranking: list[str]  # item ids, best first: always a permutation of the candidates
     final_labels: list[str]  # the same ranking as candidate labels
-    valid: bool  # the model answered with every candidate exactly once and nothing invented
-    reasons: list[str]  # why not valid, or what was repaired (empty when clean)
-    finish: str  # "answer", "forced_answer" (after the budgets ran out) or "fallback"
+    valid: bool  # a full permutation from the model: a complete answer, or the forced head's ranking
+    reasons: list[str]  # why not valid, or what was repaired or forced (empty when clean)
+    finish: str  # "answer", "forced_answer" (after the final request), "forced_head" (the label head
+    # ranked after the final request went unanswered) or "fallback" (candidate order; never valid)
     metrics: dict[str, float]
     n_turns: int  # assistant turns generated, the forced final turn included
     n_tool_calls: int  # calls that consumed budget (invalid ones included)
@@ -86,6 +88,9 @@ class Trajectory:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float  # generation wall time of the batches this task was in, plus its tool time
+    answer_mode: str = "generate"  # "generate" (the model wrote the ranking) or "logits" (the label head)
+    repaired: bool = False  # an incomplete answer took the parser's documented repair (never valid)
+    head_scores: dict[str, float] | None = None  # label -> head log-probability when the head ranked
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,7 +4,9 @@ Reviews (2014 or 2018, e.g. ``CDs_and_Vinyl_5.json.gz``): one JSON object per li
 ``reviewerID``, ``asin``, ``overall``, ``unixReviewTime``. Metadata (``meta_<Category>.json.gz``):
 2018 lines are JSON (``category`` list, ``description`` list, ``brand``, ``date``); 2014
 lines are Python dict literals (``categories`` list of lists, ``description`` string), read
-with ``ast.literal_eval``. User ids are reviewer ids, item ids are ASINs.
+with ``ast.literal_eval``. User ids are reviewer ids, item ids are ASINs. Lines are UTF-8;
+a byte-order mark at the start is removed (and noted). A reviews file without a single
+review is an error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import polars as pl
 
 from recthinker_dagster.data import textio
 from recthinker_dagster.data.errors import DataFormatError
+from recthinker_dagster.data.notes import CleaningNote
 from recthinker_dagster.data.schema import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
@@ -43,14 +46,18 @@ BLOCK = 64 << 20
 def fast_read(path: Path, schema: FrameSchema) -> pl.DataFrame | None:
     """Read the ``schema`` keys with polars' JSON reader, in blocks of whole lines.
 
-    Returns None on any problem (bad JSON, other types, Python literals, damaged gzip):
-    the caller then parses line by line, which names the exact line that is wrong.
+    Returns None on any problem (bad JSON, other types, Python literals, damaged gzip,
+    a byte-order mark): the caller then parses line by line, which names the exact line
+    that is wrong (and strips a byte-order mark, noting it).
     """
-    frames, rest = [], b""
+    frames: list[pl.DataFrame] = []
+    rest = b""
     opener = gzip.open if textio.is_gzip(path) else open
     try:
         with opener(path, "rb") as handle:
             while block := handle.read(BLOCK):
+                if not frames and not rest and block.startswith(textio.BOM):
+                    return None
                 block = rest + block
                 cut = block.rfind(b"\n") + 1
                 rest, block = block[cut:], block[:cut]
@@ -63,10 +70,14 @@ def fast_read(path: Path, schema: FrameSchema) -> pl.DataFrame | None:
     return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_records(
+    path: Path, notes: list[CleaningNote] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, record)`` for each non-blank line; bad lines raise DataFormatError."""
     literal_first = False
     for number, raw in textio.iter_raw_lines(path):
+        if number == 1:
+            raw = textio.strip_bom(raw, path, notes)
         if not raw.strip():
             continue
         try:
@@ -74,9 +85,12 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
             textio.check_gzip_complete(path)
             column = getattr(exc, "colno", None) or getattr(exc, "offset", None) or 1
+            problem = "malformed JSON"
+            if isinstance(exc, UnicodeDecodeError):
+                problem, column = "not valid UTF-8", exc.start + 1
             raise DataFormatError(
                 path,
-                f"malformed JSON: {exc}",
+                f"{problem}: {exc}",
                 line=number,
                 column=str(column),
                 expected="one JSON object per line",
@@ -107,31 +121,32 @@ def _missing(path: Path, number: int, key: str, expected: str) -> DataFormatErro
                            expected=expected)
 
 
-def read_reviews(path: Path) -> pl.DataFrame:
+def read_reviews(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """Review lines -> INTERACTIONS_SCHEMA; ``order`` is the 0-based record index."""
     low, high = RATING_RANGE
     fast = fast_read(path, REVIEW_SCHEMA)
-    if fast is not None:
+    if fast is not None and fast.height:
         ids_ok = fast.select(
             pl.all_horizontal(pl.col(k).is_not_null() for k in REVIEW_KEYS).all()
             & (pl.col("reviewerID") != "").all() & (pl.col("asin") != "").all()
             & pl.col("overall").is_between(low, high).all()
+            & pl.col("unixReviewTime").is_between(1, textio.MAX_TIMESTAMP).all()
         ).item()
         if ids_ok:
             frame = fast.rename({"reviewerID": "user_id", "asin": "item_id", "overall": "rating",
                                  "unixReviewTime": "timestamp"})
             return conform(frame.with_row_index("order"), INTERACTIONS_SCHEMA)
-    return read_reviews_by_line(path)
+    return read_reviews_by_line(path, notes)
 
 
-def read_reviews_by_line(path: Path) -> pl.DataFrame:
+def read_reviews_by_line(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """``read_reviews`` parsing one line at a time: slower, but names the exact line that is wrong."""
     users: list[str] = []
     items: list[str] = []
     ratings: list[float] = []
     times: list[int] = []
     low, high = RATING_RANGE
-    for number, record in iter_records(path):
+    for number, record in iter_records(path, notes):
         for key in REVIEW_KEYS:
             if record.get(key) in (None, ""):
                 raise _missing(path, number, key, f"keys {', '.join(REVIEW_KEYS)}")
@@ -146,10 +161,17 @@ def read_reviews_by_line(path: Path) -> pl.DataFrame:
             raise DataFormatError(
                 path, f"{record['unixReviewTime']!r} is not a unix time", line=number,
                 column="unixReviewTime", expected="an integer (unix seconds)") from None
+        if not 1 <= stamp <= textio.MAX_TIMESTAMP:
+            raise DataFormatError(
+                path, f"unix time {stamp} is out of range", line=number, column="unixReviewTime",
+                expected=f"unix seconds from 1 to {textio.MAX_TIMESTAMP}")
         users.append(str(record["reviewerID"]))
         items.append(str(record["asin"]))
         ratings.append(float(rating))
         times.append(stamp)
+    if not users:
+        raise DataFormatError(path, "no reviews: the file has no data lines", line=1,
+                              expected=f"one JSON object per line with {', '.join(REVIEW_KEYS)}")
     frame = pl.DataFrame(
         {"user_id": users, "item_id": items, "rating": ratings, "timestamp": times},
         schema={"user_id": pl.Utf8, "item_id": pl.Utf8, "rating": pl.Float64,
@@ -173,7 +195,7 @@ def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(v.strip() for v in values if v.strip()))
 
 
-def read_metadata(path: Path) -> pl.DataFrame:
+def read_metadata(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """Metadata lines -> ITEMS_SCHEMA. ``creator`` is ``brand``; ``year`` comes from ``date``."""
     fast = fast_read(path, META_SCHEMA)
     if (
@@ -197,14 +219,14 @@ def read_metadata(path: Path) -> pl.DataFrame:
             date=pl.col("date"),
         )
         return _finish_metadata(frame)
-    return read_metadata_by_line(path)
+    return read_metadata_by_line(path, notes)
 
 
-def read_metadata_by_line(path: Path) -> pl.DataFrame:
+def read_metadata_by_line(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """``read_metadata`` parsing one line at a time (2014 literals, or a line the fast path rejects)."""
     keys = ("item_id", "title", "categories", "creator", "description", "date")
     rows: dict[str, list[Any]] = {k: [] for k in keys}
-    for number, record in iter_records(path):
+    for number, record in iter_records(path, notes):
         asin = record.get("asin")
         if asin in (None, ""):
             raise _missing(path, number, "asin", "an 'asin' key on every line")
@@ -239,14 +261,17 @@ def load_amazon_json(
     reviews_path: Path, meta_path: Path | None = None, *, name: str = "amazon"
 ) -> Dataset:
     """Reviews plus optional metadata; Amazon has no user demographics (empty users table)."""
-    items = read_metadata(meta_path) if meta_path else pl.DataFrame(schema=ITEMS_SCHEMA)
+    notes: list[CleaningNote] = []
+    interactions = read_reviews(reviews_path, notes)
+    items = read_metadata(meta_path, notes) if meta_path else pl.DataFrame(schema=ITEMS_SCHEMA)
     source = {"format": "amazon-json", "reviews": str(reviews_path)}
     if meta_path:
         source["metadata"] = str(meta_path)
     return Dataset(
         name=name,
-        interactions=read_reviews(reviews_path),
+        interactions=interactions,
         items=items,
         users=pl.DataFrame(schema=USERS_SCHEMA),
         source=source,
+        notes=notes,
     )

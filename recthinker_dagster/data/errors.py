@@ -35,3 +35,7 @@ class DataFormatError(ValueError):
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are absent and could not be downloaded."""
+
+
+class MetadataQualityError(DataFormatError):
+    """Too few items have metadata (a non-empty title): the ingest stops before publishing."""

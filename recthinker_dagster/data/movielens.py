@@ -1,7 +1,9 @@
 """MovieLens-1M as published by GroupLens: ``ratings.dat``, ``movies.dat``, ``users.dat``.
 
-Each file is ``::``-separated ISO-8859-1 text, plain or gzip'd. Ids stay the decimal
-strings of the file ("1", "1193"); ``order`` is the 0-based line index in ``ratings.dat``.
+Each file is ``::``-separated ISO-8859-1 text, plain or gzip'd (a copy re-saved as UTF-8
+is read as UTF-8, and noted). Ids are positive integers, kept as their decimal strings
+("1", "1193"); ``order`` is the 0-based line index in ``ratings.dat``. An empty file is an
+error: every one of the three files is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from recthinker_dagster.data import textio
+from recthinker_dagster.data.notes import CleaningNote
 from recthinker_dagster.data.schema import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
@@ -57,35 +60,36 @@ def missing_hint(folder: Path) -> str:
     )
 
 
-def _fields(path: Path, names: list[str]) -> pl.DataFrame:
-    text = textio.read_bytes(path).decode(ENCODING)
-    return textio.split_fields(textio.split_lines(text), SEP, names, path)
+def _fields(path: Path, names: list[str], notes: list[CleaningNote] | None) -> pl.DataFrame:
+    lines = textio.split_lines(textio.read_text(path, ENCODING, notes))
+    textio.require_lines(lines, path, f"lines of {SEP.join(names)}")
+    return textio.split_fields(lines, SEP, names, path)
 
 
-def read_ratings(path: Path) -> pl.DataFrame:
+def read_ratings(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """``UserID::MovieID::Rating::Timestamp`` -> INTERACTIONS_SCHEMA."""
-    raw = _fields(path, ["UserID", "MovieID", "Rating", "Timestamp"])
+    raw = _fields(path, ["UserID", "MovieID", "Rating", "Timestamp"], notes)
     low, high = RATING_RANGE
     frame = pl.DataFrame(
         {
-            "user_id": textio.parse_int(raw, "UserID", path).cast(pl.Utf8),
-            "item_id": textio.parse_int(raw, "MovieID", path).cast(pl.Utf8),
+            "user_id": textio.parse_id(raw, "UserID", path),
+            "item_id": textio.parse_id(raw, "MovieID", path),
             "rating": textio.parse_float(raw, "Rating", path, low=low, high=high),
-            "timestamp": textio.parse_int(raw, "Timestamp", path),
+            "timestamp": textio.parse_unix_seconds(raw, "Timestamp", path),
             "order": raw[textio.LINE] - 1,
         }
     )
     return conform(frame, INTERACTIONS_SCHEMA)
 
 
-def read_movies(path: Path) -> pl.DataFrame:
+def read_movies(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """``MovieID::Title (Year)::Genre|Genre`` -> ITEMS_SCHEMA (title without the year)."""
-    raw = _fields(path, ["MovieID", "Title", "Genres"])
+    raw = _fields(path, ["MovieID", "Title", "Genres"], notes)
     title = raw["Title"].str.strip_chars()
     parts = title.str.extract_groups(r"^(.*?)\s*\((\d{4})\)$")
     frame = pl.DataFrame(
         {
-            "item_id": textio.parse_int(raw, "MovieID", path).cast(pl.Utf8),
+            "item_id": textio.parse_id(raw, "MovieID", path),
             "title": parts.struct.field("1").fill_null(title),
             "year": parts.struct.field("2").cast(pl.Int32, strict=False),
             "categories": raw["Genres"].str.strip_chars().str.split("|").list.eval(
@@ -99,15 +103,15 @@ def read_movies(path: Path) -> pl.DataFrame:
     return conform(frame, ITEMS_SCHEMA)
 
 
-def read_users(path: Path) -> pl.DataFrame:
+def read_users(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """``UserID::Gender::Age::Occupation::Zip-code`` -> USERS_SCHEMA (occupation by name)."""
-    raw = _fields(path, ["UserID", "Gender", "Age", "Occupation", "Zip-code"])
+    raw = _fields(path, ["UserID", "Gender", "Age", "Occupation", "Zip-code"], notes)
     occupation = textio.parse_int(raw, "Occupation", path)
     names = pl.Series(list(OCCUPATIONS.values()), dtype=pl.Utf8)
     codes = pl.Series(list(OCCUPATIONS.keys()), dtype=pl.Int64)
     frame = pl.DataFrame(
         {
-            "user_id": textio.parse_int(raw, "UserID", path).cast(pl.Utf8),
+            "user_id": textio.parse_id(raw, "UserID", path),
             "gender": raw["Gender"].str.strip_chars().replace("", None),
             "age": textio.parse_int(raw, "Age", path),
             "occupation": occupation.replace_strict(codes, names, default=None),
@@ -122,10 +126,12 @@ def load_movielens_1m(folder: Path, *, name: str = "ml-1m") -> Dataset:
     """Read the three ML-1M files from ``folder`` (each plain or ``.gz``)."""
     hint = missing_hint(folder)
     paths = {stem: textio.require_file(folder, stem, hint) for stem in FILES}
+    notes: list[CleaningNote] = []
     return Dataset(
         name=name,
-        interactions=read_ratings(paths["ratings.dat"]),
-        items=read_movies(paths["movies.dat"]),
-        users=read_users(paths["users.dat"]),
+        interactions=read_ratings(paths["ratings.dat"], notes),
+        items=read_movies(paths["movies.dat"], notes),
+        users=read_users(paths["users.dat"], notes),
         source={"format": "movielens-1m", **{k: str(v) for k, v in paths.items()}},
+        notes=notes,
     )

@@ -1,8 +1,10 @@
 """RecBole atomic files: ``<stem>.inter`` (required), ``<stem>.item`` and ``<stem>.user``.
 
-Tab-separated, plain or gzip'd, with a ``name:type`` header (the ``:type`` part is
+Tab-separated UTF-8, plain or gzip'd, with a ``name:type`` header (the ``:type`` part is
 optional). Fields are mapped by name; unknown fields are ignored. Ids are kept as the
-file's tokens. A ``.inter`` without ``rating`` gives null ratings.
+file's tokens (a numeric token must be positive: RecBole reserves 0 for padding). A
+``.inter`` without ``rating`` gives null ratings; one without data lines is an error, while
+a header-only ``.item`` or ``.user`` simply describes no item or user.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import polars as pl
 
 from recthinker_dagster.data import textio
 from recthinker_dagster.data.errors import DataFormatError, DatasetNotFoundError
+from recthinker_dagster.data.notes import CleaningNote
 from recthinker_dagster.data.schema import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
@@ -29,10 +32,9 @@ CATEGORY_FIELDS = ("categories", "genre", "class")
 CREATOR_FIELDS = ("brand", "artist", "director")
 
 
-def read_atomic(path: Path) -> pl.DataFrame:
+def read_atomic(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
     """All fields of one atomic file as strings (header names without ``:type``), plus ``_line``."""
-    text = textio.read_bytes(path).decode("utf-8", errors="replace")
-    lines = textio.split_lines(text)
+    lines = textio.split_lines(textio.read_text(path, "utf-8", notes))
     if lines.height == 0:
         raise DataFormatError(path, "file is empty", line=1, expected="a `name:type` header")
     header = lines["text"][0]
@@ -75,10 +77,13 @@ def _categories(frame: pl.DataFrame, field: str | None) -> pl.Series:
     return parts.list.eval(word.filter(word != ""))
 
 
-def read_inter(path: Path) -> pl.DataFrame:
-    raw = read_atomic(path)
+def read_inter(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
+    raw = read_atomic(path, notes)
     for field in ("user_id", "item_id", "timestamp"):
         _require(raw, field, path)
+    if raw.height == 0:
+        raise DataFormatError(path, "no interactions: the file has only its header", line=2,
+                              expected="one tab-separated interaction per line after the header")
     if "rating" in raw.columns:
         low, high = RATING_RANGE
         rating = textio.parse_float(raw, "rating", path, low=low, high=high)
@@ -86,24 +91,24 @@ def read_inter(path: Path) -> pl.DataFrame:
         rating = pl.Series([None] * raw.height, dtype=pl.Float64)
     frame = pl.DataFrame(
         {
-            "user_id": textio.require_nonempty(raw, "user_id", path),
-            "item_id": textio.require_nonempty(raw, "item_id", path),
+            "user_id": textio.require_token(raw, "user_id", path),
+            "item_id": textio.require_token(raw, "item_id", path),
             "rating": rating,
-            "timestamp": textio.parse_float(raw, "timestamp", path).floor().cast(pl.Int64),
+            "timestamp": textio.parse_unix_seconds(raw, "timestamp", path, integer=False),
             "order": raw[textio.LINE] - 2,  # line 1 is the header
         }
     )
     return conform(frame, INTERACTIONS_SCHEMA)
 
 
-def read_item(path: Path) -> pl.DataFrame:
-    raw = read_atomic(path)
+def read_item(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
+    raw = read_atomic(path, notes)
     _require(raw, "item_id", path)
     year_field = _first(raw, YEAR_FIELDS)
     year = _text(raw, year_field).str.extract(r"(\d{4})").cast(pl.Int32, strict=False)
     frame = pl.DataFrame(
         {
-            "item_id": textio.require_nonempty(raw, "item_id", path),
+            "item_id": textio.require_token(raw, "item_id", path),
             "title": _text(raw, _first(raw, TITLE_FIELDS)),
             "year": year,
             "categories": _categories(raw, _first(raw, CATEGORY_FIELDS)),
@@ -115,13 +120,13 @@ def read_item(path: Path) -> pl.DataFrame:
     return conform(frame, ITEMS_SCHEMA)
 
 
-def read_user(path: Path) -> pl.DataFrame:
-    raw = read_atomic(path)
+def read_user(path: Path, notes: list[CleaningNote] | None = None) -> pl.DataFrame:
+    raw = read_atomic(path, notes)
     _require(raw, "user_id", path)
     age = _text(raw, "age" if "age" in raw.columns else None).cast(pl.Int32, strict=False)
     frame = pl.DataFrame(
         {
-            "user_id": textio.require_nonempty(raw, "user_id", path),
+            "user_id": textio.require_token(raw, "user_id", path),
             "gender": _text(raw, "gender" if "gender" in raw.columns else None),
             "age": age,
             "occupation": _text(raw, "occupation" if "occupation" in raw.columns else None),
@@ -163,12 +168,15 @@ def recbole_files(folder: Path, stem: str | None = None) -> dict[str, Path]:
 def load_recbole(folder: Path, *, stem: str | None = None, name: str | None = None) -> Dataset:
     """Load ``<stem>.inter`` plus the optional ``.item``/``.user`` from ``folder``."""
     files = recbole_files(folder, stem)
-    items = read_item(files["item"]) if "item" in files else pl.DataFrame(schema=ITEMS_SCHEMA)
-    users = read_user(files["user"]) if "user" in files else pl.DataFrame(schema=USERS_SCHEMA)
+    notes: list[CleaningNote] = []
+    interactions = read_inter(files["inter"], notes)
+    items = read_item(files["item"], notes) if "item" in files else pl.DataFrame(schema=ITEMS_SCHEMA)
+    users = read_user(files["user"], notes) if "user" in files else pl.DataFrame(schema=USERS_SCHEMA)
     return Dataset(
         name=name or files["inter"].name.split(".")[0],
-        interactions=read_inter(files["inter"]),
+        interactions=interactions,
         items=items,
         users=users,
         source={"format": "recbole", **{role: str(path) for role, path in files.items()}},
+        notes=notes,
     )

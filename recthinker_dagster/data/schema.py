@@ -13,6 +13,8 @@ from typing import TypeAlias
 import polars as pl
 from polars.datatypes import DataTypeClass
 
+from recthinker_dagster.data.notes import CleaningNote
+
 FrameSchema: TypeAlias = dict[str, pl.DataType | DataTypeClass]
 """Column name -> polars dtype: a dtype class (``pl.Utf8``) or instance (``pl.List(pl.Utf8)``)."""
 
@@ -31,7 +33,7 @@ ITEMS_SCHEMA: FrameSchema = {
     "categories": pl.List(pl.Utf8),  # genres (ML-1M) or categories (Amazon); may be empty
     "creator": pl.Utf8,  # artist or brand (Amazon); null when unknown
     "description": pl.Utf8,  # free text, null when unknown
-    "has_metadata": pl.Boolean,  # False: the item only appears in interactions
+    "has_metadata": pl.Boolean,  # True only with a non-empty title (after cleaning)
 }
 
 USERS_SCHEMA: FrameSchema = {
@@ -55,6 +57,7 @@ class Dataset:
     items: pl.DataFrame
     users: pl.DataFrame
     source: dict[str, str] = field(default_factory=dict)  # file role -> path or description
+    notes: list[CleaningNote] = field(default_factory=list)  # what reading changed (BOMs, encodings)
 
 
 def empty_frame(schema: FrameSchema) -> pl.DataFrame:

@@ -23,12 +23,15 @@ from typing import Any
 from recthinker_dagster.data import download, movielens, recbole, textio
 from recthinker_dagster.data.amazon_json import load_amazon_json
 from recthinker_dagster.data.cleaning import clean_dataset
+from recthinker_dagster.data.coverage import METADATA_MIN_SHARE, METADATA_WARN_SHARE, check_metadata_share
 from recthinker_dagster.data.errors import DatasetNotFoundError
+from recthinker_dagster.data.notes import WARNINGS_KEY
 from recthinker_dagster.data.schema import Dataset
 from recthinker_dagster.data.synthetic import generate_synthetic
 
 AMAZON_REVIEWS = "CDs_and_Vinyl_5.json"
 AMAZON_META = "meta_CDs_and_Vinyl.json"
+ITEM_FILE_ROLES = {"movielens-1m": "movies.dat", "recbole": "item", "amazon-json": "metadata"}
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,17 @@ def _read(name: str, resolved: Resolved, synthetic_kwargs: dict | None) -> Datas
     return load_amazon_json(files["reviews"], files["metadata"], name=name)
 
 
+def item_file(resolved: Resolved) -> Path | str:
+    """The file the item titles come from (or what stands in for it), for messages."""
+    role = ITEM_FILE_ROLES.get(resolved.source_format)
+    if role is None:
+        return f"{resolved.source_format} generator"
+    if role in resolved.files:
+        return resolved.files[role]
+    inter = resolved.files["inter"]
+    return inter.parent / f"{inter.name.split('.inter')[0]}.item (absent)"
+
+
 def load_dataset(
     name: str,
     data_dir: Path,
@@ -159,9 +173,15 @@ def load_dataset(
     allow_download: bool = True,
     kcore: int | None = None,
     synthetic_kwargs: dict | None = None,
+    metadata_warn_share: float = METADATA_WARN_SHARE,
+    metadata_min_share: float = METADATA_MIN_SHARE,
 ) -> tuple[Dataset, dict[str, Any]]:
     """Load dataset ``name`` from ``data_dir`` (downloading if allowed), clean it, return
-    ``(dataset, stats)``. ``kcore=None`` uses the source's default; ``0`` disables it."""
+    ``(dataset, stats)``. ``kcore=None`` uses the source's default; ``0`` disables it.
+
+    Fails with MetadataQualityError when the share of items with a title is below
+    ``metadata_min_share``; below ``metadata_warn_share`` it adds a line to
+    ``stats["warnings"]`` (``notes.warning_lines`` gives them with the cleaning notes)."""
     resolved = _locate(name, data_dir, allow_download)
     files = sorted(resolved.files.values())
     verified = download.verify_sha256(files)
@@ -179,4 +199,8 @@ def load_dataset(
         "kcore": k or 0,
         **cleaning,
     }
+    warning = check_metadata_share(
+        stats, item_file(resolved), warn_share=metadata_warn_share, min_share=metadata_min_share
+    )
+    stats[WARNINGS_KEY] = [warning] if warning else []
     return dataset, stats

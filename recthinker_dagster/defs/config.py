@@ -132,6 +132,9 @@ class EvaluationConfig(StageConfig):
     )
     llm_max_turns: int | None = Field(default=None, description="Assistant turns of the LLM systems.")
     llm_max_new_tokens: int | None = Field(default=None, description="Tokens per assistant turn.")
+    answer_mode: str | None = Field(
+        default=None, description="LLM systems' answers: 'generate' (the model orders) or 'logits' (the label head)."
+    )
 
     def settings(self) -> EvaluationSettings:
         return super().settings()
@@ -172,6 +175,9 @@ class RLStageConfig(StageConfig):
     max_steps: int | None = Field(default=None, description="Override the recipe's GRPO steps.")
     resume: bool | None = Field(default=None, description="Continue an interrupted run from its last checkpoint.")
     eval_tasks_per_dataset: int | None = Field(default=None, description="Validation tasks per dataset (0: all).")
+    answer_mode: str | None = Field(
+        default=None, description="Rollout answers: 'generate' or 'logits' (the reward scores the label head's ranking)."
+    )
 
     def settings(self) -> RLSettings:
         return super().settings()

@@ -1,11 +1,23 @@
-"""Turn a finished artifact folder into a versioned, tracked Dagster materialization."""
+"""Turn a finished artifact folder into a versioned, tracked Dagster materialization.
+
+Write-audit-publish, the Dagster side: an asset holds its folders' :func:`publication_lock`
+from before its stage runs until DVC has added and pushed them, so a second run of the same
+asset waits instead of interleaving its swap and ``dvc add`` (or sharing resumable work
+files). The stage audits its staged output before the swap; :func:`audited` turns a failed
+audit (``storage.AuditFailed``) into failed evaluations of the asset checks that gate those
+folders, an observation on the asset, and a step failure listing the failed expectations;
+the published folder, its ``.dvc`` pointer and the remote stay as they were.
+"""
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 import polars as pl
@@ -16,7 +28,77 @@ from recthinker_dagster.defs.resources import (
     ProjectPaths,
 )
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
-from recthinker_dagster.storage import folder_size_bytes
+from recthinker_dagster.storage import AuditFailed, artifact_locks, folder_size_bytes
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The asset a published folder belongs to, and the asset check that reports its audit."""
+
+    asset_key: dg.AssetKey
+    check: dg.AssetCheckKey | None = None
+
+
+@contextmanager
+def publication_lock(context: dg.AssetExecutionContext, paths: ProjectPaths, folders: Iterable[Path]) -> Iterator[None]:
+    """Hold the inter-process locks of ``folders`` (``storage.artifact_locks``): wrap a stage
+    call and its publication, so swap, ``dvc add`` and push of one artifact never interleave."""
+    with artifact_locks(folders, paths.layout.lock_dir, log=context.log.info):
+        yield
+
+
+def audited(
+    context: dg.AssetExecutionContext, paths: ProjectPaths, gates: Mapping[Path, Gate], build: Callable[[], T]
+) -> Generator[dg.AssetObservation, None, T]:
+    """Run ``build`` (a stage that audits its staged output); its result, or, when the audit
+    fails, failed evaluations of the gates' checks and a step failure. Use with ``yield from``."""
+    try:
+        return build()
+    except AuditFailed as failed:
+        by_folder = {Path(folder).resolve(): gate for folder, gate in gates.items()}
+        check_failures: dict[dg.AssetCheckKey, list[str]] = {}
+        observed: dict[dg.AssetKey, str] = {}
+        for rejection in failed.rejections.values():
+            gate = by_folder.get(rejection.folder.resolve())
+            if gate is None:
+                continue
+            observed[gate.asset_key] = paths.layout.relative(rejection.kept_at)
+            if gate.check is not None and rejection.failures:  # folders staged with a failing one passed theirs
+                listed = check_failures.setdefault(gate.check, [])
+                listed += [f for f in rejection.failures if f not in listed]  # the index folders share one report
+        failure = yield from report_rejection(context, failed, check_failures, observed)
+        raise failure from failed
+
+
+def report_rejection(
+    context: dg.AssetExecutionContext,
+    error: Exception,
+    check_failures: Mapping[dg.AssetCheckKey, Sequence[str]],
+    observed: Mapping[dg.AssetKey, str],
+) -> Generator[dg.AssetObservation, None, dg.Failure]:
+    """Log failed evaluations of ``check_failures``' checks, yield an observation per asset in
+    ``observed`` (asset -> where its rejected output was kept, or "") so the events reach the
+    run, and return the step failure to raise: its message lists the failed expectations."""
+    for check, failures in check_failures.items():
+        context.log_event(dg.AssetCheckEvaluation(
+            asset_key=check.asset_key,
+            check_name=check.name,
+            passed=False,
+            metadata={
+                "failed_expectations": len(failures),
+                "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures)),
+                "published_version": "unchanged: the audited output was rejected before the swap",
+            },
+            description="staged output rejected: " + "; ".join(failures[:3]),
+        ))
+    context.log.error(str(error))
+    listing = dg.MetadataValue.md("\n".join(f"- {f}" for fs in check_failures.values() for f in fs) or str(error))
+    for asset_key, kept_at in observed.items():
+        yield dg.AssetObservation(asset_key=asset_key, metadata={
+            "audit": "failed: not published", "failures": listing, "rejected_output": kept_at or "not kept"})
+    return dg.Failure(description=str(error), metadata={"failures": listing})
 
 
 def publish(
@@ -40,24 +122,25 @@ def publish(
     so any past version can be found from either UI and restored from the DVC cache.
     """
     started = time.perf_counter()
-    version = dvc.track(folder)
-    md5 = version["md5"]
-    metrics = {**metrics, "artifact_bytes": folder_size_bytes(folder), "dvc_seconds": time.perf_counter() - started}
     key_path = "/".join(asset_key.path)
-    run_id = mlflow.log_run(
-        key_path,
-        params=params,
-        metrics=metrics,
-        tags={
-            "asset": key_path,
-            "dagster_run_id": context.run.run_id,
-            "dvc_md5": md5,
-            "dvc_file": version.get("dvc_file", ""),
-        },
-        texts=texts,
-        series=series,
-        artifacts=artifacts,
-    )
+    with publication_lock(context, paths, [folder]):  # re-entrant: the asset usually holds it already
+        version = dvc.track(folder)
+        md5 = version["md5"]
+        metrics = {**metrics, "artifact_bytes": folder_size_bytes(folder), "dvc_seconds": time.perf_counter() - started}
+        run_id = mlflow.log_run(
+            key_path,
+            params=params,
+            metrics=metrics,
+            tags={
+                "asset": key_path,
+                "dagster_run_id": context.run.run_id,
+                "dvc_md5": md5,
+                "dvc_file": version.get("dvc_file", ""),
+            },
+            texts=texts,
+            series=series,
+            artifacts=artifacts,
+        )
     context.log.info(f"{key_path}: DVC {md5 or '(disabled)'}, MLflow run {run_id or '(disabled)'}")
     return dg.MaterializeResult(
         asset_key=asset_key,

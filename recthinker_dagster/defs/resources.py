@@ -134,8 +134,18 @@ class MLflowTracking(dg.ConfigurableResource):
         import mlflow
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return self._get_or_create_experiment()
+        database = Path(self.tracking_uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # Two runs starting at once on a new store would both migrate its schema (and both
+        # create the experiment): one process at a time creates and opens it.
+        with FileLock(str(database.with_name(database.name + ".lock")), timeout=600):
+            return self._get_or_create_experiment()
+
+    def _get_or_create_experiment(self) -> str:
+        import mlflow
+
         experiment = mlflow.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
             return experiment.experiment_id

@@ -1,14 +1,15 @@
 """The ``rl_model`` asset: GRPO on top of the SFT adapter, over real tool-using rollouts.
 
 The logic (train tasks, resumable run, validation of the SFT and SFT+RL policies on the same
-slice) lives in ``stages.rl``.
+slice) lives in ``stages.rl``. The asset holds the folder's publication lock from the start of
+training to the DVC push, so a second run waits rather than share the resumable work files.
 """
 
 import dagster as dg
 
 from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import RLStageConfig
-from recthinker_dagster.defs.publishing import publish_artifact
+from recthinker_dagster.defs.publishing import publication_lock, publish_artifact
 from recthinker_dagster.defs.resources import (
     DVCVersioning,
     MLflowTracking,
@@ -33,7 +34,8 @@ def build_rl_assets(datasets: list[str]) -> list:
         dvc: DVCVersioning,
         mlflow: MLflowTracking,
     ) -> dg.MaterializeResult:
-        result = build_rl_model_stage(config.settings(), paths.layout, datasets, log=context.log.info)
-        return publish_artifact(context, keys.RL_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+        with publication_lock(context, paths, [paths.asset_dir("rl_model")]):  # also guards the resumable work files
+            result = build_rl_model_stage(config.settings(), paths.layout, datasets, log=context.log.info)
+            return publish_artifact(context, keys.RL_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
 
     return [rl_model]

@@ -3,15 +3,18 @@
 All five indexes are built in one step from the same index interactions (training-visible
 interactions minus every task's own target), so they always agree with each other; the
 ``tool_suite`` asset records the tool schemas, and its blocking check proves that no
-task's target reaches that task's tools. The work itself is in ``stages.indexes``.
+task's target reaches that task's tools. The same leakage report gates the indexes
+before they are published: the stage audits the five staged folders together and swaps them
+in only if no target leaks (``defs.publishing.audited``; a failure shows as a failed
+``no_target_leakage`` evaluation). The work itself is in ``stages.indexes``.
 """
 
 import dagster as dg
 
-from recthinker_dagster.artifacts import INDEX_ASSETS, key_prefix
+from recthinker_dagster.artifacts import INDEX_ASSETS, index_folders, key_prefix
 from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import ToolIndexesConfig
-from recthinker_dagster.defs.publishing import publish_artifact
+from recthinker_dagster.defs.publishing import Gate, audited, publication_lock, publish_artifact
 from recthinker_dagster.defs.resources import (
     DVCVersioning,
     MLflowTracking,
@@ -26,6 +29,8 @@ INDEX_DOCS = {
     "relations": "Item-to-item co-occurrence neighbours (get_related_items).",
     "similar_users": "Nearest users by cosine over interactions, and what they liked (find_similar_users).",
 }
+
+LEAKAGE_CHECK = "no_target_leakage"
 
 
 def build_tool_assets(dataset: str) -> list:
@@ -48,9 +53,14 @@ def build_tool_assets(dataset: str) -> list:
         dvc: DVCVersioning,
         mlflow: MLflowTracking,
     ):
-        result = build_tool_indexes_stage(config.settings(), paths.layout, dataset, log=context.log.info)
-        for name, artifact in result.indexes.items():
-            yield publish_artifact(context, index_keys[name], artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+        leakage = dg.AssetCheckKey(suite_key, LEAKAGE_CHECK)
+        gates = {folder: Gate(index_keys[name], leakage) for name, folder in index_folders(paths.layout, dataset).items()}
+        with publication_lock(context, paths, gates):
+            result = yield from audited(context, paths, gates, lambda: build_tool_indexes_stage(
+                config.settings(), paths.layout, dataset, log=context.log.info
+            ))
+            for name, artifact in result.indexes.items():
+                yield publish_artifact(context, index_keys[name], artifact, paths=paths, dvc=dvc, mlflow=mlflow)
 
     @dg.asset(
         key=suite_key,
@@ -62,12 +72,13 @@ def build_tool_assets(dataset: str) -> list:
     def tool_suite(
         context: dg.AssetExecutionContext, paths: ProjectPaths, dvc: DVCVersioning, mlflow: MLflowTracking
     ) -> dg.MaterializeResult:
-        artifact = build_tool_suite_stage(paths.layout, dataset)
-        return publish_artifact(context, suite_key, artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+        with publication_lock(context, paths, [paths.asset_dir("tool_suite", dataset)]):
+            artifact = build_tool_suite_stage(paths.layout, dataset)
+            return publish_artifact(context, suite_key, artifact, paths=paths, dvc=dvc, mlflow=mlflow)
 
     @dg.asset_check(
         asset=suite_key,
-        name="no_target_leakage",
+        name=LEAKAGE_CHECK,
         blocking=True,
         description=(
             "For every train, valid and eval task: the task's target is absent from its own user's data "

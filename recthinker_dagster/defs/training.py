@@ -1,9 +1,10 @@
 """Training assets shared by all datasets: ``filtered_trajectories`` and ``sft_model``.
 
 ``filtered_trajectories`` judges every teacher trajectory of every dataset with the SFT recipe's
-filter (the reasons are kept per trajectory) and guards the kept set with a blocking Great
-Expectations check. ``sft_model`` trains a LoRA adapter on it with TRL and scores the agent on
-a fixed validation slice before and after training; the run resumes from its last checkpoint
+filter (the reasons are kept per trajectory) and guards the kept set with a Great Expectations
+suite: on the staged set before it is published (write-audit-publish), then as a blocking
+check. ``sft_model`` trains a LoRA adapter on it with TRL and scores the agent on a fixed
+validation slice before and after training; the run resumes from its last checkpoint
 (``stages.sft``). The logic lives in ``stages.filtering`` and ``stages.sft``.
 """
 
@@ -11,7 +12,7 @@ import dagster as dg
 
 from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import FilterStageConfig, SFTTrainingConfig
-from recthinker_dagster.defs.publishing import check_result, publish_artifact
+from recthinker_dagster.defs.publishing import Gate, audited, check_result, publication_lock, publish_artifact
 from recthinker_dagster.defs.resources import (
     DVCVersioning,
     MLflowTracking,
@@ -19,6 +20,8 @@ from recthinker_dagster.defs.resources import (
 )
 from recthinker_dagster.stages.filtering import build_filtered_trajectories_stage, check_sft_examples
 from recthinker_dagster.stages.sft import build_sft_model_stage
+
+SFT_CHECK = "sft_examples_quality"
 
 
 def build_training_assets(datasets: list[str]) -> list:
@@ -39,13 +42,18 @@ def build_training_assets(datasets: list[str]) -> list:
         paths: ProjectPaths,
         dvc: DVCVersioning,
         mlflow: MLflowTracking,
-    ) -> dg.MaterializeResult:
-        result = build_filtered_trajectories_stage(config.settings(), paths.layout, datasets, log=context.log.info)
-        return publish_artifact(context, keys.FILTERED_TRAJECTORIES, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+    ):
+        check = dg.AssetCheckKey(keys.FILTERED_TRAJECTORIES, SFT_CHECK)
+        gates = {paths.asset_dir("filtered_trajectories"): Gate(keys.FILTERED_TRAJECTORIES, check)}
+        with publication_lock(context, paths, gates):
+            result = yield from audited(context, paths, gates, lambda: build_filtered_trajectories_stage(
+                config.settings(), paths.layout, datasets, log=context.log.info
+            ))
+            yield publish_artifact(context, keys.FILTERED_TRAJECTORIES, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
 
     @dg.asset_check(
         asset=keys.FILTERED_TRAJECTORIES,
-        name="sft_examples_quality",
+        name=SFT_CHECK,
         blocking=True,
         description="Great Expectations on the SFT set: at least min_examples trajectories, both user groups, "
         "train tasks only, one per task, no eval-task user or target. Blocking.",
@@ -68,7 +76,8 @@ def build_training_assets(datasets: list[str]) -> list:
         dvc: DVCVersioning,
         mlflow: MLflowTracking,
     ) -> dg.MaterializeResult:
-        result = build_sft_model_stage(config.settings(), paths.layout, datasets, log=context.log.info)
-        return publish_artifact(context, keys.SFT_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+        with publication_lock(context, paths, [paths.asset_dir("sft_model")]):  # also guards the resumable work files
+            result = build_sft_model_stage(config.settings(), paths.layout, datasets, log=context.log.info)
+            return publish_artifact(context, keys.SFT_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
 
     return [filtered_trajectories, sft_examples_check, sft_model]

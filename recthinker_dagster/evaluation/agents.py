@@ -16,6 +16,8 @@ AGENT_COLUMNS = {
     "n_tool_calls": pl.Int64,
     "n_invalid_calls": pl.Int64,
     "valid": pl.Boolean,
+    "repaired": pl.Boolean,  # the answer took the parser's repair (never valid)
+    "finish": pl.Utf8,  # answer, forced_answer, forced_head or fallback
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
     "latency_s": pl.Float64,
@@ -45,12 +47,14 @@ def trajectories_per_task(trajectories: Iterable[Trajectory]) -> pl.DataFrame:
 
 
 def agent_summary(per_task: pl.DataFrame) -> dict[str, float]:
-    """Tool calls per task, invalid-answer rate, tokens and latency per task."""
+    """Tool calls per task, invalid-answer, repaired-answer and forced-head rates, tokens and latency per task."""
     if per_task.is_empty() or "n_tool_calls" not in per_task.columns:
         return {}
     return {
         "tool_calls_per_task": _mean(per_task["n_tool_calls"]),
         "invalid_answer_rate": 1.0 - _mean(per_task["valid"].cast(pl.Float64)),
+        "repaired_answer_rate": _mean(per_task["repaired"].cast(pl.Float64)),
+        "forced_head_rate": _mean((per_task["finish"] == "forced_head").cast(pl.Float64)),
         "tokens_per_task": _mean(per_task["prompt_tokens"] + per_task["completion_tokens"]),
         "latency_s_per_task": _mean(per_task["latency_s"]),
     }

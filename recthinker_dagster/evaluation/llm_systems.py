@@ -40,11 +40,14 @@ class WithoutTools:
 
 
 def agent_config_for(system: str, settings: dict) -> AgentConfig:
+    """The agent budgets of ``system``; ``settings["answer_mode"]`` (default ``generate``) picks
+    who orders the answer: the model's tokens, or the label head (``logits``)."""
     sampling = SamplingParams(max_new_tokens=settings["max_new_tokens"])
+    answer_mode = settings.get("answer_mode", "generate")
     if system == ZERO_SHOT:
-        return AgentConfig(max_turns=1, max_tool_calls=0, sampling=sampling, producer=system)
+        return AgentConfig(max_turns=1, max_tool_calls=0, sampling=sampling, producer=system, answer_mode=answer_mode)
     return AgentConfig(max_turns=settings["max_turns"], max_tool_calls=settings["max_tool_calls"], sampling=sampling,
-                       producer=system)
+                       producer=system, answer_mode=answer_mode)
 
 
 def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factory: Callable, settings: dict, *,

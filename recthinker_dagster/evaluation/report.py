@@ -1,7 +1,10 @@
 """Results tables and plots from ``summarize`` outputs, one summary per system.
 
 A summary has key columns (e.g. ``group``), ``n_tasks``, and per metric ``<m>``,
-``<m>_lo`` and ``<m>_hi`` (see ``evaluation.baselines.summarize``).
+``<m>_lo`` and ``<m>_hi`` (see ``evaluation.baselines.summarize``). Ranking metrics mean
+little without the number of candidates they rank (chance NDCG@10 is 0.45 at 10 candidates,
+0.23 at 20), so every table and plot here states it: ``n_candidates`` is a required argument,
+read from the tasks with :func:`candidates_per_task`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,19 @@ from recthinker_dagster.evaluation.baselines import METRICS
 
 LABELS = {"ndcg@1": "NDCG@1", "ndcg@5": "NDCG@5", "ndcg@10": "NDCG@10", "hr@1": "HR@1",
           "hr@5": "HR@5", "hr@10": "HR@10", "mrr": "MRR"}
+
+
+def candidates_per_task(tasks: pl.DataFrame) -> int:
+    """The one candidate count N of a tasks frame (``candidate_item_ids``); an error if they differ."""
+    counts = tasks["candidate_item_ids"].list.len().unique().sort().to_list()
+    if len(counts) != 1:
+        raise ValueError(f"tasks must all have the same number of candidates, found {counts or 'no tasks'}")
+    return int(counts[0])
+
+
+def candidates_note(n_candidates: int) -> str:
+    """``N = 10 candidates per task (the target + 9 sampled negatives)``."""
+    return f"N = {n_candidates} candidates per task (the target + {n_candidates - 1} sampled negatives)"
 
 
 def key_columns(summary: pl.DataFrame) -> list[str]:
@@ -37,13 +53,15 @@ def format_ci(mean: float, lo: float, hi: float) -> str:
 
 
 def results_table_markdown(summary_frames: Mapping[str, pl.DataFrame],
-                           metrics: Sequence[str] = METRICS) -> str:
-    """One Markdown table: a row per system and group, a column per metric (mean [95% CI])."""
+                           metrics: Sequence[str] = METRICS, *, n_candidates: int) -> str:
+    """One Markdown table: a row per system and group, a column per metric (mean [95% CI]),
+    under a line that states ``n_candidates``."""
     combined = combine_summaries(summary_frames)
     keys = key_columns(combined)
     metrics = [m for m in metrics if m in combined.columns]
     header = ["system", *keys, "n", *(LABELS.get(m, m) for m in metrics)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (len(keys) + 2))
+    lines = [f"{candidates_note(n_candidates)}; mean [95% bootstrap CI].", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (len(keys) + 2))
              + "|" + "|".join(["---:"] * len(metrics)) + "|"]
     for row in combined.iter_rows(named=True):
         cells = [row["system"], *(str(row[k]) for k in keys), str(row.get("n_tasks", ""))]
@@ -53,10 +71,11 @@ def results_table_markdown(summary_frames: Mapping[str, pl.DataFrame],
 
 
 def plot_ndcg_by_system(summary: Mapping[str, pl.DataFrame] | pl.DataFrame, path: Path,
-                        metric: str = "ndcg@10", title: str | None = None) -> Path:
+                        metric: str = "ndcg@10", title: str | None = None, *, n_candidates: int) -> Path:
     """A PNG bar chart of ``metric`` per system (x axis) and group (bars), with CI error bars.
 
-    ``summary``: ``{system: summary}`` or a combined frame with a ``system`` column."""
+    ``summary``: ``{system: summary}`` or a combined frame with a ``system`` column. The title
+    ends with ``N = <n_candidates> candidates``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +99,8 @@ def plot_ndcg_by_system(summary: Mapping[str, pl.DataFrame] | pl.DataFrame, path
     ax.set_xticks(np.arange(len(systems)), systems, rotation=20, ha="right")
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_ylim(0, 1)
-    ax.set_title(title or f"{LABELS.get(metric, metric)} by system (95% bootstrap CI)")
+    ax.set_title(f"{title or LABELS.get(metric, metric) + ' by system (95% bootstrap CI)'}, "
+                 f"N = {n_candidates} candidates")
     if groups != [None]:
         ax.legend(title="group")
     return _save_png(fig, path)

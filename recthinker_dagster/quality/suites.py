@@ -79,7 +79,7 @@ def validate_interactions(df: pl.DataFrame) -> QualityResult:
 
 @_timed
 def validate_items(df: pl.DataFrame) -> QualityResult:
-    """Schema, item_id present and unique, has_metadata set, plausible years."""
+    """Schema, item_id present and unique, has_metadata set (and only with a title), plausible years."""
     E = gx().expectations
     expectations = [
         *_columns_exist(ITEMS_SCHEMA),
@@ -88,6 +88,9 @@ def validate_items(df: pl.DataFrame) -> QualityResult:
         E.ExpectColumnValuesToBeUnique(column="item_id"),
         E.ExpectColumnValuesToBeBetween(column="year", min_value=1800, max_value=2100),
     ]
+    if {"has_metadata", "title"} <= set(df.columns):  # an item has metadata only with a title
+        df = df.with_columns(metadata_without_title=pl.col("has_metadata") & pl.col("title").is_null())
+        expectations.append(E.ExpectColumnValuesToBeInSet(column="metadata_without_title", value_set=[False]))
     return run_suite("items", _to_pandas(df), expectations, index_column="item_id")
 
 

@@ -1,7 +1,10 @@
 """Baselines by name: ``make_recommender("itemknn", shrink=10)``, ``load_recommender(name, folder)``.
 
-BPR-MF is imported lazily (``recommenders/bprmf.py``), so the other baselines work
-without it; ``available_baselines()`` lists the names whose module imports.
+BPR-MF (``recommenders/bprmf.py``, torch) and the ``implicit`` library models
+(``recommenders/implicit_models.py``: ``implicit_bpr``, ``implicit_als``, ``implicit_itemknn``)
+are imported lazily, so the other baselines work without them; ``available_baselines()``
+lists the names whose module imports. ``BASELINES`` holds the project's own five (the
+evaluation's classical systems); ``LIBRARY_BASELINES`` the library ones, for comparison.
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ class LazyBPRMF(LazyClass):
         return self.resolve()(**params)
 
 
+class LazyImplicit(LazyClass):
+    """One ``implicit`` model kind (``bpr``, ``als``, ``itemknn``); needs the package installed."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__("recthinker_dagster.recommenders.implicit_models", "ImplicitRecommender")
+        self.kind = kind
+
+    def resolve(self) -> type[Any]:
+        importlib.import_module("implicit")  # an ImportError here: the library is not installed
+        return super().resolve()
+
+    def __call__(self, **params: Any) -> Recommender:
+        return self.resolve()(kind=self.kind, **params)
+
+
 BASELINES: dict[str, Any] = {
     "random": RandomRecommender,
     "popularity": Popularity,
@@ -54,12 +72,14 @@ BASELINES: dict[str, Any] = {
     "bprmf": LazyBPRMF("recthinker_dagster.recommenders.bprmf", "BPRMF"),
     "sasrec": SASRec,
 }
+LIBRARY_BASELINES: dict[str, Any] = {f"implicit_{kind}": LazyImplicit(kind) for kind in ("bpr", "als", "itemknn")}
 
 
 def _entry(name: str):
-    if name not in BASELINES:
-        raise ValueError(f"unknown recommender {name!r}; known: {', '.join(BASELINES)}")
-    return BASELINES[name]
+    known = {**BASELINES, **LIBRARY_BASELINES}
+    if name not in known:
+        raise ValueError(f"unknown recommender {name!r}; known: {', '.join(known)}")
+    return known[name]
 
 
 def make_recommender(name: str, **params: Any) -> Recommender:
@@ -72,10 +92,10 @@ def load_recommender(name: str, folder: Path) -> Recommender:
     return _entry(name).load(Path(folder))
 
 
-def available_baselines() -> list[str]:
-    """Names in ``BASELINES`` whose class can be imported now."""
+def available_baselines(library: bool = False) -> list[str]:
+    """Names in ``BASELINES`` (and ``LIBRARY_BASELINES`` when ``library``) whose class imports now."""
     names = []
-    for name, entry in BASELINES.items():
+    for name, entry in {**BASELINES, **(LIBRARY_BASELINES if library else {})}.items():
         try:
             if isinstance(entry, LazyClass):
                 entry.resolve()

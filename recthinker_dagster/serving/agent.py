@@ -20,16 +20,23 @@ The tokenizer (and its chat template) comes from the last adapter folder that ho
 else from the base model.
 
 Requests: ``{"dataset", "user_id", "candidate_item_ids", "history_item_ids" (optional)}``.
-Item id lists may also be JSON strings (``'["1193", "661"]'``). Without a history, the user's
-history is the one the tools see: the user's interactions in the user-profile index (the
-training-visible interactions, oldest first; for users of the training tasks this leaves out
-their training target, exactly as during training). A request for an unknown dataset or user,
-with unknown item ids, duplicate candidates or fewer than 2 candidates raises ``ValueError``
-naming the bad value, before anything runs. The tasks have no target (``target_item_id`` is
-``""``), so the trajectories' metrics are meaningless and are not returned.
+Ids are strings (integers are accepted and read as strings); item id lists may also be JSON
+strings (``'["1193", "661"]'``). Without a history, the user's history is the one the tools
+see: the user's interactions in the user-profile index (the training-visible interactions,
+oldest first; for users of the training tasks this leaves out their training target, exactly
+as during training). Requests are bounded: 2 to ``ServingConfig.max_candidates`` candidates
+and at most ``max_history_len`` history items given in the request. A request for an unknown
+dataset or user, with an id of the wrong type, unknown item ids, duplicate candidates, too few
+or too many candidates or too long a history raises ``ValueError`` naming the bad value and
+the bound, before anything runs. The tasks have no target (``target_item_id`` is ``""``), so
+the trajectories' metrics are meaningless and are not returned.
 
 Each ``rank`` call runs the real agent loop (:func:`~recthinker_dagster.agent.run_agent`)
-over all its requests as one batch; calls are serialized by a lock (one model, one cache).
+over all its requests as one batch. One model run at a time (one model, one cache): calls
+that arrive while the model is busy wait, and the next run takes all of them together (up to
+``batch_size`` rows; ``coalesce_requests=False`` runs them one call at a time). Decoding is
+greedy either way; only float rounding in padded batches can (rarely) make a request's output
+depend on the requests it shares a batch with.
 No Dagster, MLflow or DVC here.
 """
 
@@ -37,8 +44,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import threading
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,9 +55,13 @@ from pathlib import Path
 from recthinker_dagster.agent import AgentConfig, AgentTask, SamplingParams, run_agent
 from recthinker_dagster.agent.history import history_lines
 from recthinker_dagster.models.loading import load_agent_model as load_merged_model
+from recthinker_dagster.settings import RegistrySettings
 from recthinker_dagster.tools import INDEX_NAMES, Toolbox, ToolIndexes
 
 MIN_CANDIDATES = 2
+# the request bounds' defaults are the registry settings' (documented there and in docs/serving.md)
+DEFAULT_MAX_CANDIDATES = RegistrySettings.max_candidates
+DEFAULT_MAX_HISTORY_LEN = RegistrySettings.max_history_len
 REQUEST_KEYS = ("dataset", "user_id", "candidate_item_ids", "history_item_ids")
 RESULT_KEYS = ("ranking", "valid", "n_tool_calls", "trajectory")
 NO_TARGET = ""  # serving tasks have no held-out target
@@ -72,12 +85,18 @@ class ServingConfig:
     dtype: str = "auto"  # auto, bfloat16, float16 or float32
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     chat_template: str = "auto"  # auto, qwen2_5 or keep (see agent/backends/chat_template.py)
+    max_candidates: int = DEFAULT_MAX_CANDIDATES  # per request: more is a bad request
+    max_history_len: int = DEFAULT_MAX_HISTORY_LEN  # history items given in a request: more is a bad request
+    coalesce_requests: bool = True  # concurrent calls share one batched model run (see RecThinkerAgent.run)
 
     def __post_init__(self):
         if self.max_turns < 1 or self.max_tool_calls < 0 or self.max_new_tokens < 1:
             raise ValueError("max_turns and max_new_tokens must be >= 1 and max_tool_calls >= 0")
         if self.prompt_history_len < 0 or self.batch_size < 1:
             raise ValueError("prompt_history_len must be >= 0 and batch_size >= 1")
+        if self.max_candidates < MIN_CANDIDATES or self.max_history_len < 0:
+            raise ValueError(f"max_candidates must be >= {MIN_CANDIDATES} and max_history_len >= 0, "
+                             f"got {self.max_candidates} and {self.max_history_len}")
 
     @classmethod
     def from_dict(cls, values: Mapping | ServingConfig | None) -> ServingConfig:
@@ -111,6 +130,21 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _shown(value) -> str:
+    return f"{type(value).__name__} {str(value)[:80]!r}"
+
+
+def scalar_id(value, what: str) -> str:
+    """A dataset or user id as a string: a string or an integer, nothing else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():  # pandas makes ints floats next to a missing value
+        return str(int(value))
+    raise ValueError(f"{what} must be a string (or integer) id, got {_shown(value)}")
+
+
 def id_list(value, what: str) -> list[str] | None:
     """A list of ids from a list/tuple/array or a JSON list string; None when absent."""
     if _missing(value):
@@ -123,16 +157,26 @@ def id_list(value, what: str) -> list[str] | None:
     if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # numpy arrays, pandas series
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{what} must be a list of item ids, got {type(value).__name__} {str(value)[:80]!r}")  # noqa: TRY004 - a bad request
-    bad = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
+        raise ValueError(f"{what} must be a list of item ids, got {_shown(value)}")  # noqa: TRY004 - a bad request
+    bad = [v for v in value if not isinstance(v, (str, numbers.Integral)) or isinstance(v, bool)]
     if bad:
         raise ValueError(f"{what} must hold string (or integer) item ids, got {bad[:3]!r}")
-    return [str(v) for v in value]
+    return [v if isinstance(v, str) else str(int(v)) for v in value]
 
 
 def _preview(values: Sequence[str], n: int = 5) -> str:
     shown = ", ".join(repr(v) for v in values[:n])
     return shown + (f" and {len(values) - n} more" if len(values) > n else "")
+
+
+@dataclass
+class _PendingCall:
+    """A validated call waiting for the model: its rows, then its trajectories or its error."""
+
+    rows: list[dict]
+    trajectories: list = field(default_factory=list)
+    error: BaseException | None = None
+    finished: bool = False
 
 
 @dataclass
@@ -189,7 +233,9 @@ class RecThinkerAgent:
         self.backend = backend
         self.indexes = dict(indexes)
         self.config = ServingConfig.from_dict(config)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one model run at a time
+        self._pending_lock = threading.Lock()
+        self._pending: deque[_PendingCall] = deque()
 
     @classmethod
     def load(cls, base_model_dir, adapter_dirs=(), tool_indexes=None, config=None) -> RecThinkerAgent:
@@ -199,6 +245,12 @@ class RecThinkerAgent:
     @property
     def datasets(self) -> list[str]:
         return sorted(self.indexes)
+
+    @property
+    def waiting(self) -> int:
+        """Calls validated and waiting for the model (coalesced ones only)."""
+        with self._pending_lock:
+            return len(self._pending)
 
     # -- requests -> task rows ---------------------------------------------------------------
 
@@ -214,11 +266,11 @@ class RecThinkerAgent:
         for key in ("dataset", "user_id", "candidate_item_ids"):
             if _missing(request.get(key)):
                 raise ValueError(f"{where}: {key} is missing")
-        dataset = str(request["dataset"])
+        dataset = scalar_id(request["dataset"], f"{where}: dataset")
         indexes = self.indexes.get(dataset)
         if indexes is None:
             raise ValueError(f"{where}: unknown dataset {dataset!r}; this agent serves {self.datasets}")
-        user = str(request["user_id"])
+        user = scalar_id(request["user_id"], f"{where}: user_id")
         profiles = indexes.profiles
         stored = profiles.history(user)
         if stored is None and user not in profiles.meta.get("demographics", {}):
@@ -227,10 +279,16 @@ class RecThinkerAgent:
         if len(candidates) < MIN_CANDIDATES:
             raise ValueError(f"{where}: {len(candidates)} candidate(s) given ({_preview(candidates)}); "
                              f"rank at least {MIN_CANDIDATES}")
-        duplicates = sorted({c for c in candidates if candidates.count(c) > 1})
+        if len(candidates) > self.config.max_candidates:
+            raise ValueError(f"{where}: {len(candidates)} candidates given; this model ranks at most "
+                             f"{self.config.max_candidates} per request (serving config max_candidates)")
+        duplicates = sorted(item for item, n in Counter(candidates).items() if n > 1)
         if duplicates:
             raise ValueError(f"{where}: duplicate candidate item ids {_preview(duplicates)}")
         history = id_list(request.get("history_item_ids"), f"{where}: history_item_ids")
+        if history is not None and len(history) > self.config.max_history_len:
+            raise ValueError(f"{where}: {len(history)} history items given; at most {self.config.max_history_len} "
+                             f"(serving config max_history_len): send the most recent ones")
         if history is None:
             history = stored[0] if stored is not None else []
         catalog = indexes.catalog.index
@@ -255,10 +313,57 @@ class RecThinkerAgent:
     # -- ranking -------------------------------------------------------------------------------
 
     def run(self, requests: Sequence[Mapping]):
-        """The agent's :class:`~recthinker_dagster.agent.Trajectory` per request, in order."""
+        """The agent's :class:`~recthinker_dagster.agent.Trajectory` per request, in order.
+
+        Requests are validated first, in the caller's thread (a bad request fails only its own
+        call). One model run at a time; with ``coalesce_requests`` the thread that gets the model
+        runs every call waiting for it (in arrival order, up to ``batch_size`` rows, at least
+        one call) as one batch, so concurrent single-request calls share ``generate`` batches
+        instead of queueing one by one."""
         rows = self.task_rows(list(requests))
         if not rows:
             return []
+        if not self.config.coalesce_requests:
+            with self._lock:
+                return self._run_rows(rows)
+        call = _PendingCall(rows)
+        with self._pending_lock:
+            self._pending.append(call)
+        with self._lock:
+            while not call.finished:
+                self._run_calls(self._take_pending())
+        if call.error is not None:
+            raise call.error
+        return call.trajectories
+
+    def _take_pending(self) -> list[_PendingCall]:
+        with self._pending_lock:
+            taken: list[_PendingCall] = []
+            n_rows = 0
+            while self._pending and (not taken or n_rows + len(self._pending[0].rows) <= self.config.batch_size):
+                taken.append(self._pending.popleft())
+                n_rows += len(taken[-1].rows)
+            return taken
+
+    def _run_calls(self, calls: list[_PendingCall]) -> None:
+        """One model run over the rows of ``calls``; each gets its trajectories, or the error."""
+        try:
+            trajectories = self._run_rows([row for call in calls for row in call.rows])
+        except BaseException as error:  # handed to every call of the run, raised in its own thread
+            for call in calls:
+                call.error, call.finished = error, True
+            if not isinstance(error, Exception):  # an interrupt also stops this thread
+                raise
+            return
+        start = 0
+        for call in calls:
+            call.trajectories, call.finished = trajectories[start:start + len(call.rows)], True
+            start += len(call.rows)
+
+    def _run_rows(self, rows: list[dict]):
+        """The agent loop over validated task rows (the caller holds the model lock)."""
+        # task ids only need to be unique within one run: coalesced calls may repeat a user
+        rows = [{**row, "task_id": f"{row['task_id']}/{n}"} for n, row in enumerate(rows)]
         by_id = {row["task_id"]: row for row in rows}
         budget = self.config.output_budget_chars
 
@@ -269,8 +374,7 @@ class RecThinkerAgent:
         tasks = [AgentTask.from_mapping(row, history_lines(toolbox(AgentTask.from_mapping(row)),
                                                            self.config.prompt_history_len))
                  for row in rows]
-        with self._lock:
-            return run_agent(tasks, self.backend, toolbox, self.config.agent_config())
+        return run_agent(tasks, self.backend, toolbox, self.config.agent_config())
 
     def rank(self, requests: Sequence[Mapping]) -> list[dict]:
         """``{"ranking", "valid", "n_tool_calls", "trajectory"}`` per request, in order."""

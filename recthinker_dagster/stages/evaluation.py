@@ -46,6 +46,7 @@ from recthinker_dagster.evaluation.agents import agent_summary, trajectories_per
 from recthinker_dagster.evaluation.baselines import METRICS, evaluate_recommender, summarize
 from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
 from recthinker_dagster.evaluation.report import (
+    candidates_per_task,
     plot_ndcg_by_system,
     plot_tool_use,
     results_table_markdown,
@@ -88,6 +89,7 @@ def llm_settings(settings: EvaluationSettings) -> dict:
         "max_tool_calls": settings.max_tool_calls,
         "max_new_tokens": settings.llm_max_new_tokens,
         "prompt_history_len": settings.prompt_history_len,
+        "answer_mode": settings.answer_mode,
     }
 
 
@@ -156,11 +158,11 @@ def summarize_systems(per_task: Mapping[str, pl.DataFrame], subset_ids: set[str]
 
 
 def results_markdown(dataset: str, n_eval: int, n_subset: int, summaries: Mapping[str, pl.DataFrame],
-                     subset_summaries: Mapping[str, pl.DataFrame]) -> str:
-    table = results_table_markdown(summaries) if summaries else "(no classical system)"
-    return (f"# {dataset}: eval tasks\n\n## All {n_eval} eval tasks\n\n{table}\n\n"
+                     subset_summaries: Mapping[str, pl.DataFrame], *, n_candidates: int) -> str:
+    table = results_table_markdown(summaries, n_candidates=n_candidates) if summaries else "(no classical system)"
+    return (f"# {dataset}: eval tasks, N = {n_candidates} candidates per task\n\n## All {n_eval} eval tasks\n\n{table}\n\n"
             f"## Every system on the same {n_subset} eval tasks (the LLM subset)\n\n"
-            f"{results_table_markdown(subset_summaries)}\n")
+            f"{results_table_markdown(subset_summaries, n_candidates=n_candidates)}\n")
 
 
 def evaluation_metrics(seconds: Mapping[str, float], summaries: Mapping[str, pl.DataFrame],
@@ -179,7 +181,7 @@ def evaluation_metrics(seconds: Mapping[str, float], summaries: Mapping[str, pl.
 
 def write_evaluation(staging: Path, dataset: str, per_task: Mapping[str, pl.DataFrame], subset: pl.DataFrame,
                      summaries: Mapping[str, pl.DataFrame], subset_summaries: Mapping[str, pl.DataFrame],
-                     report: str, agent_figures: Mapping[str, Mapping]) -> None:
+                     report: str, agent_figures: Mapping[str, Mapping], *, n_candidates: int) -> None:
     """The evaluation folder's files (see the module docstring)."""
     subset_ids = set(subset["task_id"].to_list())
     pl.concat(
@@ -190,11 +192,12 @@ def write_evaluation(staging: Path, dataset: str, per_task: Mapping[str, pl.Data
         [s.with_columns(system=pl.lit(n), tasks=pl.lit("all")) for n, s in summaries.items()]
         + [s.with_columns(system=pl.lit(n), tasks=pl.lit("llm_subset")) for n, s in subset_summaries.items()],
         how="diagonal_relaxed",
-    ).write_parquet(staging / "summary.parquet")
+    ).with_columns(n_candidates=pl.lit(n_candidates)).write_parquet(staging / "summary.parquet")
     (staging / "results.md").write_text(report)
     (staging / "agents.json").write_text(json.dumps(agent_figures, indent=2))
     plot_ndcg_by_system(subset_summaries, staging / NDCG_PLOT,
-                        title=f"{dataset}: NDCG@10 by system and group ({subset.height} eval tasks)")
+                        title=f"{dataset}: NDCG@10 by system and group ({subset.height} eval tasks)",
+                        n_candidates=n_candidates)
     if agent_figures:
         plot_tool_use(per_task, staging / TOOL_USE_PLOT, title=f"{dataset}: tool calls per task")
 
@@ -237,16 +240,20 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
     per_task, seconds = score_systems(settings, layout, dataset, eval_tasks, subset, log)
     subset_ids = set(subset["task_id"].to_list())
     summaries, subset_summaries = summarize_systems(per_task, subset_ids, settings)
-    report = results_markdown(dataset, eval_tasks.height, subset.height, summaries, subset_summaries)
+    n_candidates = candidates_per_task(eval_tasks)
+    report = results_markdown(dataset, eval_tasks.height, subset.height, summaries, subset_summaries,
+                              n_candidates=n_candidates)
     agent_figures = {s: figures for s, f in per_task.items() if (figures := agent_summary(f))}
     folder = layout.asset_dir(ASSET, dataset)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
-        write_evaluation(staging, dataset, per_task, subset, summaries, subset_summaries, report, agent_figures)
+        write_evaluation(staging, dataset, per_task, subset, summaries, subset_summaries, report, agent_figures,
+                         n_candidates=n_candidates)
     artifact = StageArtifact(
         folder=folder,
         params={"dataset": dataset, "systems": ",".join(settings.systems), "profile": profile,
-                "eval_tasks": eval_tasks.height, **{f"llm_{k}": v for k, v in llm_settings(settings).items()}},
+                "eval_tasks": eval_tasks.height, "n_candidates": n_candidates,
+                **{f"llm_{k}": v for k, v in llm_settings(settings).items()}},
         metrics=evaluation_metrics(seconds, summaries, subset_summaries, agent_figures),
         metadata={
             "results": Markdown(report),

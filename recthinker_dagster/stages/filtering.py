@@ -6,9 +6,11 @@
 
 Each dataset's trajectories go through the SFT recipe's ``filter`` section, guarded by that
 dataset's eval users and (user, target) pairs; every verdict is kept with its reasons. The
-folder holds ``trajectories.jsonl`` (the kept ones, each tagged with its dataset),
-``decisions.parquet`` (one row per trajectory) and ``counts.json`` (the totals, the filter and
-``min_examples`` for the check).
+folder is published by write-audit-publish: the blocking check's suite runs on the staged
+folder, which replaces the published one only if it passes (else ``storage.AuditFailed``).
+It holds ``trajectories.jsonl`` (the kept ones, each tagged with its dataset),
+``decisions.parquet`` (one row per trajectory) and ``counts.json`` (the totals, the filter
+and ``min_examples`` for the check).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,8 @@ def base_model_folder(layout: ArtifactLayout, recipe: SFTRecipe) -> Path:
 
 def build_filtered_trajectories_stage(settings: FilterSettings, layout: ArtifactLayout, datasets: Sequence[str],
                                       log: Callable[[str], None] = print, *, tokenizer=None) -> FilteredTrajectoriesResult:
-    """Judge every dataset's teacher trajectories and publish the kept set atomically.
+    """Judge every dataset's teacher trajectories and publish the kept set, only if the staged
+    set passes :func:`check_sft_folder`.
 
     ``tokenizer`` counts conversation lengths; None loads the recipe's base model's tokenizer."""
     recipe = load_recipe(settings.recipe)
@@ -72,7 +76,8 @@ def build_filtered_trajectories_stage(settings: FilterSettings, layout: Artifact
     totals = combined_counts(counts)
     folder = layout.asset_dir(ASSET)
     remove_stale_staging(folder.parent)
-    with staged_directory(folder) as staging:
+    audit = partial(sft_audit, layout=layout, datasets=datasets)
+    with staged_directory(folder, audit=audit, lock_dir=layout.lock_dir) as staging:
         with open(staging / "trajectories.jsonl", "w", encoding="utf-8") as out:
             out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in kept)
         pl.DataFrame(decisions).with_columns(pl.col("reasons").list.join(",")).write_parquet(staging / "decisions.parquet")
@@ -151,9 +156,8 @@ def eval_tasks_of(layout: ArtifactLayout, datasets: Sequence[str]) -> pl.DataFra
     ])
 
 
-def kept_decisions(layout: ArtifactLayout) -> tuple[pl.DataFrame, int]:
-    """The published kept rows of ``decisions.parquet`` and the ``min_examples`` they were filtered for."""
-    folder = layout.asset_dir(ASSET)
+def kept_decisions(folder: Path) -> tuple[pl.DataFrame, int]:
+    """The kept rows of ``folder``'s ``decisions.parquet`` and the ``min_examples`` they were filtered for."""
     decisions = pl.read_parquet(folder / "decisions.parquet")
     min_examples = json.loads((folder / "counts.json").read_text())["min_examples"]
     kept = decisions.filter(pl.col("kept")).with_columns(pl.col("user_id", "target_item_id").cast(pl.Utf8))
@@ -161,7 +165,18 @@ def kept_decisions(layout: ArtifactLayout) -> tuple[pl.DataFrame, int]:
 
 
 def check_sft_examples(layout: ArtifactLayout, datasets: Sequence[str]) -> QualityResult:
-    """Great Expectations on the published SFT set: enough examples, both groups, train tasks
-    only, one per task, no eval-task user or target."""
-    kept, min_examples = kept_decisions(layout)
+    """Great Expectations on the published SFT set (:func:`check_sft_folder`)."""
+    return check_sft_folder(layout.asset_dir(ASSET), layout, datasets)
+
+
+def check_sft_folder(folder: Path, layout: ArtifactLayout, datasets: Sequence[str]) -> QualityResult:
+    """Great Expectations on the SFT set in ``folder`` (published or staged): enough examples,
+    both groups, train tasks only, one per task, no eval-task user or target."""
+    kept, min_examples = kept_decisions(folder)
     return validate_sft_examples(kept, eval_tasks_of(layout, datasets), min_examples)
+
+
+def sft_audit(staged: Path, layout: ArtifactLayout, datasets: Sequence[str]) -> list[str]:
+    """The write-audit-publish gate: :func:`check_sft_folder`'s failures on the staged folder."""
+    report = check_sft_folder(staged, layout, datasets)
+    return report.failures or ([] if report.success else ["sft_examples_quality failed"])

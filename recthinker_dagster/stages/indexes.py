@@ -5,15 +5,19 @@
     report = tool_leakage_report(layout, "ml-1m")                            # report["ok"]: no target leaks
 
 All five indexes are built in one step from the same index interactions (training-visible
-interactions minus every task's own target), so they always agree with each other.
+interactions minus every task's own target), so they always agree with each other. They are
+published by write-audit-publish: the five folders are staged, the leakage report (the gate
+behind ``tool_suite``'s ``no_target_leakage`` check) runs on the staged indexes, and only if
+no task's target reaches its tools are the five swapped in (else ``storage.AuditFailed``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -28,8 +32,8 @@ from recthinker_dagster.artifacts import (
 )
 from recthinker_dagster.settings import ToolIndexSettings
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
-from recthinker_dagster.storage import remove_stale_staging, staged_directory
-from recthinker_dagster.tools import TOOL_GROUPS, Toolbox, build_all, index_interactions, leakage_report
+from recthinker_dagster.storage import remove_stale_staging, staged_directories, staged_directory
+from recthinker_dagster.tools import TOOL_GROUPS, Toolbox, ToolIndexes, build_all, index_interactions, leakage_report
 
 
 @dataclass
@@ -41,7 +45,8 @@ class ToolIndexesResult:
 def build_tool_indexes_stage(
     settings: ToolIndexSettings, layout: ArtifactLayout, dataset: str, log: Callable[[str], None] = print
 ) -> ToolIndexesResult:
-    """Build the five indexes from the published protocol and tables; write each atomically."""
+    """Build the five indexes from the published protocol and tables; publish them together,
+    only if the staged indexes pass :func:`leakage_failures`."""
     tasks = read_tasks(layout, dataset)
     visible = index_interactions(read_train_interactions(layout, dataset), tasks)
     index_config = settings.index_config()
@@ -55,12 +60,22 @@ def build_tool_indexes_stage(
     )
     log(f"built {dataset} tool indexes in {time.perf_counter() - started:.1f}s: {indexes.build_seconds}")
     params = {"dataset": dataset, "index_interactions": visible.height, **flatten(index_config.to_dict())}
-    artifacts = {}
-    for name, asset in INDEX_ASSETS.items():
-        folder = layout.asset_dir(asset, dataset)
+    folders = {name: layout.asset_dir(asset, dataset) for name, asset in INDEX_ASSETS.items()}
+    for folder in folders.values():
         remove_stale_staging(folder.parent)
-        with staged_directory(folder) as staging:
-            getattr(indexes, name).save(staging)
+
+    def audit(staged: Mapping[str, Path]) -> dict[str, list[str]]:
+        audit_started = time.perf_counter()
+        failures = leakage_failures(leakage_report(ToolIndexes.load(staged), tasks))
+        log(f"leakage audit of the staged {dataset} indexes over {tasks.height} tasks: "
+            f"{'failed' if failures else 'passed'} in {time.perf_counter() - audit_started:.1f}s")
+        return {name: failures for name in staged}  # the report is about the five together
+
+    with staged_directories(folders, audit=audit, lock_dir=layout.lock_dir) as staging:
+        for name, folder in staging.items():
+            getattr(indexes, name).save(folder)
+    artifacts = {}
+    for name, folder in folders.items():
         artifact = StageArtifact(
             folder=folder,
             params=params,
@@ -99,6 +114,21 @@ def tool_leakage_report(layout: ArtifactLayout, dataset: str) -> dict:
     """``leakage_report`` over the published indexes and every task: ``ok``, ``leaks``,
     ``mismatches`` and ``leaking_task_ids`` (see ``tools.leakage``)."""
     return leakage_report(load_tool_indexes(layout, dataset), read_tasks(layout, dataset))
+
+
+def leakage_failures(report: dict) -> list[str]:
+    """A leakage report as failure lines (empty when ``report["ok"]``)."""
+    if report["ok"]:
+        return []
+    examples = ", ".join(report["leaking_task_ids"][:3] + report["mismatched_task_ids"][:3])
+    lines = [f"no_target_leakage: {n} tasks whose target reaches their tools via {check}"
+             for check, n in report["leaks"].items() if n]
+    lines += [f"no_target_leakage: {n} tasks whose {check} differs from the task's history"
+              for check, n in report["mismatches"].items() if n]
+    if not report["consistency"]["ok"]:
+        lines.append(f"no_target_leakage: the indexes were not built from the same interactions: "
+                     f"{report['consistency']['n_interactions']}")
+    return [*lines, f"e.g. tasks {examples}"] if examples else lines or ["no_target_leakage: failed"]
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -76,9 +76,10 @@ def artifact_reference(folder: Path) -> dict:
 
 
 def serving_budgets(settings: RegistrySettings) -> dict:
-    """The served agent's budgets, as ``serving.agent.ServingConfig`` names them."""
+    """The served agent's budgets and request bounds, as ``serving.agent.ServingConfig`` names them."""
     return {"max_turns": settings.llm_max_turns, "max_tool_calls": settings.max_tool_calls,
-            "max_new_tokens": settings.llm_max_new_tokens, "prompt_history_len": settings.prompt_history_len}
+            "max_new_tokens": settings.llm_max_new_tokens, "prompt_history_len": settings.prompt_history_len,
+            "max_candidates": settings.max_candidates, "max_history_len": settings.max_history_len}
 
 
 def policy_adapters(layout: ArtifactLayout, asset: str, lineage: dict) -> list[Path]:

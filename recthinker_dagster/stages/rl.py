@@ -100,12 +100,13 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     sft_md5 = tracked_md5(layout.asset_dir("sft_model")) or "untracked"
     # the prompts show as much history as the validation (and the evaluation) prompts
     tasks, toolboxes = rl_tasks(layout, datasets, recipe.n_train_tasks, settings.validation.prompt_history_len)
-    fingerprint = hashlib.sha256(f"{recipe.digest}|{sft_md5}|{','.join(datasets)}".encode()).hexdigest()[:16]
+    mode = "" if settings.answer_mode == "generate" else f"|{settings.answer_mode}"  # a logits run never resumes a generate one
+    fingerprint = hashlib.sha256(f"{recipe.digest}|{sft_md5}|{','.join(datasets)}{mode}".encode()).hexdigest()[:16]
     work_dir = layout.work_dir(ASSET, fingerprint)
     log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
         f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
     result = train_grpo(tasks, toolboxes, policy.base_model, [policy.sft_adapter], work_dir, recipe,
-                        resume=settings.resume, callbacks=[LogProgress(log, "reward")])
+                        resume=settings.resume, callbacks=[LogProgress(log, "reward")], answer_mode=settings.answer_mode)
     m = result.metrics
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")

@@ -23,7 +23,7 @@ from recthinker_dagster.settings import ValidationSettings
 from recthinker_dagster.training.validation import ValidationSuite, evaluate_policy, validation_slice
 
 VALIDATION_COLUMNS = ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "tool_calls_per_task", "completion_tokens_per_task")
-RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size")
+RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "answer_mode")
 
 
 def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings: ValidationSettings) -> list[ValidationSuite]:
@@ -39,7 +39,7 @@ def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings:
 
 def validation_agent(settings: ValidationSettings) -> AgentConfig:
     return AgentConfig(max_turns=settings.max_turns, max_tool_calls=settings.max_tool_calls,
-                       sampling=SamplingParams(max_new_tokens=settings.max_new_tokens))
+                       sampling=SamplingParams(max_new_tokens=settings.max_new_tokens), answer_mode=settings.answer_mode)
 
 
 def validate_policies(layout: ArtifactLayout, datasets: Sequence[str], settings: ValidationSettings,

@@ -111,7 +111,7 @@ class ItemCatalog:
         """The compact line plus popularity, average rating and a clipped description."""
         k = self.index[item_id]
         parts = [self._lines[k]]
-        if not self.has_metadata[k]:
+        if not (self.has_metadata[k] or self.categories[k] or self.creators[k]):
             parts[0] = f"{UNKNOWN_TITLE} (no metadata; known only from interactions)"
         n = int(self.popularity[k])
         parts.append(f"{n} ratings, avg {self.avg_rating[k]:.2f}" if n else "no ratings in training data")
@@ -131,7 +131,8 @@ class ItemCatalog:
 
 
 def _compact(title, year, categories, creator, has_metadata) -> str:
-    if not has_metadata:
+    # has_metadata means "has a title"; an untitled row may still name categories or a creator
+    if not (has_metadata or categories or creator):
         return f"{UNKNOWN_TITLE} (no metadata)"
     head = clip(title, TITLE_CHARS) if title else UNKNOWN_TITLE
     if year:

@@ -2,8 +2,9 @@
 
 Each public tool method below has real type annotations and a Google-style docstring, so
 ``transformers.utils.get_json_schema`` (and TRL's ``tools=``) can build its schema. The
-current user is always the task's user; candidates are labelled ``C1..CN`` in
-``candidate_item_ids`` order, and any item argument may be a label or an item id.
+current user is always the task's user; candidates are labelled in ``candidate_item_ids``
+order, ``A``, ``B``, ... by default or ``C1..CN`` (``agent/labels.py``: the letters are
+single tokens of the backbone), and any item argument may be a label or an item id.
 ``Toolbox.call`` validates the arguments and never raises: bad arguments give
 ``ToolResult(ok=False, output="Error: ...")``.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, fields, is_dataclass
 import numpy as np
 import polars as pl
 
+from recthinker_dagster.agent.labels import DEFAULT_LABEL_STYLE, candidate_labels, label_range, looks_like_label
 from recthinker_dagster.tools.formatting import clip, date, fit_to_budget, stars
 from recthinker_dagster.tools.profiles import compute_profile, history_crc, render_profile
 
@@ -79,17 +81,19 @@ def _task_dict(task) -> dict:
 
 
 class Toolbox:
-    """The tools of one task. ``labels`` maps ``"C1".."CN"`` to candidate item ids."""
+    """The tools of one task. ``labels`` maps the candidate labels (``"A"``, ``"B"``, ... or
+    ``"C1"``, ``"C2"``, ... by ``label_style``) to candidate item ids, in candidate order."""
 
-    def __init__(self, indexes, task, *, output_budget_chars: int = 1200):
+    def __init__(self, indexes, task, *, output_budget_chars: int = 1200, label_style: str = DEFAULT_LABEL_STYLE):
         task = _task_dict(task)
         self.indexes = indexes
         self.task_id: str = task.get("task_id", "")
         self.user_id: str = task["user_id"]
         self.history: list[str] = list(task["history_item_ids"])
         self.candidates: list[str] = list(task["candidate_item_ids"])
-        self.labels: dict[str, str] = {f"C{k + 1}": item for k, item in enumerate(self.candidates)}
-        self.label_of: dict[str, str] = {item: label for label, item in self.labels.items()}
+        self.labels: dict[str, str] = {}
+        self.label_of: dict[str, str] = {}
+        self.use_label_style(label_style)
         self.budget = output_budget_chars
         self._view: UserView | None = None
         self._history_set: set[str] | None = None
@@ -114,7 +118,7 @@ class Toolbox:
         """Show item details: title, year, categories, creator, number of ratings, average rating and description.
 
         Args:
-            item_ids: Candidate labels such as "C3", or item ids from earlier tool outputs (1-10 items).
+            item_ids: Candidate labels, or item ids from earlier tool outputs (1-10 items).
         """
         return self.call("get_item_info", {"item_ids": item_ids}).output
 
@@ -139,7 +143,7 @@ class Toolbox:
         """List the items other users most often consumed together with an item (co-occurrence), marking candidates and items from the current user's history.
 
         Args:
-            item_id: A candidate label such as "C3", or an item id.
+            item_id: A candidate label, or an item id.
             limit: Maximum number of related items (1-20).
         """
         return self.call("get_related_items", {"item_id": item_id, "limit": limit}).output
@@ -148,11 +152,16 @@ class Toolbox:
         """Score candidates with a collaborative-filtering model (BPR-MF) trained on all users' histories; a higher score means a better match for the current user.
 
         Args:
-            item_ids: Candidate labels such as "C1" (any number of the candidates).
+            item_ids: Candidate labels (any number of the candidates).
         """
         return self.call("score_candidates", {"item_ids": item_ids}).output
 
     # ========================================================= public API
+    def use_label_style(self, style: str) -> None:
+        """Label the candidates in ``style`` (``letters`` or ``numbered``; see ``agent/labels.py``)."""
+        self.labels = dict(zip(candidate_labels(len(self.candidates), style), self.candidates))
+        self.label_of = {item: label for label, item in self.labels.items()}
+
     def functions(self) -> list[Callable[..., str]]:
         """The tools as plain functions (typed, documented, never raising) for TRL ``tools=``."""
         if self._functions is None:
@@ -174,7 +183,7 @@ class Toolbox:
         return copy.deepcopy(_SCHEMAS)
 
     def candidate_lines(self) -> list[str]:
-        """One compact line per candidate, e.g. ``"C3: Toy Story (1995) | Animation, Comedy"``."""
+        """One compact line per candidate, e.g. ``"C: Toy Story (1995) | Animation, Comedy"``."""
         catalog = self.indexes.catalog
         return [f"{label}: {catalog.line(item)}" for label, item in self.labels.items()]
 
@@ -225,7 +234,7 @@ class Toolbox:
         if missing:
             raise ToolError("bad_arguments", f"{name} is missing required arguments {missing}; it takes {expected}")
         for key, value in args.items():
-            args[key] = _check_type(name, key, value, hints[key])
+            args[key] = _check_type(name, key, value, hints[key], list(self.labels)[:2] or ["A", "B"])
         return args
 
     def _resolve(self, ref: str) -> str:
@@ -234,9 +243,10 @@ class Toolbox:
             return self.labels[key.upper()]
         if key in self.indexes.catalog.index:
             return key
-        if key[:1] in "cC" and key[1:].isdigit():
-            raise ToolError("unknown_item", f"no candidate {key}; candidates are C1..C{len(self.labels)}")
-        raise ToolError("unknown_item", f"unknown item {ref!r}; use a candidate label (C1..C{len(self.labels)}) "
+        labels = list(self.labels)
+        if looks_like_label(key, labels):
+            raise ToolError("unknown_item", f"no candidate {key}; candidates are {label_range(labels)}")
+        raise ToolError("unknown_item", f"unknown item {ref!r}; use a candidate label ({label_range(labels)}) "
                         "or an item id from a tool output")
 
     def _resolve_list(self, item_ids: list[str], max_items: int) -> list[str]:
@@ -363,7 +373,8 @@ class Toolbox:
             shown = "; ".join(f"{self.ref(i)} {catalog.title(i, 30)} ({stars(r)})" for i, r in liked)
             lines.append(f"- U{rank}: cosine {cos:.2f}, {overlap} shared items; liked: {shown or 'nothing new'}")
         ranked = sorted((-int(n), k) for k, n in enumerate(hits) if n > 0)
-        summary = ", ".join(f"C{k + 1} ({-n} of {len(neighbours)})" for n, k in ranked)
+        labels = list(self.labels)
+        summary = ", ".join(f"{labels[k]} ({-n} of {len(neighbours)})" for n, k in ranked)
         header = (f"{len(neighbours)} most similar users (cosine over shared items; the current user has "
                   f"{len(set(self.history))} items).\nCandidates in their histories: {summary or 'none'}")
         return header, lines
@@ -389,7 +400,7 @@ class Toolbox:
         outside = [ref for ref in item_ids if self._resolve(ref) not in self.label_of]
         if outside:
             raise ToolError("not_candidate", f"{outside} are not candidates; score_candidates takes candidate "
-                            f"labels C1..C{len(self.labels)}")
+                            f"labels {label_range(list(self.labels))}")
         model = self.indexes.bprmf
         scores = model.score(self.user_id, self.history, items)
         known = [(s, self.candidates.index(i), i) for s, i in zip(scores, items) if model.knows_item(i)]
@@ -420,7 +431,7 @@ def _parse_arguments(arguments) -> dict:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as err:
             raise ToolError("bad_json", f"arguments are not valid JSON ({err.msg} at position {err.pos}); "
-                            'expected a JSON object such as {"item_ids": ["C1", "C2"]}') from None
+                            'expected a JSON object such as {"item_ids": ["A", "B"]}') from None
     if not isinstance(arguments, Mapping):
         raise ToolError("bad_arguments", f"arguments must be a JSON object, got {type(arguments).__name__}")
     return dict(arguments)
@@ -430,7 +441,7 @@ def _type_name(tp) -> str:
     return {str: "string", int: "integer", list[str]: "list of strings"}.get(tp, str(tp))
 
 
-def _check_type(tool: str, key: str, value, tp):
+def _check_type(tool: str, key: str, value, tp, labels: list[str]):
     if tp is str and isinstance(value, str):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -439,6 +450,6 @@ def _check_type(tool: str, key: str, value, tp):
         return int(value)
     if tp == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    example = {str: '"C3"', int: "5", list[str]: '["C1", "C4"]'}.get(tp, "")
+    example = {str: json.dumps(labels[0]), int: "5", list[str]: json.dumps(labels)}.get(tp, "")
     raise ToolError("wrong_type", f"{tool}: {key} must be a {_type_name(tp)} (e.g. {example}), "
                     f"got {type(value).__name__} {clip(json.dumps(value, default=str), 60)}")

@@ -242,9 +242,9 @@ def assistant_text(message: Mapping) -> str:
 
 
 def candidate_labels(t: Trajectory) -> dict[str, str]:
-    """label -> item id in candidate order (C1, C2, ...), read back from the final ranking."""
+    """label -> item id in candidate order (A, B, ... or C1, C2, ...), read back from the final ranking."""
     pairs = zip(t.final_labels, t.final_ranking)
-    return dict(sorted(pairs, key=lambda pair: int(pair[0][1:]) if pair[0][1:].isdigit() else 0))
+    return dict(sorted(pairs, key=lambda pair: (len(pair[0]), pair[0])))  # C9 before C10; A before B
 
 
 def _reparse(t: Trajectory, message: Mapping) -> tuple[P.ParsedTurn, Mapping]:

@@ -18,6 +18,13 @@ assistant token) and ``completion_ids`` (every later turn); ``env_mask`` is 1 on
 the policy wrote and 0 on tool results and role headers, so TRL's loss never trains on tool
 output. The rewards get each rollout's :class:`RolloutOutcome` (see ``rewards.py``).
 
+Answers (``answer_mode``): rollouts decode every ``<answer>`` under the label constraint (a
+permutation by construction; the policy still samples the order). In ``logits`` mode the label
+head orders the labels once the policy opens ``<answer>``, and the ranking reward is the NDCG
+of the head's ranking after the sampled trajectory. The head's answer tokens (and the forced
+head's, after an unanswered final request) are part of the completion like any other
+assistant tokens, so the update also moves the head towards rankings that earned reward.
+
 Health figures logged per step (TRL's own plus these): ``tools/call_frequency``,
 ``tools/failure_rate``, ``rollout/valid_rate``, ``rollout/ndcg@10``, ``rollout/turns``,
 ``time/generation_s``, ``time/tools_s``. ``metrics.json`` adds seconds per step and their split
@@ -85,6 +92,7 @@ def opening_messages(task, toolbox, config: AgentConfig) -> list[dict]:
     return agent_prompts.initial_messages(
         task.history_lines, toolbox.candidate_lines(), user_id=task.user_id,
         max_turns=config.max_turns, max_tool_calls=config.max_tool_calls, template=config.system_prompt,
+        labels=list(toolbox.labels),
     )
 
 
@@ -187,6 +195,7 @@ class ToolRollout:
             "tools/failure_rate": sum(t.n_invalid_calls for t in trajectories) / calls if calls else 0.0,
             "rollout/valid_rate": sum(t.valid for t in trajectories) / n,
             "rollout/answered_rate": sum(t.finish == "answer" for t in trajectories) / n,
+            "rollout/forced_head_rate": sum(t.finish == "forced_head" for t in trajectories) / n,
             "rollout/ndcg@10": sum(t.metrics.get("ndcg@10", 0.0) for t in trajectories) / n,
             "rollout/turns": sum(t.n_turns for t in trajectories) / n,
             "rollout/policy_tokens": sum(sum(m) for m in env_mask) / n,
@@ -257,10 +266,12 @@ def train_grpo(
     callbacks: Sequence | None = None,
     extra_reward_funcs: Sequence[Callable] = (),
     backend_factory: Callable | None = None,
+    answer_mode: str = "generate",
 ) -> RLResult:
     """Train an RL LoRA adapter with GRPO on ``tasks`` (AgentTasks of train tasks; see the module
     docstring). ``resume=True`` continues from ``output_dir/checkpoints``. ``extra_reward_funcs``
-    are raw TRL reward functions added with weight 1 (for experiments)."""
+    are raw TRL reward functions added with weight 1 (for experiments). ``answer_mode``:
+    ``generate`` or ``logits`` (the ranking reward then scores the label head's ranking)."""
     from peft import LoraConfig
     from transformers import AutoTokenizer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -285,7 +296,7 @@ def train_grpo(
     model = load_policy_start(base_model_dir, adapters, precision)
 
     agent_config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
-                               sampling=SamplingParams(max_new_tokens=recipe.max_new_tokens))
+                               sampling=SamplingParams(max_new_tokens=recipe.max_new_tokens), answer_mode=answer_mode)
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
                           seed=recipe.seed, backend_factory=backend_factory)
     from datasets import Dataset
@@ -323,7 +334,8 @@ def train_grpo(
 
 HEALTH_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "learning_rate", "grad_norm", "loss",
                "completions/mean_length", "completions/clipped_ratio", "tools/call_frequency", "tools/failure_rate",
-               "rollout/valid_rate", "rollout/answered_rate", "rollout/ndcg@10", "rollout/turns",
+               "rollout/valid_rate", "rollout/answered_rate", "rollout/forced_head_rate", "rollout/ndcg@10",
+               "rollout/turns",
                "rollout/policy_tokens", "time/rollout_s", "time/generation_s", "time/tools_s")
 
 
@@ -369,6 +381,7 @@ def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_secon
         },
         "final_reward": steps[-1].get("reward") if steps else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "answer_mode": rollout.agent_config.answer_mode,
     }
 
 

@@ -60,6 +60,8 @@ def summarize_trajectories(trajectories: Sequence[Trajectory]) -> dict:
     summary.update(
         valid_rate=mean(t.valid for t in trajectories),
         answered_rate=mean(t.finish == "answer" for t in trajectories),
+        repaired_rate=mean(t.repaired for t in trajectories),
+        forced_head_rate=mean(t.finish == "forced_head" for t in trajectories),
         tool_calls_per_task=mean(t.n_tool_calls for t in trajectories),
         invalid_calls_per_task=mean(t.n_invalid_calls for t in trajectories),
         turns_per_task=mean(t.n_turns for t in trajectories),

@@ -36,6 +36,11 @@ def make_project(root: Path) -> Project:
         with repo.config.edit() as conf:
             conf["remote"]["local"] = {"url": str(root / "dvc_remote")}
             conf["core"]["remote"] = "local"
+    return open_project(root)
+
+
+def open_project(root: Path) -> Project:
+    """The resources of a project :func:`make_project` made (another process can open it again)."""
     resources = {
         "paths": ProjectPaths(root=str(root), data_dir=str(root / "data"), cache_dir=str(CACHE_DIR)),
         "dvc": DVCVersioning(root=str(root)),

@@ -25,7 +25,7 @@ from recthinker_dagster.agent import (
 from tests.support.paths import SHARED_DATA, require_shared
 
 PROTOCOL = {"n_eval_users_per_group": 5, "n_valid_users_per_group": 5, "n_train_users_per_group": 20}
-_SCORE_LINE = re.compile(r"^\s*\d+\.\s*(C\d+):\s*(-?[\d.]+)", re.MULTILINE)
+_SCORE_LINE = re.compile(r"^\s*\d+\.\s*([A-Z]\d*):\s*(-?[\d.]+)", re.MULTILINE)  # labels A.. or C1..
 
 
 def call(name: str, **arguments) -> str:
@@ -41,7 +41,7 @@ class ScriptedInvestigator:
         return [Generation(self.reply(messages), 500, 60, 0.01, "stop") for messages in conversations]
 
     def reply(self, messages: list[dict]) -> str:
-        labels = re.findall(r"^(C\d+): ", messages[1]["content"], re.MULTILINE)
+        labels = re.findall(r"^([A-Z]\d*): ", messages[1]["content"], re.MULTILINE)
         scores = [m for m in messages if m["role"] == "tool" and m.get("name") == "score_candidates"]
         if not scores:
             return (

@@ -6,6 +6,18 @@
 schemas per conversation (or None), and the result one ``Generation`` per conversation, in
 order. Backends never raise for one bad request: they return a ``Generation`` with
 ``finish_reason="error"`` and ``error`` set, so one failure does not sink a batch.
+
+Two optional capabilities, used by the loop when a backend has them (local models do, HTTP
+servers do not):
+
+- ``constrains_answers = True``: ``generate`` also takes ``answers=[AnswerSpec, ...]`` (one per
+  conversation) and decodes every ``<answer>`` the model opens as a permutation of those
+  labels (``answer_mode="generate"``), or ranks them with the label head
+  (``answer_mode="logits"``) and writes that ranking out; ``Generation.head_scores`` then holds
+  the head's score per label.
+- ``rank_labels(conversations, tools, labels)``: the label head alone. One forward pass over
+  each conversation plus an assistant turn opened with ``<answer>``; returns every label's
+  log-probability at that position (``{label: score}`` per conversation).
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
+
+ANSWER_MODES = ("generate", "logits")
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,19 @@ class SamplingParams:
         return replace(self, seed=seed)
 
 
+@dataclass(frozen=True)
+class AnswerSpec:
+    """How a conversation's answer may be written: its candidate labels (candidate order) and
+    who orders them: the model token by token (``generate``) or the label head (``logits``)."""
+
+    labels: tuple[str, ...]
+    mode: str = "generate"
+
+    def __post_init__(self):
+        if self.mode not in ANSWER_MODES:
+            raise ValueError(f"answer mode must be one of {list(ANSWER_MODES)}, got {self.mode!r}")
+
+
 @dataclass
 class Generation:
     text: str
@@ -38,6 +65,7 @@ class Generation:
     seconds: float = 0.0  # wall time of the request, or of the whole batch it was generated in
     finish_reason: str = "stop"  # "stop", "length" or "error"
     error: str | None = None
+    head_scores: dict[str, float] | None = None  # label -> head score when the label head ordered the answer
 
 
 @runtime_checkable
@@ -50,6 +78,22 @@ class Backend(Protocol):
         tools: Sequence[list[dict] | None] | None,
         params: SamplingParams,
     ) -> list[Generation]: ...
+
+
+def constrains_answers(backend) -> bool:
+    """Whether ``backend.generate`` takes ``answers=`` (constrained answers, the label head)."""
+    return bool(getattr(backend, "constrains_answers", False))
+
+
+def has_label_head(backend) -> bool:
+    """Whether ``backend`` can rank labels from their logits (``rank_labels``)."""
+    return callable(getattr(backend, "rank_labels", None))
+
+
+def head_ranking(scores: dict[str, float], labels: Sequence[str]) -> list[str]:
+    """``labels`` by head score, best first; ties keep candidate order."""
+    order = {label: k for k, label in enumerate(labels)}
+    return sorted(labels, key=lambda label: (-scores[label], order[label]))
 
 
 def tools_for(tools: Sequence[list[dict] | None] | None, n: int) -> list[list[dict] | None]:

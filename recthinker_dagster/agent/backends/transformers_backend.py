@@ -23,6 +23,13 @@ float32; single-stream decoding was about even (``scripts/benchmark_inference.py
 bf16 output is not batch-invariant (about half the texts differ from one-at-a-time runs);
 float32 output is identical token for token.
 
+Answers: with ``answers=[AnswerSpec, ...]`` every ``<answer>`` the model opens is decoded under
+:class:`~recthinker_dagster.agent.backends.constrained.AnswerConstraint` (a permutation of the
+labels, or the label head's ranking in ``logits`` mode). A row that hits ``max_new_tokens``
+inside its answer is continued (same state, only the tokens the answer still needs), so a
+constrained answer is never cut off. ``rank_labels`` is the label head on its own: one
+forward pass over a conversation plus ``<answer>``.
+
 Threads: ``from_pretrained`` sets torch threads to the available cores. On a machine shared
 with other busy processes, run with ``OMP_WAIT_POLICY=PASSIVE`` (set before Python starts):
 spinning OpenMP threads that lose their core made 2-thread decoding up to 10x slower.
@@ -34,16 +41,19 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from recthinker_dagster.agent.backends.base import Generation, SamplingParams, tools_for
+from recthinker_dagster.agent.backends.base import AnswerSpec, Generation, SamplingParams, head_ranking, tools_for
 from recthinker_dagster.agent.backends.chat_template import (
     ensure_tool_chat_template,
     render_prompt,
     stop_token_ids,
 )
+from recthinker_dagster.agent.backends.constrained import ANSWER_OPEN, AnswerConstraint, AnswerState, LabelTokens
+from recthinker_dagster.agent.labels import label_token_problems
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -81,6 +91,8 @@ def available_cores() -> int:
 class TransformersBackend:
     """Generate with an in-process model; ``from_pretrained`` loads one from a folder."""
 
+    constrains_answers = True  # ``generate`` takes ``answers=`` (see the module docstring)
+
     def __init__(
         self,
         model,
@@ -106,6 +118,7 @@ class TransformersBackend:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._label_tokens: dict[tuple[str, ...], LabelTokens] = {}
         self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "completion_tokens": 0, "padded_tokens": 0}
 
     @classmethod
@@ -135,8 +148,10 @@ class TransformersBackend:
         conversations: Sequence[list[dict]],
         tools: Sequence[list[dict] | None] | None,
         params: SamplingParams,
+        answers: Sequence[AnswerSpec | None] | None = None,
     ) -> list[Generation]:
         tool_lists = tools_for(tools, len(conversations))
+        specs = list(answers) if answers is not None else [None] * len(conversations)
         prompts = [self.encode(messages, tool_list) for messages, tool_list in zip(conversations, tool_lists)]
         results: list[Generation | None] = [None] * len(prompts)
         limit = self.max_context_tokens
@@ -148,9 +163,34 @@ class TransformersBackend:
         order = sorted(todo, key=lambda i: len(prompts[i]), reverse=True)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            for index, generation in zip(chunk, self.generate_ids([prompts[i] for i in chunk], params)):
+            generations = self.generate_ids([prompts[i] for i in chunk], params, [specs[i] for i in chunk])
+            for index, generation in zip(chunk, generations):
                 results[index] = generation
         return results  # type: ignore[return-value]
+
+    def labels_fit(self, labels: Sequence[str]) -> bool:
+        """Whether every label is one token of this tokenizer (``agent/labels.py``)."""
+        return not label_token_problems(self.tokenizer, labels)
+
+    def rank_labels(
+        self,
+        conversations: Sequence[list[dict]],
+        tools: Sequence[list[dict] | None] | None,
+        labels: Sequence[Sequence[str]],
+    ) -> list[dict[str, float]]:
+        """The label head: each conversation plus an assistant turn opened with ``<answer>``, one
+        forward pass, and every label's log-probability at the next position."""
+        tool_lists = tools_for(tools, len(conversations))
+        rows = [self.tokenizer(render_prompt(self.tokenizer, messages, tool_list) + ANSWER_OPEN,
+                               add_special_tokens=False)["input_ids"]
+                for messages, tool_list in zip(conversations, tool_lists)]
+        return self.label_scores(rows, [self.label_tokens(label_set) for label_set in labels])
+
+    def label_tokens(self, labels: Sequence[str]) -> LabelTokens:
+        key = tuple(labels)
+        if key not in self._label_tokens:
+            self._label_tokens[key] = LabelTokens.build(self.tokenizer, key, self.stop_ids[0])
+        return self._label_tokens[key]
 
     # -- pieces, public for benchmarks and tests -----------------------------------------------
 
@@ -159,26 +199,126 @@ class TransformersBackend:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def generate_ids(self, rows: Sequence[list[int]], params: SamplingParams) -> list[Generation]:
-        """One ``model.generate`` call for prompts given as token ids."""
+    def generate_ids(self, rows: Sequence[list[int]], params: SamplingParams,
+                     answers: Sequence[AnswerSpec | None] | None = None) -> list[Generation]:
+        """One ``model.generate`` call for prompts given as token ids (plus, with ``answers``, the
+        continuation of answers cut off by ``max_new_tokens`` and the head of multi-token labels)."""
         started = time.perf_counter()
+        if not params.greedy and params.seed is not None:
+            torch.manual_seed(params.seed)
+        states = self._answer_states(answers, len(rows))
+        new_tokens = self._generate_rows(rows, params, states, fresh=True)
+        if states is not None:
+            self._finish_answers(rows, new_tokens, params, states)
+        seconds = time.perf_counter() - started
+        return [self._finish(row, tokens, seconds, states[i] if states else None)
+                for i, (row, tokens) in enumerate(zip(rows, new_tokens))]
+
+    def _answer_states(self, answers, n: int) -> list[AnswerState | None] | None:
+        if answers is None or not any(spec is not None for spec in answers):
+            return None
+        if len(answers) != n:
+            raise ValueError(f"got {len(answers)} answer specs for {n} prompts")
+        return [None if spec is None else AnswerState(self.label_tokens(spec.labels), spec.mode) for spec in answers]
+
+    def _generate_rows(self, rows: Sequence[list[int]], params: SamplingParams,
+                       states: Sequence[AnswerState | None] | None, *, fresh: bool) -> list[list[int]]:
+        """The new tokens of every row (one ``model.generate`` call; padding after a stop included)."""
+        from transformers import LogitsProcessorList
+
         prefix_len, prefix_kv = self._prefix_for(rows)
         input_ids, attention_mask = self._layout(rows, prefix_len)
         cache = self._new_cache(len(rows), input_ids.shape[1] + params.max_new_tokens, prefix_len, prefix_kv)
-        if not params.greedy and params.seed is not None:
-            torch.manual_seed(params.seed)
+        processors = LogitsProcessorList()
+        if states is not None:
+            processors.append(AnswerConstraint(self.tokenizer, states, self.stop_ids, fresh=fresh))
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=cache,
             generation_config=self._generation_config(params),
+            logits_processor=processors,
         )
-        seconds = time.perf_counter() - started
-        new_tokens = output[:, input_ids.shape[1] :].tolist()
-        generations = [self._finish(row, tokens, seconds) for row, tokens in zip(rows, new_tokens)]
         self.stats["prefix_tokens_reused"] += prefix_len * len(rows) if prefix_kv is not None else 0
         self.stats["padded_tokens"] += int(attention_mask.numel() - attention_mask.sum())
-        return generations
+        return output[:, input_ids.shape[1] :].tolist()
+
+    def _finish_answers(self, rows: Sequence[list[int]], new_tokens: list[list[int]], params: SamplingParams,
+                        states: Sequence[AnswerState | None]) -> None:
+        """Continue answers cut off by the token limit, then rank multi-token labels by the head."""
+        cut = [i for i, state in enumerate(states) if state is not None and state.in_answer
+               and not any(token in self.stop_ids for token in new_tokens[i])]
+        if cut:
+            extra = max(states[i].remaining_tokens() for i in cut)  # type: ignore[union-attr]
+            more = self._generate_rows([list(rows[i]) + new_tokens[i] for i in cut],
+                                       replace(params, max_new_tokens=extra), [states[i] for i in cut], fresh=False)
+            for i, tokens in zip(cut, more):
+                new_tokens[i] = new_tokens[i] + tokens
+        heads = [i for i, state in enumerate(states) if state is not None and state.needs_head]
+        if not heads:
+            return
+        prompts = [list(rows[i]) + self._until_stop(new_tokens[i]) for i in heads]
+        scores = self.label_scores(prompts, [states[i].tokens for i in heads])  # type: ignore[union-attr]
+        for i, row_scores in zip(heads, scores):
+            state = states[i]
+            assert state is not None
+            state.head_scores = row_scores
+            order = head_ranking(row_scores, state.tokens.labels)
+            new_tokens[i] = self._until_stop(new_tokens[i]) + state.tokens.answer_tokens(order)
+
+    def _until_stop(self, tokens: list[int]) -> list[int]:
+        stop = next((k for k, token in enumerate(tokens) if token in self.stop_ids), len(tokens))
+        return tokens[:stop]
+
+    @torch.inference_mode()
+    def label_scores(self, rows: Sequence[list[int]], label_tokens: Sequence[LabelTokens]) -> list[dict[str, float]]:
+        """Every label's log-probability of coming next after each row (a prompt ending in
+        ``<answer>``): bare and spaced spellings together, multi-token labels token by token."""
+        out: list[dict[str, float]] = [{} for _ in rows]
+        single = [i for i, t in enumerate(label_tokens) if t.single_token]
+        for start in range(0, len(single), self.batch_size):
+            chunk = single[start : start + self.batch_size]
+            logits = self._forward_logits([rows[i] for i in chunk], keep=1)[:, -1]
+            for i, row_logits in zip(chunk, torch.log_softmax(logits.float(), dim=-1)):
+                variants = label_tokens[i].variants
+                out[i] = {label: float(torch.logsumexp(row_logits[[seq[0] for seq in seqs]], dim=0))
+                          for label, seqs in variants.items()}
+        for i, tokens in enumerate(label_tokens):
+            if not tokens.single_token:
+                out[i] = self._sequence_scores(rows[i], tokens)
+        return out
+
+    def _sequence_scores(self, row: list[int], tokens: LabelTokens) -> dict[str, float]:
+        """Multi-token labels: one forward pass over the row's KV (shared prefix) and every spelling."""
+        spellings = [(label, seq) for label, seqs in tokens.variants.items() for seq in seqs]
+        width = max(len(seq) for _, seq in spellings)
+        logits = self._forward_logits([list(row) + list(seq) for _, seq in spellings], keep=width + 1,
+                                      prefix_limit=len(row) - 1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        per_label: dict[str, list[torch.Tensor]] = {}
+        for k, (label, seq) in enumerate(spellings):
+            # logits[-(n+1) + j] predicts token j of a spelling of n tokens (right-aligned rows)
+            n = len(seq)
+            total = sum(logp[k, logp.shape[1] - n - 1 + j, token] for j, token in enumerate(seq))
+            per_label.setdefault(label, []).append(torch.as_tensor(total))
+        return {label: float(torch.logsumexp(torch.stack(values), dim=0)) for label, values in per_label.items()}
+
+    def _forward_logits(self, rows: Sequence[list[int]], keep: int, prefix_limit: int | None = None) -> torch.Tensor:
+        """The last ``keep`` positions' logits of every row, in one forward pass (shared prefix reused)."""
+        from transformers import DynamicCache
+
+        prefix_len, prefix_kv = self._prefix_for(rows, limit=prefix_limit)
+        input_ids, mask = self._layout(rows, prefix_len)
+        batch = len(rows)
+        cache = DynamicCache() if prefix_kv is None else DynamicCache(ddp_cache_data=[
+            (k[:, :, :prefix_len].expand(batch, -1, -1, -1), v[:, :, :prefix_len].expand(batch, -1, -1, -1))
+            for k, v in prefix_kv
+        ])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(input_ids=input_ids[:, prefix_len:], attention_mask=mask,
+                            position_ids=positions[:, prefix_len:], past_key_values=cache, use_cache=True,
+                            logits_to_keep=keep)
+        return output.logits[:, -keep:]
 
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()
@@ -226,7 +366,8 @@ class TransformersBackend:
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         return GenerationConfig(**options)
 
-    def _finish(self, prompt: list[int], tokens: list[int], seconds: float) -> Generation:
+    def _finish(self, prompt: list[int], tokens: list[int], seconds: float,
+                state: AnswerState | None = None) -> Generation:
         stop_at = next((i for i, token in enumerate(tokens) if token in self.stop_ids), None)
         kept = tokens if stop_at is None else tokens[:stop_at]
         completion = len(tokens) if stop_at is None else stop_at + 1
@@ -238,6 +379,7 @@ class TransformersBackend:
             completion_tokens=completion,
             seconds=seconds,
             finish_reason="length" if stop_at is None else "stop",
+            head_scores=state.head_scores if state is not None else None,
         )
 
     def _layout(self, rows: Sequence[list[int]], prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,12 +396,15 @@ class TransformersBackend:
         device = self.model.device
         return input_ids.to(device), mask.to(device)
 
-    def _prefix_for(self, rows: Sequence[list[int]]):
-        """(length, per-layer KV) of a cached prefix shared by all ``rows``, or (0, None)."""
+    def _prefix_for(self, rows: Sequence[list[int]], limit: int | None = None):
+        """(length, per-layer KV) of a cached prefix shared by all ``rows`` (at most ``limit``
+        tokens), or (0, None)."""
         if not self.prefix_cache:
             return 0, None
         shared = _common_prefix(rows)
         shared = shared[: min(len(row) for row in rows) - 1]  # every row keeps a token to prefill
+        if limit is not None:
+            shared = shared[: max(limit, 0)]
         best_key, best_len = None, 0
         for key in self._prefixes:
             length = len(_common_prefix([key, shared]))

