@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -33,6 +35,25 @@ def asset_tag(artifact: str) -> str:
     """The MLflow ``asset`` tag of ``<asset>/<dataset>``: ``interactions/ml-1m`` -> ``ml_1m/interactions``."""
     asset, _, dataset = artifact.partition("/")
     return asset_label(asset, dataset or None)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser, example: str = "teacher.samples_per_task=4") -> None:
+    """``--profile`` and repeatable ``--set section.field=value``, as ``recthinker config`` takes them."""
+    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help=f"override one setting (repeatable), e.g. --set {example}")
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    """The profile named by :func:`add_profile_arguments`' options, with their overrides."""
+    return load_profile(args.profile, parse_overrides(args.set))
+
+
+def add_raw_data_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: the raw datasets for scripts that build the data side themselves
+    (default ``$RECTHINKER_SHARED_DATA``, else ``shared/data`` next to the repository)."""
+    default = os.environ.get("RECTHINKER_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    parser.add_argument("--data-dir", type=Path, default=Path(default), help="raw datasets folder (default: %(default)s)")
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:

@@ -36,7 +36,6 @@ with ``--split valid`` to see those).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -45,18 +44,17 @@ from pathlib import Path
 import polars as pl
 
 from recthinker_dagster.artifacts import ArtifactLayout, read_tasks, read_train_interactions
-from recthinker_dagster.cli import parse_overrides
+from recthinker_dagster.cli import add_profile_arguments, add_raw_data_argument, profile_from_args
 from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize
 from recthinker_dagster.evaluation.report import plot_ndcg_by_system, results_table_markdown
 from recthinker_dagster.recommenders.base import Recommender
 from recthinker_dagster.recommenders.bprmf import BPRMF, UNTUNED_CONFIG
 from recthinker_dagster.recommenders.registry import LIBRARY_BASELINES, make_recommender
-from recthinker_dagster.settings import CLASSICAL_SYSTEMS, EvaluationSettings, Profile, default_profile_name, load_profile
+from recthinker_dagster.settings import CLASSICAL_SYSTEMS, EvaluationSettings, Profile
 from recthinker_dagster.stages.evaluation import fitted_recommender
 from recthinker_dagster.stages.inputs import ensure_tasks
 from recthinker_dagster.tools import index_interactions
 
-REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = (*CLASSICAL_SYSTEMS, "bprmf_untuned", *LIBRARY_BASELINES)
 DEFAULT_SYSTEMS = ["random", "popularity", "itemknn", "bprmf_untuned", "bprmf", *LIBRARY_BASELINES]
 
@@ -125,12 +123,9 @@ def overview(cells: dict[tuple[str, str, int, str], str], systems: list[str], sp
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one setting (repeatable), e.g. --set evaluation.sasrec_train_windows=5000")
+    add_profile_arguments(parser, "evaluation.sasrec_train_windows=5000")
     parser.add_argument("--n-candidates", nargs="+", type=int, default=[20, 10], help="candidates per task (N)")
-    parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    add_raw_data_argument(parser)
     parser.add_argument("--root", type=Path, help="project root for the artifacts, one n<N> folder per N "
                                                   "(default: a temporary directory)")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="tie-breaking and bootstrap seed (default: the profile's)")
     parser.add_argument("--plot-dir", type=Path, default=None, help="also write NDCG@10 PNGs here")
     args = parser.parse_args(argv)
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = profile_from_args(args)
     settings = profile.evaluation if args.seed is None else replace(profile.evaluation, seed=args.seed)
 
     cells = {}

@@ -39,14 +39,13 @@ import numpy as np
 import polars as pl
 
 from recthinker_dagster.artifacts import ArtifactLayout, index_folders, load_tool_indexes, read_table, read_tasks
-from recthinker_dagster.cli import parse_overrides
-from recthinker_dagster.settings import Profile, default_profile_name, load_profile
+from recthinker_dagster.cli import add_profile_arguments, add_raw_data_argument, profile_from_args
+from recthinker_dagster.settings import Profile
 from recthinker_dagster.stages import indexes as index_stage
 from recthinker_dagster.stages.inputs import ensure_tasks
 from recthinker_dagster.tools import TOOL_NAMES, Toolbox, build_all
 from recthinker_dagster.tools.text import tokenize
 
-REPO = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -182,17 +181,14 @@ def run(profile: Profile, layout: ArtifactLayout, dataset: str, calls: int, seed
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one setting (repeatable), e.g. --set tool_indexes.bpr_epochs=2")
-    parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    add_profile_arguments(parser, "tool_indexes.bpr_epochs=2")
+    add_raw_data_argument(parser)
     parser.add_argument("--root", type=Path, help="project root for the artifacts (default: a temporary directory)")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
     parser.add_argument("--calls", type=int, default=3000, help="calls per tool")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = profile_from_args(args)
     if hasattr(os, "getloadavg"):
         print("load average at start (1, 5, 15 min):", " ".join(f"{x:.2f}" for x in os.getloadavg()),
               f"on {os.cpu_count()} CPUs")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from collections import Counter
@@ -43,14 +42,13 @@ from recthinker_dagster.artifacts import (
     read_tasks,
     read_train_interactions,
 )
-from recthinker_dagster.cli import parse_overrides
+from recthinker_dagster.cli import add_profile_arguments, add_raw_data_argument, profile_from_args
 from recthinker_dagster.evaluation.baselines import evaluate_recommender, summarize
-from recthinker_dagster.settings import EvaluationSettings, Profile, default_profile_name, load_profile
+from recthinker_dagster.settings import EvaluationSettings, Profile
 from recthinker_dagster.stages.evaluation import fitted_recommender
 from recthinker_dagster.stages.inputs import ensure_tool_inputs
 from recthinker_dagster.tools import index_interactions
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS = ["ndcg@1", "ndcg@5", "ndcg@10"]
 BASELINES = ("popularity", "itemknn", "bprmf")
 
@@ -147,11 +145,8 @@ def evaluate(args: argparse.Namespace, profile: Profile, layout: ArtifactLayout)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one setting (repeatable), e.g. --set protocol.n_train_users_per_group=50")
-    parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    add_profile_arguments(parser, "protocol.n_train_users_per_group=50")
+    add_raw_data_argument(parser)
     parser.add_argument("--root", type=Path, help="project root for the artifacts (default: a temporary directory)")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
     parser.add_argument("--splits", nargs="+", default=["train", "valid"], choices=list(TASK_SPLITS))
@@ -159,7 +154,7 @@ def main() -> None:
     parser.add_argument("--tune-iterations", type=int, default=300)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = profile_from_args(args)
     with tempfile.TemporaryDirectory(prefix="evaluate-teachers-") as scratch:
         evaluate(args, profile, ArtifactLayout((args.root or Path(scratch)).resolve(), data_dir=args.data_dir))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from collections import Counter
@@ -29,9 +28,8 @@ from pathlib import Path
 
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_tasks
-from recthinker_dagster.cli import parse_overrides
+from recthinker_dagster.cli import add_profile_arguments, add_raw_data_argument, profile_from_args
 from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
-from recthinker_dagster.settings import default_profile_name, load_profile
 from recthinker_dagster.stages.evaluation import llm_settings
 from recthinker_dagster.stages.inputs import ensure_tool_inputs
 from recthinker_dagster.training.validation import validation_slice
@@ -61,18 +59,16 @@ def figures(trajectories: list) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=default_profile_name())
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    add_profile_arguments(parser, "protocol.n_candidates=20")
     parser.add_argument("--base-model", type=Path, default=REPO / "assets" / "base_model")
     parser.add_argument("--root", type=Path, default=None)
-    parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get("RECTHINKER_SHARED_DATA", REPO.parent / "shared" / "data")))
+    add_raw_data_argument(parser)
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
     parser.add_argument("--tasks", type=int, default=4, help="eval tasks per dataset")
     parser.add_argument("--modes", nargs="+", default=["generate", "logits"], choices=["generate", "logits"])
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = profile_from_args(args)
     root = args.root or Path(tempfile.mkdtemp(prefix="answer-validity-"))
     layout = ArtifactLayout(root.resolve(), data_dir=args.data_dir)
     tasks, factories = [], {}

@@ -18,8 +18,7 @@ import shutil
 from pathlib import Path
 
 from recthinker_dagster.artifacts import ArtifactLayout
-from recthinker_dagster.cli import parse_overrides
-from recthinker_dagster.settings import default_profile_name, load_profile
+from recthinker_dagster.cli import add_profile_arguments, profile_from_args
 from recthinker_dagster.stages.filtering import build_filtered_trajectories_stage, check_sft_examples
 from recthinker_dagster.stages.sft import build_sft_model_stage
 from recthinker_dagster.stages.validation import validation_table
@@ -29,9 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default=default_profile_name(), help="profiles/<name>.yaml (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one setting (repeatable), e.g. --set filtering.min_examples=2")
+    add_profile_arguments(parser, "filtering.min_examples=2")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="project root holding assets/ (default: this repo)")
     parser.add_argument("--skip-filtering", action="store_true", help="train on the published filtered_trajectories")
@@ -40,7 +37,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    profile = load_profile(args.profile, parse_overrides(args.set))
+    profile = profile_from_args(args)
     layout = ArtifactLayout(args.root.resolve())
     if not args.skip_filtering:
         filtered = build_filtered_trajectories_stage(profile.filtering, layout, args.datasets)

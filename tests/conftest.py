@@ -76,3 +76,17 @@ def smollm2_tokenizer(tmp_path_factory):
     from tests.support.tiny_models import smollm2_tokenizer as load
 
     return load(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_float32(request, repo_root):
+    """(model, tokenizer) of SmolLM2 in float32, loaded once per test module: the project's
+    ``assets/base_model`` when materialized, else the session's prepared copy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = repo_root / "assets" / "base_model"
+    if not (path / "model.safetensors").exists():
+        path, _ = request.getfixturevalue("prepared_base_model")
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)

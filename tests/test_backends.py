@@ -36,16 +36,9 @@ def conversation(user: str, liked: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def smollm(request, repo_root):
+def smollm(smollm2_float32):
     """(model, tokenizer) in float32, loaded once for this module."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = repo_root / "assets" / "base_model"
-    if not (path / "model.safetensors").exists():
-        path, _ = request.getfixturevalue("prepared_base_model")
-    torch.set_num_threads(2)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    return smollm2_float32
 
 
 @pytest.fixture(scope="module")

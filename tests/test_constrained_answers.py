@@ -136,14 +136,8 @@ def test_smollm2_answers_are_permutations_over_seeds_and_temperatures(smollm_bac
 
 
 @pytest.fixture(scope="module")
-def smollm_backend(request, repo_root):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def smollm_backend(smollm2_float32):
     from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
 
-    path = repo_root / "assets" / "base_model"
-    if not (path / "model.safetensors").exists():
-        path, _ = request.getfixturevalue("prepared_base_model")
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return TransformersBackend(model, AutoTokenizer.from_pretrained(path), name="smollm2", min_prefix_tokens=8)
+    model, tokenizer = smollm2_float32
+    return TransformersBackend(model, tokenizer, name="smollm2", min_prefix_tokens=8)
