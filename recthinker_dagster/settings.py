@@ -86,6 +86,7 @@ class ToolIndexSettings:
     bpr_seed: int | None = None
     relations_k: int | None = None
     similar_users_k: int | None = None
+    sasrec_train_windows: int | None = None  # SASRec's training sequences (sets its epochs); 0: no SASRec signal
 
     def index_config(self) -> ToolIndexConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -152,7 +153,6 @@ class RLSettings:
 @dataclass(frozen=True)
 class EvaluationSettings:
     systems: tuple[str, ...] = EVALUATED_SYSTEMS
-    sasrec_train_windows: int = 50_000  # training sequences SASRec sees (sets its epochs)
     n_bootstrap: int = 1000
     llm_tasks: int = 0  # eval tasks per dataset (spread over the groups) the LLM systems run on; 0: all
     llm_max_turns: int = 6

@@ -18,7 +18,8 @@ scored on the ``--split`` tasks (``eval`` by default) of every N.
 Systems (``--systems``; default: all but SASRec, the slowest):
 
 - ``random``, ``popularity``, ``itemknn``, ``sasrec``: as the evaluation stage fits them
-  (``stages.evaluation.fitted_recommender``, the profile's ``evaluation`` settings);
+  (``stages.evaluation.fitted_recommender``; SASRec as the tool index trains it, with the
+  profile's ``tool_indexes.sasrec_train_windows``);
 - ``bprmf``: the tool indexes' CF model, trained as ``tools.build_all`` trains it (the
   profile's ``tool_indexes`` BPR config); ``bprmf_untuned``: the same code with the defaults
   it had before they were tuned (``recommenders.bprmf.UNTUNED_CONFIG``);
@@ -68,7 +69,10 @@ def fit_system(name: str, visible: pl.DataFrame, profile: Profile, settings: Eva
         return BPRMF(replace(UNTUNED_CONFIG, seed=profile.tool_indexes.index_config().bpr.seed)).fit(visible)
     if name in LIBRARY_BASELINES:
         return make_recommender(name).fit(visible)
-    return fitted_recommender(name, visible, None, settings)  # type: ignore[arg-type]  # no index needed
+    if name == "sasrec":  # the tool index's SASRec, trained as the profile's tool_indexes say
+        config = profile.tool_indexes.index_config()
+        return make_recommender(name, train_windows=config.sasrec_train_windows, seed=config.sasrec_seed).fit(visible)
+    return fitted_recommender(name, visible, None, settings)
 
 
 def benchmark(layouts: dict[int, ArtifactLayout], dataset: str, systems: list[str], split: str, profile: Profile,
@@ -123,7 +127,7 @@ def overview(cells: dict[tuple[str, str, int, str], str], systems: list[str], sp
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_profile_arguments(parser, "evaluation.sasrec_train_windows=5000")
+    add_profile_arguments(parser, "tool_indexes.sasrec_train_windows=5000")
     parser.add_argument("--n-candidates", nargs="+", type=int, default=[20, 10], help="candidates per task (N)")
     add_raw_data_argument(parser)
     parser.add_argument("--root", type=Path, help="project root for the artifacts, one n<N> folder per N "

@@ -50,10 +50,10 @@ def run_config(datasets: list[str]) -> dg.RunConfig:
         if dataset == "synthetic":
             selected[f"{prefix}__raw_dataset"] = IngestConfig(profile="smoke", allow_download=False)
             selected[f"{prefix}__ingest"] = IngestConfig(profile="smoke", allow_download=False)
-            selected[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile="smoke", bpr_epochs=2)
+            selected[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile="smoke", bpr_epochs=2,
+                                                                           sasrec_train_windows=500)
             selected[f"{prefix}__teacher_trajectories"] = TeacherConfig(profile="smoke", samples_per_task=2)
-            selected[f"{prefix}__evaluation"] = EvaluationConfig(profile="smoke", systems=SYSTEMS,
-                                                                 sasrec_train_windows=500, n_bootstrap=100)
+            selected[f"{prefix}__evaluation"] = EvaluationConfig(profile="smoke", systems=SYSTEMS, n_bootstrap=100)
     return dg.RunConfig(ops=selected)
 
 

@@ -145,7 +145,7 @@ def test_repeated_identical_calls(clean):
 
 def test_length_limit_with_the_chars_proxy(clean):
     proxy = conversation_length(clean, None, 2.8)
-    assert 1500 < proxy < 4000  # ~2.5k tokens
+    assert 1000 < proxy < 2000  # ~1.3k tokens
     assert reasons_of(clean, FilterConfig(top_k=20, max_tokens=proxy - 1)) == [TOO_LONG]
     assert reasons_of(clean, FilterConfig(top_k=20, max_tokens=proxy)) == []
 

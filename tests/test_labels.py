@@ -65,7 +65,7 @@ def test_a_tokenizer_without_single_token_labels_falls_back_with_a_warning(caplo
 def test_prompts_and_parser_follow_the_labels():
     letters = candidate_labels(10)
     prompt = system_prompt(6, 8, labels=letters)
-    assert "<answer>C, A, G, ...</answer>" in prompt and "labels (A, B, ...)" in prompt
+    assert "<answer>C, A, G, ...</answer>" in prompt and "label (A, B, ...)" in prompt
     assert "<answer>C3, C1, C7, ...</answer>" in system_prompt(6, 8, labels=candidate_labels(10, NUMBERED_STYLE))
     assert "all 10 candidates" in final_answer_request(letters)["content"]
     answer, _ = parse_answer("B, A, J, C, D, E, F, G, H, I", dict(zip(letters, letters)))

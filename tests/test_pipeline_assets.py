@@ -229,7 +229,7 @@ def test_evaluation_scores_every_system_on_the_eval_tasks(synthetic_run):
 
     project, _ = synthetic_run
     systems = ["random", "popularity", "bprmf", "sasrec", "teacher"]
-    config = EvaluationConfig(profile="smoke", systems=systems, sasrec_train_windows=500, n_bootstrap=100)
+    config = EvaluationConfig(profile="smoke", systems=systems, n_bootstrap=100)
     result = dg.materialize(
         build_evaluation_assets("synthetic"),
         resources=project.resources,

@@ -35,12 +35,12 @@ def smoke_run_config() -> dg.RunConfig:
     config.ops.update({
         "synthetic__raw_dataset": IngestConfig(profile="smoke", allow_download=False),
         "synthetic__ingest": IngestConfig(profile="smoke", allow_download=False),
-        "synthetic__tool_indexes": ToolIndexesConfig(profile="smoke", bpr_epochs=2),
+        "synthetic__tool_indexes": ToolIndexesConfig(profile="smoke", bpr_epochs=2, sasrec_train_windows=500),
         "synthetic__teacher_trajectories": TeacherConfig(profile="smoke", samples_per_task=2),
         "filtered_trajectories": FilterStageConfig(profile="smoke", min_examples=2),
         "sft_model": SFTTrainingConfig(profile="smoke", max_steps=1),
         "rl_model": RLStageConfig(profile="smoke"),
-        "synthetic__evaluation": EvaluationConfig(profile="smoke", sasrec_train_windows=500, n_bootstrap=100),
+        "synthetic__evaluation": EvaluationConfig(profile="smoke", n_bootstrap=100),
     })
     return config
 

@@ -18,6 +18,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from recthinker_dagster.agent.backends.chat_template import compact_template
 from recthinker_dagster.serving.promotion import decide_promotion
 from recthinker_dagster.serving.pyfunc import (
     INDEX_ASSETS,
@@ -94,7 +95,7 @@ def test_adapters_are_merged_in_order(registry):
     merged_weight = merged.get_submodule(key).weight.detach()
     assert not torch.allclose(merged_weight, base.get_submodule(key).weight, atol=1e-4)
     torch.testing.assert_close(merged_weight, expected, atol=1e-5, rtol=1e-5)
-    assert "<tools>" in tokenizer.chat_template  # the SFT adapter's tool template
+    assert tokenizer.chat_template == compact_template()  # the SFT adapter's tool template
 
 
 def test_log_register_and_promote(registry):

@@ -88,7 +88,7 @@ def test_only_assistant_turns_are_labelled(tokenizer, trajectories):
     spans = [tokenizer.decode(span) for span in labelled_spans(ids, labels)]
     assistants = [m for m in t.messages if m["role"] == "assistant"]
     assert spans == ["\n" + assistant_text(m) + "<|im_end|>\n" for m in assistants]
-    assert '<tool_call>\n{"name": "score_candidates", "arguments": {"item_ids": ["A", ' in spans[0]
+    assert '<tool_call>\n{"name": "score_candidates", "arguments": {"weights": {"bprmf": 1.0}}}\n</tool_call>' in spans[0]
     assert spans[1].startswith("\nAnalysis:") and "<answer>" in spans[1]
     # the labelled first turn parses back to the very calls the loop ran
     parsed = parse_turn(spans[0].removesuffix("<|im_end|>\n"), candidate_labels(t))
@@ -100,7 +100,7 @@ def test_only_assistant_turns_are_labelled(tokenizer, trajectories):
         if message["role"] != "assistant":
             assert message["content"] in masked
             assert all(message["content"][:80] not in span for span in spans)
-    assert '"name": "find_similar_users"' in masked  # a tool schema
+    assert "- find_similar_users(limit): " in masked  # a tool's line in the system turn
     assert masked.count("<|im_start|>assistant") == 2 and all("<|im_start|>" not in s for s in spans)
     assert sum(label != IGNORE_INDEX for label in labels) == sum(len(s) for s in labelled_spans(ids, labels))
 
@@ -112,7 +112,7 @@ def test_raw_messages_in_a_dataset_would_corrupt_tool_arguments(trajectories):
     t = trajectories[0]
     rows = datasets.Dataset.from_list([{"messages": t.messages}])[0]["messages"]
     profile_call = rows[2]["tool_calls"][0]["function"]
-    assert profile_call["name"] == "get_user_profile" and profile_call["arguments"] == {"item_ids": None}
+    assert profile_call["name"] == "get_user_profile" and profile_call["arguments"] == {"weights": None}
     assert sft_examples([t])[0]["messages"][2]["tool_calls"][0]["function"]["arguments"] == {}
 
 
@@ -171,7 +171,7 @@ def test_the_adapter_is_saved_alone_and_changes_the_model(resumed_run):
     assert config["r"] == 4 and {"q_proj", "down_proj"} <= set(config["target_modules"])
 
     tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)  # carries the tool template
-    assert "<tool_call>" in tokenizer.apply_chat_template(
+    assert "Tools:\n- probe(): d<|im_end|>" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tools=[_schema()], tokenize=False)
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),

@@ -46,7 +46,7 @@ def layout(tmp_path_factory) -> ArtifactLayout:
     layout = ArtifactLayout(tmp_path_factory.mktemp("stages"))
     build_ingest_stage(IngestSettings(allow_download=False), layout, DATASET, log=quiet)
     build_task_splits_stage(load_profile("smoke").protocol, layout, DATASET, log=quiet)
-    build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=2), layout, DATASET, log=quiet)
+    build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=2, sasrec_train_windows=500), layout, DATASET, log=quiet)
     return layout
 
 
@@ -147,6 +147,18 @@ def test_teacher_trajectories_resume_from_their_work_file(layout):
     again = build_teacher_trajectories_stage(settings, layout, DATASET, log=quiet)
     assert again.summary.n_resumed == 2 * n_train and again.summary.n_generated == 0
     assert again.work_file == first.work_file
+
+
+def test_teacher_trajectories_record_their_token_counts_and_table_agreement(layout, smollm2_tokenizer):
+    settings = replace(load_profile("smoke").teacher, samples_per_task=1, batch_size=8)
+    result = build_teacher_trajectories_stage(settings, layout, DATASET, log=quiet, tokenizer=smollm2_tokenizer)
+    tokens = result.artifact.metadata["conversation_tokens"].value
+    assert 300 < tokens["median"] <= tokens["p95"] <= tokens["max"] <= 2200
+    assert result.artifact.metrics["tokens_median"] == tokens["median"]
+    histogram = str(result.artifact.metadata["token_histogram"])
+    assert histogram.startswith("| tokens | conversations |")
+    assert sum(int(row.split("|")[2]) for row in histogram.splitlines()[2:]) == result.artifact.metadata["trajectories"]
+    assert result.artifact.metadata["answer_matches_last_table"] == 1.0  # the scripted teacher reads its table
 
 
 def test_teacher_fingerprint_keys_match_the_resolved_config_of_old():

@@ -36,6 +36,7 @@ from recthinker_dagster.tools import (
     leakage_report,
 )
 from recthinker_dagster.tools.formatting import fit_to_budget
+from recthinker_dagster.tools.signals import raw_signal, score_table_labels, zscore
 from tests.support.paths import SHARED_DATA, require_shared
 
 SMALL_PROTOCOL = {"n_eval_users_per_group": 15, "n_valid_users_per_group": 15, "n_train_users_per_group": 30}
@@ -46,7 +47,7 @@ def _build(dataset: str, data, bpr_epochs: int, protocol: dict | None = None):
     splits = build_task_splits(data.interactions, protocol_config_for(dataset, **(protocol or {})), dataset)
     visible = index_interactions(splits.train_interactions, splits.tasks)
     valid = splits.tasks.filter(pl.col("split") == "valid")
-    indexes = build_all(visible, data.items, data.users, valid, {"bpr_epochs": bpr_epochs})
+    indexes = build_all(visible, data.items, data.users, valid, {"bpr_epochs": bpr_epochs, "sasrec_train_windows": 1000})
     return SimpleNamespace(data=data, splits=splits, tasks=splits.tasks, visible=visible, indexes=indexes)
 
 
@@ -113,7 +114,7 @@ def test_leakage_report_catches_a_leaky_index(synthetic):
         "user_id", item_id="target_item_id", timestamp="target_timestamp",
     ).join(synthetic.data.interactions, on=["user_id", "item_id", "timestamp"]).select(synthetic.visible.columns)
     leaky = pl.concat([synthetic.visible, targets])
-    indexes = build_all(leaky, synthetic.data.items, synthetic.data.users, None, {"bpr_epochs": 1})
+    indexes = build_all(leaky, synthetic.data.items, synthetic.data.users, None, {"bpr_epochs": 1, "sasrec_train_windows": 0})
     report = leakage_report(indexes, synthetic.tasks)
     assert not report["ok"]
     for check in ("profiles_history", "similar_users", "bprmf_training"):
@@ -182,7 +183,7 @@ def test_profile_of_a_user_missing_from_the_index_is_computed_from_the_task(ml1m
 
 def test_history_is_most_recent_first_and_searchable(ml1m):
     task = _task(ml1m, "eval", "dense")
-    box = Toolbox(ml1m.indexes, task)
+    box = Toolbox(ml1m.indexes, task, output_budget_chars=1200)  # room for 8 lines
     result = box.call("search_user_history", {"limit": 8})
     assert result.ok
     lines = [HISTORY_LINE.match(line) for line in result.output.splitlines()[1:-1]]
@@ -289,18 +290,42 @@ def test_similar_users_overlap_and_candidate_counts(ml1m):
         assert f"{label} ({n} of 5)" in output
 
 
-def test_score_candidates_orders_by_the_cf_model(ml1m):
+def test_score_candidates_orders_by_the_cf_model_by_default(ml1m):
     task = _task(ml1m)
     box = Toolbox(ml1m.indexes, task)
-    model = ml1m.indexes.bprmf
-    scores = model.score(task["user_id"], task["history_item_ids"], task["candidate_item_ids"])
+    scores = ml1m.indexes.bprmf.score(task["user_id"], task["history_item_ids"], task["candidate_item_ids"])
     labels = list(box.labels)
-    expected = [labels[k] for k in np.argsort(-scores, kind="stable")
-                if model.knows_item(task["candidate_item_ids"][k])]
-    output = box.call("score_candidates", {"item_ids": list(box.labels)}).output
-    assert re.findall(r"^\d+\. ([A-Z]):", output, flags=re.M) == expected
-    partial = box.call("score_candidates", {"item_ids": ["B", box.labels["A"]]})
-    assert partial.ok and "for 2 of 10 candidates" in partial.output  # the default protocol: 10 candidates
+    expected = [labels[k] for k in np.argsort(-scores, kind="stable")]
+    output = box.call("score_candidates", {}).output
+    assert output.startswith("Scores (1 bprmf), best first:")
+    assert re.findall(r"^\d+\. ([A-Z]) [+-]", output, flags=re.M) == expected
+
+
+def test_score_candidates_fuses_standardized_signals(ml1m):
+    task = _task(ml1m, "eval", "dense")
+    box = Toolbox(ml1m.indexes, task)
+    weights = {"sasrec": 1.5, "itemknn": 0.5, "popularity": -0.3, "neighbours": 0.2, "bprmf": 1}
+    columns = {name: zscore(raw_signal(ml1m.indexes, name, task["user_id"], task["history_item_ids"],
+                                       task["candidate_item_ids"])) for name in weights}
+    by_hand = sum(w * columns[name] for name, w in weights.items())
+    output = box.call("score_candidates", {"weights": weights}).output
+    labels = list(box.labels)
+    assert score_table_labels(output) == [labels[k] for k in sorted(range(10), key=lambda k: (-round(by_hand[k], 6), k))]
+    top = float(re.search(r"^1\. [A-Z] ([+-][\d.]+)", output, flags=re.M).group(1))
+    assert top == pytest.approx(max(by_hand), abs=0.006)
+    assert "1.5 sasrec + 0.5 itemknn - 0.3 popularity" in output
+    assert all(np.isfinite(column).all() and abs(column.mean()) < 1e-9 for column in columns.values())
+
+
+def test_score_candidates_rejects_unknown_signals_and_bad_weights(ml1m):
+    box = Toolbox(ml1m.indexes, _task(ml1m))
+    for weights, message in [({"svd": 1}, "unknown signals ['svd']"), ({"bprmf": 0}, "every weight is 0"),
+                             ({"bprmf": 50}, "between -10 and 10"), ({"bprmf": "high"}, "object of numbers")]:
+        result = box.call("score_candidates", {"weights": weights})
+        assert not result.ok and message in result.output, result
+    bare = Toolbox(dataclasses.replace(ml1m.indexes, sasrec=None), _task(ml1m))
+    result = bare.call("score_candidates", {"weights": {"sasrec": 1}})
+    assert not result.ok and "signals: bprmf, itemknn, popularity, neighbours" in result.output
 
 
 # ---------------------------------------------------------------- budget, errors, schemas
@@ -310,7 +335,7 @@ def test_outputs_stay_within_the_budget(ml1m):
         "get_user_profile": {}, "search_user_history": {"limit": 50}, "search_items": {"query": "the", "limit": 20},
         "get_item_info": {"item_ids": candidate_labels(10)}, "find_similar_users": {"limit": 20},
         "get_related_items": {"item_id": "A", "limit": 20},
-        "score_candidates": {"item_ids": candidate_labels(len(task["candidate_item_ids"]))},
+        "score_candidates": {"weights": {"sasrec": 1, "bprmf": 0.5, "itemknn": 0.5, "neighbours": 1}},
     }
     assert set(calls) == set(TOOL_NAMES)
     for budget in (150, 400, 1200):
@@ -351,7 +376,9 @@ BAD_CALLS = [
     ("search_user_history", {"limit": 51}, "bad_arguments"),
     ("get_related_items", {"item_id": 5}, "wrong_type"),
     ("get_related_items", {"limit": 3}, "bad_arguments"),
-    ("score_candidates", {"item_ids": []}, "empty_list"),
+    ("score_candidates", {"item_ids": ["A"]}, "bad_arguments"),
+    ("score_candidates", {"weights": {"bprmf": -11}}, "bad_arguments"),
+    ("score_candidates", {"weights": ["bprmf"]}, "wrong_type"),
     ("get_user_profile", {"user_id": "42"}, "forbidden_user"),
     ("search_user_history", {"user_id": "42", "limit": 3}, "forbidden_user"),
 ]
@@ -363,14 +390,6 @@ def test_bad_arguments_give_error_observations(ml1m, name, arguments, kind):
     result = Toolbox(ml1m.indexes, task).call(name, arguments)
     assert not result.ok and result.error_kind == kind, result
     assert result.output.startswith("Error: ") and len(result.output) <= 1200
-
-
-def test_non_candidates_are_rejected_where_only_candidates_make_sense(ml1m):
-    task = _task(ml1m)
-    box = Toolbox(ml1m.indexes, task)
-    result = box.call("score_candidates", {"item_ids": ["A", task["history_item_ids"][0]]})
-    assert not result.ok and result.error_kind == "not_candidate"
-    assert task["history_item_ids"][0] in result.output and f"A..{list(box.labels)[-1]}" in result.output
 
 
 def test_own_user_id_and_json_strings_are_accepted(ml1m):
@@ -387,15 +406,17 @@ def test_functions_are_schema_ready_and_never_raise(ml1m):
     assert [f.__name__ for f in functions] == list(TOOL_NAMES)
     required = {"get_user_profile": [], "search_user_history": [], "get_item_info": ["item_ids"],
                 "search_items": ["query"], "find_similar_users": [], "get_related_items": ["item_id"],
-                "score_candidates": ["item_ids"]}
+                "score_candidates": []}
     for fn, schema in zip(functions, box.schemas()):
         direct = get_json_schema(fn)["function"]
         body = schema["function"]
         assert schema["type"] == "function" and body["name"] == fn.__name__ and "return" not in body
+        for prop in direct["parameters"]["properties"].values():
+            prop.pop("description")  # left out of the prompts' schemas: the function description says it
         assert body["parameters"] == direct["parameters"] and body["description"]
         assert body["parameters"].get("required", []) == required[fn.__name__]
         for prop in body["parameters"]["properties"].values():
-            assert prop["type"] in {"string", "integer", "array"} and prop["description"]
+            assert prop["type"] in {"string", "integer", "array", "object"} and "description" not in prop
         json.dumps(schema)
     props = box.schemas()[2]["function"]["parameters"]["properties"]
     assert props["item_ids"]["type"] == "array" and props["item_ids"]["items"] == {"type": "string"}
@@ -414,7 +435,7 @@ def test_every_tool_works_on_synthetic_data_and_survives_save_load(synthetic, tm
     calls = [("get_user_profile", {}), ("search_user_history", {"query": "rock"}),
              ("get_item_info", {"item_ids": ["A", "B"]}), ("search_items", {"query": "jazz"}),
              ("find_similar_users", {}), ("get_related_items", {"item_id": "C"}),
-             ("score_candidates", {"item_ids": ["A", "B", "C"]})]
+             ("score_candidates", {"weights": {"sasrec": 1, "itemknn": 1}})]
     before = Toolbox(synthetic.indexes, task)
     outputs = [before.call(name, args) for name, args in calls]
     assert all(r.ok for r in outputs), outputs
@@ -422,7 +443,9 @@ def test_every_tool_works_on_synthetic_data_and_survives_save_load(synthetic, tm
     assert set(folders) == set(INDEX_NAMES) and folders == folders_under(tmp_path)
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert files == sorted([
-        "bprmf/bprmf.json", "bprmf/bprmf.npz", "catalog/bm25.npz", "catalog/catalog.json", "catalog/items.parquet",
+        "bprmf/bprmf.json", "bprmf/bprmf.npz", "bprmf/itemknn/config.json", "bprmf/itemknn/model.npz",
+        "bprmf/sasrec/config.json", "bprmf/sasrec/items.npz", "bprmf/sasrec/weights.npz",
+        "catalog/bm25.npz", "catalog/catalog.json", "catalog/items.parquet",
         "profiles/histories.npz", "profiles/profiles.json", "relations/relations.json", "relations/relations.npz",
         "similar_users/similar_users.json", "similar_users/similar_users.npz"])
     after = Toolbox(ToolIndexes.load(folders), task)

@@ -19,17 +19,19 @@ import polars as pl
 
 from recthinker_dagster.agent.labels import DEFAULT_LABEL_STYLE
 from recthinker_dagster.agent.trajectory import AgentTask
-from recthinker_dagster.tools import Toolbox
+from recthinker_dagster.tools.toolbox import DEFAULT_OUTPUT_BUDGET, Toolbox
 
 DEFAULT_PROMPT_HISTORY = 10
 
 
 def history_lines(toolbox: Toolbox, limit: int = DEFAULT_PROMPT_HISTORY) -> list[str]:
-    """The task user's ``limit`` most recent history items, oldest first."""
+    """The task user's ``limit`` most recent history items, oldest first, as the history tool
+    shows them without the date (``4/5 1221: Godfather: Part II, The (1974) | Drama``): a date
+    costs ~10 tokens a line in every prompt, and ``search_user_history`` shows it on request."""
     if limit <= 0:
         return []
     _, lines, _ = toolbox.history_lines("", limit)  # newest first, "- date rating id: line"
-    return [line.removeprefix("- ") for line in reversed(lines)]
+    return [line.removeprefix("- ").split(" ", 1)[1] for line in reversed(lines)]
 
 
 def _rows(tasks: pl.DataFrame | Iterable[Mapping]) -> list[dict]:
@@ -53,7 +55,7 @@ class Toolboxes:
     """A ``toolbox_factory`` for the agent loop: the :class:`Toolbox` of an :class:`AgentTask`
     (or of a task-table row) over one dataset's indexes, its candidates labelled in ``label_style``."""
 
-    def __init__(self, indexes, *, output_budget_chars: int = 1200, label_style: str = DEFAULT_LABEL_STYLE):
+    def __init__(self, indexes, *, output_budget_chars: int = DEFAULT_OUTPUT_BUDGET, label_style: str = DEFAULT_LABEL_STYLE):
         self.indexes = indexes
         self.output_budget_chars = output_budget_chars
         self.label_style = label_style

@@ -97,6 +97,8 @@ class ToolIndexesConfig(StageConfig):
     bpr_seed: int | None = None
     relations_k: int | None = Field(default=None, description="Related items kept per item.")
     similar_users_k: int | None = Field(default=None, description="Neighbours kept per user.")
+    sasrec_train_windows: int | None = Field(
+        default=None, description="SASRec training sequences (a score_candidates signal and a baseline); 0: none.")
 
     def settings(self) -> ToolIndexSettings:
         return super().settings()
@@ -125,7 +127,6 @@ class EvaluationConfig(StageConfig):
     systems: list[str] | None = Field(
         default=None, description=f"Systems scored on the frozen eval tasks; known: {list(EVALUATED_SYSTEMS)}."
     )
-    sasrec_train_windows: int | None = Field(default=None, description="SASRec training sequences.")
     n_bootstrap: int | None = Field(default=None, description="Bootstrap resamples for the 95% intervals.")
     llm_tasks: int | None = Field(
         default=None, description="Eval tasks (per dataset, spread over the groups) the LLM systems run on; 0: all."

@@ -25,7 +25,7 @@ from recthinker_dagster.stages.indexes import build_tool_indexes_stage, build_to
 INDEX_DOCS = {
     "catalog": "Item catalog with popularity, average rating and a BM25 text index (get_item_info, search_items).",
     "profiles": "Per-user preference profiles and histories (get_user_profile, search_user_history).",
-    "bprmf": "BPR-MF collaborative-filtering model in torch, with validation NDCG (score_candidates).",
+    "bprmf": "The candidate scorers: BPR-MF (with validation NDCG), item-kNN and SASRec (score_candidates).",
     "relations": "Item-to-item co-occurrence neighbours (get_related_items).",
     "similar_users": "Nearest users by cosine over interactions, and what they liked (find_similar_users).",
 }

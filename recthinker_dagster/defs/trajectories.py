@@ -25,12 +25,12 @@ def build_trajectory_assets(dataset: str) -> list:
 
     @dg.asset(
         key=key,
-        deps=[keys.dataset_key(dataset, "tool_suite"), keys.dataset_key(dataset, "task_splits")],
+        deps=[keys.dataset_key(dataset, "tool_suite"), keys.dataset_key(dataset, "task_splits"), keys.BASE_MODEL],
         group_name=key_prefix(dataset),
         kinds={"dvc"},
         description=(
             "Teacher trajectories on the train tasks (K samples each): Analyze-Plan-Act turns, real tool calls "
-            "and results, final ranking and metrics; resumable."
+            "and results, final ranking and metrics, conversation tokens (base model's tokenizer); resumable."
         ),
     )
     def teacher_trajectories(

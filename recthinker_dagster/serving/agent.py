@@ -57,6 +57,7 @@ from recthinker_dagster.agent.history import history_lines
 from recthinker_dagster.models.loading import load_agent_model as load_merged_model
 from recthinker_dagster.settings import RegistrySettings
 from recthinker_dagster.tools import INDEX_NAMES, Toolbox, ToolIndexes
+from recthinker_dagster.tools.toolbox import DEFAULT_OUTPUT_BUDGET
 
 MIN_CANDIDATES = 2
 # the request bounds' defaults are the registry settings' (documented there and in docs/serving.md)
@@ -81,7 +82,7 @@ class ServingConfig:
     top_p: float = 1.0
     seed: int | None = 0
     max_observation_chars: int = 2000  # longer tool outputs are cut
-    output_budget_chars: int = 1200  # the tools' own output budget
+    output_budget_chars: int = DEFAULT_OUTPUT_BUDGET  # the tools' own output budget
     dtype: str = "auto"  # auto, bfloat16, float16 or float32
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     chat_template: str = "auto"  # auto, qwen2_5 or keep (see agent/backends/chat_template.py)

@@ -113,16 +113,17 @@ def policy_for(system: str, layout: ArtifactLayout) -> Policy:
     return Policy(base, tuple(folders))
 
 
-def fitted_recommender(system: str, visible: pl.DataFrame, indexes: ToolIndexes,
+def fitted_recommender(system: str, visible: pl.DataFrame, indexes: ToolIndexes | None,
                        settings: EvaluationSettings) -> Recommender:
-    """A classical system fitted on the index interactions (BPR-MF: the tools' own model)."""
-    if system == "bprmf":
+    """A classical system fitted on the index interactions; BPR-MF, item-kNN and SASRec are the
+    tools' own scorers (``score_candidates``), so the baselines and the agent's signals agree
+    (without ``indexes``, or for a suite built before item-kNN and SASRec joined it, they are
+    fitted here with their defaults)."""
+    if system == "bprmf" and indexes is not None:
         return indexes.bprmf
-    params: dict = {}
-    if system == "sasrec":
-        params = {"train_windows": settings.sasrec_train_windows, "seed": settings.seed}
-    elif system == "random":
-        params = {"seed": settings.seed}
+    if system in ("itemknn", "sasrec") and getattr(indexes, system, None) is not None:
+        return getattr(indexes, system)
+    params: dict = {"seed": settings.seed} if system in ("sasrec", "random") else {}
     return make_recommender(system, **params).fit(visible)
 
 

@@ -73,14 +73,16 @@ def build_tool_indexes_stage(
 
     with staged_directories(folders, audit=audit, lock_dir=layout.lock_dir) as staging:
         for name, folder in staging.items():
-            getattr(indexes, name).save(folder)
+            indexes.save_index(name, folder)
     artifacts = {}
     for name, folder in folders.items():
+        parts = (name, "itemknn", "sasrec") if name == "bprmf" else (name,)  # cf_model holds all three scorers
+        seconds = sum(indexes.build_seconds.get(part, 0.0) for part in parts)
         artifact = StageArtifact(
             folder=folder,
             params=params,
-            metrics={"build_seconds": indexes.build_seconds[name], "index_interactions": visible.height},
-            metadata={"build_seconds": round(indexes.build_seconds[name], 2)},
+            metrics={"build_seconds": seconds, "index_interactions": visible.height},
+            metadata={"build_seconds": round(seconds, 2)},
         )
         if name == "bprmf":  # the only trained index: its validation scores and loss curve
             artifact.metrics.update({f"valid_{k}": v for k, v in indexes.bprmf.validation_metrics.items()})

@@ -16,20 +16,26 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.generation import GenerationSummary, generate_trajectories, read_records
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig
 from recthinker_dagster.agent.teachers import LLMTeacher, ScriptedTeacher
+from recthinker_dagster.agent.teachers.scripted import last_score_table
+from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_table
 from recthinker_dagster.settings import TeacherSettings
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
+from recthinker_dagster.training.filtering import conversation_length
 
 PROGRESS_EVERY_SECONDS = 5.0
 
@@ -42,9 +48,13 @@ class TrajectoriesResult:
 
 
 def build_teacher_trajectories_stage(
-    settings: TeacherSettings, layout: ArtifactLayout, dataset: str, log: Callable[[str], None] = print
+    settings: TeacherSettings, layout: ArtifactLayout, dataset: str, log: Callable[[str], None] = print,
+    *, tokenizer=None,
 ) -> TrajectoriesResult:
-    """Generate (or resume) the teacher's trajectories on the train tasks and stage them for publishing."""
+    """Generate (or resume) the teacher's trajectories on the train tasks and stage them for publishing.
+
+    ``tokenizer`` counts each conversation's tokens in the chat template (the token histogram);
+    None loads the published ``base_model``'s, and skips the counts when there is none."""
     tasks_frame = read_table(layout, "task_splits", dataset, "tasks_train.parquet")
     indexes = load_tool_indexes(layout, dataset)
     tasks = agent_tasks(tasks_frame, indexes, prompt_history_len=settings.prompt_history_len)
@@ -72,10 +82,13 @@ def build_teacher_trajectories_stage(
         shutil.copyfile(work_file, staging / "trajectories.jsonl")
         (staging / "summary.json").write_text(json.dumps({**summary_dict, "settings": asdict(settings)}, indent=2))
     examples = example_records(records)
+    shape = conversation_shape(records, tokenizer or base_model_tokenizer(layout, log))
+    log(f"conversations: {json.dumps(shape['tokens'])}; answer = last score table in "
+        f"{shape['answer_matches_last_table']:.0%}")
     artifact = StageArtifact(
         folder=folder,
         params={"dataset": dataset, **asdict(settings), "fingerprint": work_file.stem},
-        metrics=summary_metrics(summary_dict),
+        metrics={**summary_metrics(summary_dict), **shape_metrics(shape)},
         metadata={
             "trajectories": len(records),
             "tasks": summary.n_tasks,
@@ -86,6 +99,9 @@ def build_teacher_trajectories_stage(
             "ndcg_by_group": Json(summary.by_group),
             "ndcg_by_teacher": Json(summary.by_teacher),
             "tool_call_histogram": Markdown(histogram_markdown(summary.tool_calls)),
+            "conversation_tokens": Json(shape["tokens"]),
+            "token_histogram": Markdown(token_histogram_markdown(shape["lengths"])),
+            "answer_matches_last_table": round(shape["answer_matches_last_table"], 4),
             "example_trajectory": Markdown(render_trajectory_markdown(examples[0]) if examples else "none"),
         },
         texts={
@@ -95,6 +111,47 @@ def build_teacher_trajectories_stage(
         cleanup=(work_file,),
     )
     return TrajectoriesResult(artifact, summary, work_file)
+
+
+def base_model_tokenizer(layout: ArtifactLayout, log: Callable[[str], None]):
+    """The published base model's tokenizer with the agent's tool template, or None."""
+    folder = layout.asset_dir("base_model")
+    if not (folder / "tokenizer_config.json").is_file():
+        log(f"no tokenizer in {folder}: conversation tokens are not counted (materialize base_model)")
+        return None
+    from transformers import AutoTokenizer
+
+    from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
+
+    return ensure_tool_chat_template(AutoTokenizer.from_pretrained(folder))
+
+
+def conversation_shape(records: list[dict], tokenizer) -> dict:
+    """Token counts of the conversations (with a tokenizer) and how often the answer is the order
+    of the conversation's last ``score_candidates`` table (among those that have one)."""
+    lengths = [conversation_length(Trajectory.from_dict(r), tokenizer) for r in records] if tokenizer else []
+    tables = [(table, r["final_labels"]) for r in records if (table := last_score_table(r["messages"]))]
+    stats = {}
+    if lengths:
+        stats = {"median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
+                 "mean": round(float(np.mean(lengths)), 1), "max": int(max(lengths))}
+    return {"lengths": lengths, "tokens": stats,
+            "answer_matches_last_table": sum(t == a for t, a in tables) / len(tables) if tables else 0.0}
+
+
+def shape_metrics(shape: dict) -> dict[str, float]:
+    return {**{f"tokens_{k}": v for k, v in shape["tokens"].items()},
+            "answer_matches_last_table": shape["answer_matches_last_table"]}
+
+
+def token_histogram_markdown(lengths: list[int], width: int = 250) -> str:
+    """Conversations per token-count bin, as a Markdown table."""
+    if not lengths:
+        return "not counted (no tokenizer)"
+    bins = Counter(n // width * width for n in lengths)
+    rows = ["| tokens | conversations |", "|---|---:|"]
+    rows += [f"| {start}-{start + width - 1} | {bins[start]} |" for start in sorted(bins)]
+    return "\n".join(rows)
 
 
 def make_teacher(settings: TeacherSettings):

@@ -63,11 +63,7 @@ class ItemCatalog:
             .with_columns(pl.col("popularity").fill_null(0))
             .sort("item_id")
         )
-        documents = [
-            " ".join(str(part) for part in (title, year, " ".join(cats or []), creator, description) if part)
-            for title, year, cats, creator, description in table.select(
-                "title", "year", "categories", "creator", "description").iter_rows()
-        ]
+        documents = item_documents(table)
         meta = {"n_items": table.height, "n_interactions": interactions.height,
                 "bm25": {"k1": k1, "b": b}}
         return cls(table, BM25.build(documents, k1=k1, b=b), meta)
@@ -120,7 +116,8 @@ class ItemCatalog:
         return " | ".join(parts)
 
     def search(self, query: str, limit: int) -> list[int]:
-        """Codes of the best BM25 matches (an exact title match first), ties by popularity."""
+        """Codes of the best BM25 matches (an exact title match first), ties by popularity then
+        code; ``[]`` for an empty query or one without a term in the catalog."""
         scores = self.bm25.scores(query)
         exact = self._exact.get(normalize(query))
         if exact:
@@ -128,6 +125,15 @@ class ItemCatalog:
         hits = np.flatnonzero(scores > 0)
         order = np.lexsort((hits, -self.popularity[hits], -scores[hits]))
         return hits[order][:limit].tolist()
+
+
+def item_documents(table: pl.DataFrame) -> list[str]:
+    """The searchable text of each row: title, year, categories, creator and description."""
+    return [
+        " ".join(str(part) for part in (title, year, " ".join(cats or []), creator, description) if part)
+        for title, year, cats, creator, description in table.select(
+            "title", "year", "categories", "creator", "description").iter_rows()
+    ]
 
 
 def _compact(title, year, categories, creator, has_metadata) -> str:

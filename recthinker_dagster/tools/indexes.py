@@ -7,6 +7,9 @@ Folder layout (one folder per index, any parent; ``ToolIndexes.save(root)`` uses
 ``catalog``    ``items.parquet``, ``bm25.npz``, ``catalog.json``        (ItemCatalog)
 ``profiles``   ``profiles.json``, ``histories.npz``                    (UserProfiles)
 ``bprmf``      ``bprmf.npz``, ``bprmf.json``                           (BPRMF)
+               ``itemknn/`` (ItemKNN) and ``sasrec/`` (SASRec): the other scorers
+               behind ``score_candidates`` (``tools/signals.py``), absent in suites built
+               before them (their signals are then unavailable)
 ``relations``  ``relations.npz``, ``relations.json``                   (ItemRelations)
 ``similar_users`` ``similar_users.npz``, ``similar_users.json``        (SimilarUsers)
 ============== ========================================================================
@@ -23,6 +26,8 @@ from pathlib import Path
 import polars as pl
 
 from recthinker_dagster.recommenders.bprmf import BPRMF, BPRConfig
+from recthinker_dagster.recommenders.itemknn import ItemKNN
+from recthinker_dagster.recommenders.sasrec import SASRec
 from recthinker_dagster.tools.catalog import ItemCatalog
 from recthinker_dagster.tools.profiles import UserProfiles
 from recthinker_dagster.tools.relations import ItemRelations
@@ -42,6 +47,9 @@ class ToolIndexConfig:
     relations_min_count: int = 2
     similar_users_k: int = 20
     liked_per_user: int = 10
+    itemknn_neighbors: int = 100
+    sasrec_train_windows: int = 50_000  # training sequences SASRec sees (sets its epochs); 0: no SASRec
+    sasrec_seed: int = 2026
 
     @classmethod
     def from_dict(cls, values: Mapping | None) -> ToolIndexConfig:
@@ -65,6 +73,8 @@ class ToolIndexes:
     bprmf: BPRMF
     relations: ItemRelations
     similar_users: SimilarUsers
+    itemknn: ItemKNN | None = None  # saved in the bprmf folder (the cf_model asset)
+    sasrec: SASRec | None = None  # ditto
     build_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -73,20 +83,31 @@ class ToolIndexes:
         missing = [n for n in INDEX_NAMES if n not in folders]
         if missing:
             raise ValueError(f"no folder given for indexes {missing}; need {list(INDEX_NAMES)}")
+        scorers = Path(folders["bprmf"])
         return cls(
             catalog=ItemCatalog.load(Path(folders["catalog"])),
             profiles=UserProfiles.load(Path(folders["profiles"])),
-            bprmf=BPRMF.load(Path(folders["bprmf"])),
+            bprmf=BPRMF.load(scorers),
             relations=ItemRelations.load(Path(folders["relations"])),
             similar_users=SimilarUsers.load(Path(folders["similar_users"])),
+            itemknn=ItemKNN.load(scorers / "itemknn") if (scorers / "itemknn").is_dir() else None,
+            sasrec=SASRec.load(scorers / "sasrec") if (scorers / "sasrec").is_dir() else None,
         )
 
     def save(self, root: Path) -> dict[str, Path]:
         """Save each index under ``root/<name>``; returns ``{name: folder}``."""
         folders = folders_under(root)
         for name, folder in folders.items():
-            getattr(self, name).save(folder)
+            self.save_index(name, folder)
         return folders
+
+    def save_index(self, name: str, folder: Path) -> None:
+        """Save index ``name`` into ``folder`` (``bprmf``: with the other scorers in subfolders)."""
+        getattr(self, name).save(folder)
+        if name == "bprmf":
+            for scorer in ("itemknn", "sasrec"):
+                if (model := getattr(self, scorer)) is not None:
+                    model.save(Path(folder) / scorer)
 
 
 def folders_under(root: Path | str) -> dict[str, Path]:
@@ -127,8 +148,12 @@ def build_all(
         return model
 
     bprmf = timed("bprmf", bpr)
+    itemknn = timed("itemknn", lambda: ItemKNN(neighbors=config.itemknn_neighbors).fit(index_interactions))
+    sasrec = timed("sasrec", lambda: SASRec(train_windows=config.sasrec_train_windows, seed=config.sasrec_seed)
+                   .fit(index_interactions)) if config.sasrec_train_windows > 0 else None
     relations = timed("relations", lambda: ItemRelations.build(
         index_interactions, k=config.relations_k, min_count=config.relations_min_count))
     similar = timed("similar_users", lambda: SimilarUsers.build(
         index_interactions, k=config.similar_users_k, n_liked=config.liked_per_user))
-    return ToolIndexes(catalog, profiles, bprmf, relations, similar, build_seconds=seconds)
+    return ToolIndexes(catalog, profiles, bprmf, relations, similar, itemknn=itemknn, sasrec=sasrec,
+                       build_seconds=seconds)

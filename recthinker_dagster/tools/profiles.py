@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recthinker_dagster.tools.formatting import date
 from recthinker_dagster.tools.store import load_npz, prepare, read_json, save_npz, str_array, write_json
 
 TOP_CATEGORIES = 5
@@ -135,16 +134,16 @@ def render_profile(p: dict) -> list[str]:
     else:
         lines.append("- Demographics: unknown")
     if p["span_days"] is not None and p["span_days"] < 1:
-        lines.append(f"- Activity: {p['n_items']} items within one day ({date(p['first_ts'])}); {p['activity']}")
-    elif p["span_days"] is not None:
-        lines.append(
-            f"- Activity: {p['n_items']} items over {p['span_days']:g} days "
-            f"({date(p['first_ts'])} to {date(p['last_ts'])}), {p['per_month']:g} per month; {p['activity']}")
+        lines.append(f"- Activity: {p['n_items']} items within one day; {p['activity']}")
+    elif p["span_days"] is not None:  # dates cost ~10 tokens each; the history tool shows them
+        lines.append(f"- Activity: {p['n_items']} items over {p['span_days']:g} days, {p['per_month']:g} per month; "
+                     f"{p['activity']}")
     else:
         lines.append(f"- Activity: {p['n_items']} items (dates unknown); {p['activity']}")
     if p["rating_mean"] is not None:
+        unrated = f" ({p['n_rated']} rated)" if p["n_rated"] < p["n_items"] else ""
         lines.append(f"- Ratings: mean {p['rating_mean']:.2f}/5, {math.floor(100 * p['share_high'] + 0.5)}% "
-                     f"rated 4-5 ({p['n_rated']} rated)")
+                     f"rated 4-5{unrated}")
     else:
         lines.append("- Ratings: unknown")
     if p["top_categories"]:

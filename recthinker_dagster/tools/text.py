@@ -3,6 +3,10 @@
 Tokens are lowercase runs of letters and digits (``[^\\W_]+``, so accented letters count).
 Weights are precomputed per (term, document) and stored term-major (CSC), so a query is a
 sum over its terms' posting lists.
+
+Kept hand-written after measuring the ``bm25s`` library against it (``scripts/benchmark_search.py``):
+with the same tokens and its Lucene variant, bm25s ranks identically (its scores are ours / (k1 + 1))
+but scores queries slower (``np.add.at`` and per-call overhead) and builds slower; see docs/tools.md.
 """
 
 from __future__ import annotations
@@ -62,9 +66,11 @@ class BM25:
                    matrix.data.astype(np.float32), len(documents), k1, b)
 
     def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every document (0 where no query term occurs)."""
+        """BM25 score of every document (0 where no query term occurs; all 0 for an empty query
+        or one without a known term). A repeated query term counts once; terms are summed in
+        sorted order, so the float32 scores do not depend on word order or the hash seed."""
         out = np.zeros(self.n_docs, np.float32)
-        for term in set(tokenize(query)):
+        for term in sorted(set(tokenize(query))):
             k = self.term_index.get(term)
             if k is not None:
                 s, e = self.indptr[k], self.indptr[k + 1]

@@ -26,6 +26,7 @@ import polars as pl
 from recthinker_dagster.agent.labels import DEFAULT_LABEL_STYLE, candidate_labels, label_range, looks_like_label
 from recthinker_dagster.tools.formatting import clip, date, fit_to_budget, stars
 from recthinker_dagster.tools.profiles import compute_profile, history_crc, render_profile
+from recthinker_dagster.tools.signals import available_signals, format_score_lines, fused_scores
 
 TOOL_GROUPS = {
     "get_user_profile": "user",
@@ -40,7 +41,9 @@ TOOL_NAMES = tuple(TOOL_GROUPS)
 MAX_HISTORY_LIMIT = 50
 MAX_LIMIT = 20
 MAX_INFO_ITEMS = 10
+DEFAULT_OUTPUT_BUDGET = 600  # characters per tool output: short conversations for small models
 LIKED_SHOWN = 3
+MAX_WEIGHT = 10.0  # score_candidates weights: |w| <= this (a negative weight prefers low values)
 _SCHEMAS: list[dict] | None = None  # the same for every Toolbox: built once
 
 
@@ -84,7 +87,7 @@ class Toolbox:
     """The tools of one task. ``labels`` maps the candidate labels (``"A"``, ``"B"``, ... or
     ``"C1"``, ``"C2"``, ... by ``label_style``) to candidate item ids, in candidate order."""
 
-    def __init__(self, indexes, task, *, output_budget_chars: int = 1200, label_style: str = DEFAULT_LABEL_STYLE):
+    def __init__(self, indexes, task, *, output_budget_chars: int = DEFAULT_OUTPUT_BUDGET, label_style: str = DEFAULT_LABEL_STYLE):
         task = _task_dict(task)
         self.indexes = indexes
         self.task_id: str = task.get("task_id", "")
@@ -101,60 +104,61 @@ class Toolbox:
         self._functions: list[Callable] | None = None
 
     # ============================================================ the tools
+    # Docstrings become the schemas in every prompt: keep them short (tests/test_prompt_budget.py).
     def get_user_profile(self) -> str:
-        """Summarize the current user: demographics, favourite categories with their shares, rating habits, activity level, and how recent taste differs from earlier taste."""
+        """The user's profile: history length, top categories, ratings, recent versus earlier taste."""
         return self.call("get_user_profile", {}).output
 
     def search_user_history(self, query: str = "", limit: int = 10) -> str:
-        """List the current user's past items, newest first, with date and rating; optionally only those matching a query.
+        """The user's past items, newest first, optionally matching a query (limit 1-50).
 
         Args:
-            query: Words to match against title, categories, creator and description; empty lists all items.
-            limit: Maximum number of items to list (1-50).
+            query: Words to match; empty lists all.
+            limit: Items to list (1-50).
         """
         return self.call("search_user_history", {"query": query, "limit": limit}).output
 
     def get_item_info(self, item_ids: list[str]) -> str:
-        """Show item details: title, year, categories, creator, number of ratings, average rating and description.
+        """Details of 1-10 items (candidate labels or item ids): title, categories, creator, ratings.
 
         Args:
-            item_ids: Candidate labels, or item ids from earlier tool outputs (1-10 items).
+            item_ids: Candidate labels or item ids (1-10).
         """
         return self.call("get_item_info", {"item_ids": item_ids}).output
 
     def search_items(self, query: str, limit: int = 5) -> str:
-        """Search the whole catalog by keywords (title, categories, creator, description); candidates are shown by their labels.
+        """Search the catalog by title, genre or artist words (limit 1-20).
 
         Args:
-            query: Keywords such as a title, a genre or an artist.
-            limit: Maximum number of results (1-20).
+            query: Title, genre or artist words.
+            limit: Results (1-20).
         """
         return self.call("search_items", {"query": query, "limit": limit}).output
 
     def find_similar_users(self, limit: int = 5) -> str:
-        """Find the users whose histories overlap most with the current user's, what they liked recently, and which candidates they interacted with.
+        """The most similar users, and which candidates they have (limit 1-20).
 
         Args:
-            limit: Number of similar users (1-20).
+            limit: Users (1-20).
         """
         return self.call("find_similar_users", {"limit": limit}).output
 
     def get_related_items(self, item_id: str, limit: int = 5) -> str:
-        """List the items other users most often consumed together with an item (co-occurrence), marking candidates and items from the current user's history.
+        """Items most often consumed together with an item (label or id; limit 1-20).
 
         Args:
-            item_id: A candidate label, or an item id.
-            limit: Maximum number of related items (1-20).
+            item_id: A candidate label or item id.
+            limit: Items (1-20).
         """
         return self.call("get_related_items", {"item_id": item_id, "limit": limit}).output
 
-    def score_candidates(self, item_ids: list[str]) -> str:
-        """Score candidates with a collaborative-filtering model (BPR-MF) trained on all users' histories; a higher score means a better match for the current user.
+    def score_candidates(self, weights: dict[str, float] | None = None) -> str:
+        """Rank all candidates by a weighted sum of z-scored signals: bprmf, itemknn (co-occurrence), sasrec (sequence), popularity, neighbours (similar users); e.g. {"sasrec": 1, "bprmf": 0.5}.
 
         Args:
-            item_ids: Candidate labels (any number of the candidates).
+            weights: Weight per signal, e.g. {"sasrec": 1, "bprmf": 0.5}.
         """
-        return self.call("score_candidates", {"item_ids": item_ids}).output
+        return self.call("score_candidates", {"weights": weights}).output
 
     # ========================================================= public API
     def use_label_style(self, style: str) -> None:
@@ -170,7 +174,8 @@ class Toolbox:
 
     def schemas(self) -> list[dict]:
         """OpenAI function-calling schemas: ``{"type": "function", "function": {...}}``
-        (``transformers.utils.get_json_schema`` of each function, without ``return``)."""
+        (``transformers.utils.get_json_schema`` of each function, without ``return`` and without
+        parameter descriptions: every prompt carries them, and the function descriptions say enough)."""
         global _SCHEMAS
         if _SCHEMAS is None:
             from transformers.utils import get_json_schema
@@ -179,6 +184,8 @@ class Toolbox:
             for fn in self.functions():
                 schema = get_json_schema(fn)
                 schema["function"].pop("return", None)
+                for spec in schema["function"]["parameters"]["properties"].values():
+                    spec.pop("description", None)  # the function's description says it: shorter prompts
                 _SCHEMAS.append(schema)
         return copy.deepcopy(_SCHEMAS)
 
@@ -395,21 +402,37 @@ class Toolbox:
             lines.append(f"- {self.ref(other)}: {catalog.line(other)} | {count} users, cosine {cos:.2f}{mark}")
         return f"Items most often consumed together with {name}:", lines
 
-    def _run_score_candidates(self, item_ids: list[str]):
-        items = self._resolve_list(item_ids, len(self.candidates))
-        outside = [ref for ref in item_ids if self._resolve(ref) not in self.label_of]
-        if outside:
-            raise ToolError("not_candidate", f"{outside} are not candidates; score_candidates takes candidate "
-                            f"labels {label_range(list(self.labels))}")
-        model = self.indexes.bprmf
-        scores = model.score(self.user_id, self.history, items)
-        known = [(s, self.candidates.index(i), i) for s, i in zip(scores, items) if model.knows_item(i)]
-        known.sort(key=lambda t: (-t[0], t[1]))
-        lines = [f"{rank}. {self.label_of[i]}: {s:.2f}" for rank, (s, _, i) in enumerate(known, start=1)]
-        lines += [f"- {self.label_of[i]}: n/a (no training interactions)" for i in items if not model.knows_item(i)]
-        header = (f"BPR-MF scores for {len(items)} of {len(self.candidates)} candidates "
-                  "(higher = better match), best first:")
-        return header, lines
+    def _run_score_candidates(self, weights: dict[str, float] | None = None):
+        weights = self.signal_weights(weights)
+        scores = self.fused_scores(weights)
+        lines = format_score_lines(list(self.labels), scores)
+        return f"Scores ({weight_mix(weights)}), best first:", lines
+
+    def signal_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
+        """Checked ``score_candidates`` weights (default ``{"bprmf": 1}``); zero weights dropped."""
+        if not weights:
+            return {"bprmf": 1.0}
+        available = available_signals(self.indexes)
+        unknown = [name for name in weights if name not in available]
+        if unknown:
+            raise ToolError("bad_arguments", f"unknown signals {unknown}; signals: {', '.join(available)}")
+        bad = [weights[name] for name, w in weights.items() if not math.isfinite(w) or abs(w) > MAX_WEIGHT]
+        if bad:
+            raise ToolError("bad_arguments", f"weights must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, not {bad}")
+        kept = {name: float(w) for name, w in weights.items() if w}
+        if not kept:
+            raise ToolError("bad_arguments", "every weight is 0; give at least one signal a non-zero weight")
+        return kept
+
+    def fused_scores(self, weights: Mapping[str, float]) -> np.ndarray:
+        """The fused score of every candidate (``tools/signals.py``), as ``score_candidates`` shows it."""
+        return fused_scores(self.indexes, weights, self.user_id, self.history, self.candidates)
+
+
+def weight_mix(weights: Mapping[str, float]) -> str:
+    """``3 sasrec + 1.4 bprmf - 0.6 popularity``."""
+    terms = [f"{'-' if w < 0 else '+'} {abs(w):g} {name}" for name, w in weights.items()]
+    return " ".join(terms).removeprefix("+ ")
 
 
 @functools.cache
@@ -438,10 +461,25 @@ def _parse_arguments(arguments) -> dict:
 
 
 def _type_name(tp) -> str:
-    return {str: "string", int: "integer", list[str]: "list of strings"}.get(tp, str(tp))
+    names = {str: "string", int: "integer", list[str]: "list of strings", dict[str, float]: "object of numbers"}
+    return names.get(_optional_inner(tp), str(tp))
+
+
+def _optional_inner(tp):
+    """``X`` for ``X | None``, else ``tp``."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return tp
 
 
 def _check_type(tool: str, key: str, value, tp, labels: list[str]):
+    if value is None and _optional_inner(tp) is not tp:
+        return value
+    tp = _optional_inner(tp)
+    if tp == dict[str, float] and isinstance(value, Mapping) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
+        return {k: float(v) for k, v in value.items()}
     if tp is str and isinstance(value, str):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -450,6 +488,7 @@ def _check_type(tool: str, key: str, value, tp, labels: list[str]):
         return int(value)
     if tp == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    example = {str: json.dumps(labels[0]), int: "5", list[str]: json.dumps(labels)}.get(tp, "")
+    example = {str: json.dumps(labels[0]), int: "5", list[str]: json.dumps(labels),
+               dict[str, float]: '{"bprmf": 1}'}.get(tp, "")
     raise ToolError("wrong_type", f"{tool}: {key} must be a {_type_name(tp)} (e.g. {example}), "
                     f"got {type(value).__name__} {clip(json.dumps(value, default=str), 60)}")

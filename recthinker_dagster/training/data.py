@@ -1,8 +1,8 @@
 """Training data: trajectories as conversational examples, tokenized with assistant-only labels.
 
 Each trajectory is one example (its messages and tool schemas) rendered with the agent's chat
-template: TRL's Qwen2.5 tool template, in the training variant that
-``trl.chat_template_utils.get_training_chat_template`` returns, whose ``{% generation %}``
+template in its training variant (``agent/backends/chat_template.training_template`` for the
+compact tool template, else ``trl.chat_template_utils.get_training_chat_template``), whose ``{% generation %}``
 markers cover every assistant turn (its text, its ``<tool_call>`` blocks and ``<|im_end|>``).
 Labels are the input ids with everything outside those markers set to -100, so the system
 prompt, the tool schemas, the user turn and the tool results are never trained on. This is
@@ -46,7 +46,10 @@ def training_chat_template(tokenizer) -> str:
         has_generation_markers,
     )
 
-    template = get_training_chat_template(tokenizer) or tokenizer.chat_template
+    from recthinker_dagster.agent.backends.chat_template import training_template
+
+    template = training_template(tokenizer.chat_template) or get_training_chat_template(tokenizer) \
+        or tokenizer.chat_template
     if not has_generation_markers(template):
         raise ValueError("no training chat template with generation markers for this tokenizer")
     return template

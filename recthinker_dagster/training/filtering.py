@@ -231,8 +231,14 @@ def conversation_length(t: Trajectory, tokenizer=None, chars_per_token: float = 
         ensure_tool_chat_template(tokenizer)
         ids = tokenizer.apply_chat_template(t.messages, tools=t.tools or None, tokenize=True, return_dict=True)
         return len(ids["input_ids"])
-    chars = len(json.dumps(t.messages, ensure_ascii=False)) + len(json.dumps(t.tools, ensure_ascii=False))
+    chars = len(json.dumps(t.messages, ensure_ascii=False)) + sum(len(tool_line(tool)) for tool in t.tools)
     return int(chars / chars_per_token) + 1
+
+
+def tool_line(schema: Mapping) -> str:
+    """A tool as the compact template lists it: ``- name(arg, ...): description``."""
+    spec = schema.get("function", schema)
+    return f"- {spec['name']}({', '.join(spec.get('parameters', {}).get('properties', {}))}): {spec.get('description', '')}"
 
 
 def assistant_text(message: Mapping) -> str:

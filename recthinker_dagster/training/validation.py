@@ -62,6 +62,7 @@ def summarize_trajectories(trajectories: Sequence[Trajectory]) -> dict:
         answered_rate=mean(t.finish == "answer" for t in trajectories),
         repaired_rate=mean(t.repaired for t in trajectories),
         forced_head_rate=mean(t.finish == "forced_head" for t in trajectories),
+        valid_tool_call_rate=mean(any(call.ok for call in t.tool_calls) for t in trajectories),  # >= 1 valid call
         tool_calls_per_task=mean(t.n_tool_calls for t in trajectories),
         invalid_calls_per_task=mean(t.n_invalid_calls for t in trajectories),
         turns_per_task=mean(t.n_turns for t in trajectories),

@@ -1,8 +1,8 @@
 """Real trajectories for the training tests: a scripted backend driving the real tools on ML-1M.
 
 ``ScriptedInvestigator`` writes Analysis/Plan text and real tool calls: turn 1 asks for the
-user profile and the BPR-MF scores of every candidate, turn 2 ranks the candidates by the
-scores it read back from the tool output. ``real_world()`` builds the tool indexes once per
+user profile and the BPR-MF scores of every candidate, turn 2 answers in the order of
+the score table it read back from the tool output. ``real_world()`` builds the tool indexes once per
 test session (about 12 s); ``real_trajectories()`` runs the agent loop over them.
 """
 
@@ -22,10 +22,10 @@ from recthinker_dagster.agent import (
     SamplingParams,
     run_agent,
 )
+from recthinker_dagster.tools.signals import score_table_labels
 from tests.support.paths import SHARED_DATA, require_shared
 
 PROTOCOL = {"n_eval_users_per_group": 5, "n_valid_users_per_group": 5, "n_train_users_per_group": 20}
-_SCORE_LINE = re.compile(r"^\s*\d+\.\s*([A-Z]\d*):\s*(-?[\d.]+)", re.MULTILINE)  # labels A.. or C1..
 
 
 def call(name: str, **arguments) -> str:
@@ -48,10 +48,9 @@ class ScriptedInvestigator:
                 "Analysis: I only see the recent history; the user's broader taste and how the "
                 "candidates fit it are unknown.\nPlan: read the user profile and score every "
                 "candidate with the collaborative model.\n"
-                + call("get_user_profile") + "\n" + call("score_candidates", item_ids=labels)
+                + call("get_user_profile") + "\n" + call("score_candidates", weights={"bprmf": 1.0})
             )
-        ranked = [label for label, _ in sorted(
-            _SCORE_LINE.findall(scores[-1]["content"]), key=lambda pair: -float(pair[1]))]
+        ranked = score_table_labels(scores[-1]["content"])
         ranked += [label for label in labels if label not in ranked]
         return (
             "Analysis: the profile and the collaborative scores agree on the top candidates.\n"
@@ -71,7 +70,7 @@ def real_world() -> SimpleNamespace:
     splits = build_task_splits(data.interactions, protocol_config_for("ml-1m", **PROTOCOL), "ml-1m")
     valid = splits.tasks.filter(pl.col("split") == "valid")
     indexes = build_all(index_interactions(splits.train_interactions, splits.tasks), data.items, data.users,
-                        valid, {"bpr_epochs": 1})
+                        valid, {"bpr_epochs": 1, "sasrec_train_windows": 0})
     return SimpleNamespace(tasks=splits.tasks, indexes=indexes)
 
 

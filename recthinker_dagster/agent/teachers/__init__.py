@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 from recthinker_dagster.agent.loop import AgentConfig
-from recthinker_dagster.agent.teachers.evidence import Evidence, FusionWeights
 from recthinker_dagster.agent.teachers.llm import LLMTeacher
 from recthinker_dagster.agent.teachers.scripted import PRODUCER, InvestigatorSettings, ScriptedTeacher
 from recthinker_dagster.agent.trajectory import AgentTask, Trajectory
@@ -29,5 +28,4 @@ class Teacher(Protocol):
             config: AgentConfig | None = None, *, sample_index: int = 0, seed: int = 0) -> list[Trajectory]: ...
 
 
-__all__ = ["PRODUCER", "Evidence", "FusionWeights", "InvestigatorSettings", "LLMTeacher", "ScriptedTeacher",
-           "Teacher"]
+__all__ = ["PRODUCER", "InvestigatorSettings", "LLMTeacher", "ScriptedTeacher", "Teacher"]

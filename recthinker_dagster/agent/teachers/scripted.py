@@ -5,41 +5,35 @@ the agent's own loop (``run_agent``). Each ``generate`` call writes the next ass
 of every conversation as plain text ("Analysis: ... Plan: ..." then ``<tool_call>`` blocks
 or ``<answer>``); the loop parses it, runs the calls through the real ``Toolbox``, appends
 the real outputs as tool messages, enforces the budgets and computes the metrics. So the
-trajectories have exactly the agent's format (a turn that did not parse would show up as a
-parse issue). The teacher decides from structured index data, the same data each tool just
-rendered (``evidence.py``), and records evidence only for calls whose output was not an error.
+trajectories have exactly the agent's format.
 
-Policy per task (:class:`Investigator`), in up to three call turns and an answer:
+Policy per task (:class:`Investigator`): three short turns, two tool calls.
 
-1. *Assess the prompt*: recent categories and creators, candidates without metadata. Call
-   ``get_user_profile`` (history length, long-term taste) and ``score_candidates`` (BPR-MF
-   on all candidates).
-2. *Fill the gaps*: a short or medium history (< ``long_history`` items) means thin own
-   signal, so ``find_similar_users(limit=similar_users)``; a long history means a rich own
-   signal whose recent end matters most, so ``get_related_items`` on the latest history item.
-   Candidates without metadata that BPR-MF ranks in its top ``info_leaders``: ``get_item_info``.
-3. *Investigate the contenders*: fuse what is known (stage 1), then ``get_related_items`` on
-   the ``contenders`` best (one fewer when BPR-MF has a clear leader): do they co-occur with
-   the user's own history, and how recently?
-4. *Answer* with the stage-2 fused ranking (``evidence.py``), citing the evidence.
+1. *Assess the prompt*: what the recent items say, and what is missing: the history length,
+   which decides how far to trust the recent sequence. Call ``get_user_profile``.
+2. *Choose the signals*: from the profile's history length, the regime (``fusion.regime``) and
+   its weights (``fusion.weights_for``: tuned per dataset and regime on train and valid tasks).
+   Call ``score_candidates`` with them.
+3. *Answer* with the order of that score table, which the student can read from the last tool
+   output: the answer is reproducible from the conversation.
 
-Budgets: calls stay below ``max_tool_calls`` and call turns below ``max_turns``, so the loop
-never has to force the answer; when calls run short the least useful ones are dropped
-(contenders first, then item info, similar users, the profile); with two call turns steps
-1 and 2 merge, with one step 3 is dropped too, with none the teacher ranks from the prompt.
+Budgets: with two turns the profile and the scores are fetched together (short-history
+weights, the profile not yet read); with a single turn, or fewer than three tool calls (two
+and a spare, so that the loop never has to force the answer), the teacher answers at once with
+the fused order of the weights it would have asked for (a degenerate budget). Signals the
+tool suite lacks are left out of the weights.
 
-Samples: ``sample_index`` 0 is the canonical policy. Sample k > 0 multiplies each fusion
-weight by ``exp(N(0, perturb))``, shuffles the calls within a turn, and draws the number of
-contenders (``contenders`` or one fewer), of similar users (``similar_users`` or 5 fewer)
-and the long-history probe (related items of the latest item, or a ``search_user_history``
-for the leading candidate's creator or main category), seeded by
-``(seed, task_id, sample_index)``: the K samples of a task differ, reproducibly.
+Samples: ``sample_index`` 0 is the canonical policy. Sample k > 0 multiplies each weight by
+``exp(N(0, perturb))`` (rounded to one decimal), seeded by ``(seed, task_id, sample_index)``:
+the K samples of a task try nearby weightings, and filtering keeps the ones that rank well.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -49,44 +43,33 @@ from recthinker_dagster.agent import prompts
 from recthinker_dagster.agent.backends.base import Generation, SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.parser import format_tool_call
-from recthinker_dagster.agent.teachers import narrative as N
-from recthinker_dagster.agent.teachers.evidence import Evidence, FusionWeights
+from recthinker_dagster.agent.teachers import fusion
 from recthinker_dagster.agent.trajectory import AgentTask, Trajectory
+from recthinker_dagster.tools.signals import available_signals, fused_order, score_table_labels
 
-PRODUCER = "scripted-investigator-v1"
-MAX_INFO_ITEMS = 10
-
-Call = tuple[str, dict]
+PRODUCER = "scripted-investigator-v2"
+WHY = {
+    "short": "the user's own signal is thin, so collaborative evidence from other users matters most",
+    "long": "the user's own sequence is rich, and its recent end says most about what comes next",
+}
 
 
 @dataclass(frozen=True)
 class InvestigatorSettings:
     """The policy's knobs (see the module docstring)."""
 
-    short_history: int = 50
-    long_history: int = 100
-    similar_users: int = 20
-    similar_users_long: int = 0  # similar users for a long history (0: none, its own signal is rich)
-    contenders: int = 4
-    related_limit: int = 10
-    confident_margin: float = 0.5  # BPR-MF top-two gap (in std) that counts as a clear leader
-    item_info: str = "leaders"  # unknown candidates: "always" looked up in turn 1, "leaders" only, or "none"
-    info_leaders: int = 5  # ("leaders") when among the BPR-MF top this many, in turn 2
-    long_probe: str = "recent"  # long history, turn 2: "search" the history, "recent" (related
-    # items of the latest history item) or "none"
-    perturb: float = 0.25  # weight noise for samples > 0
+    perturb: float = 0.3  # weight noise for samples > 0
+    weights_table: Mapping[str, Mapping] | None = None  # None: the tuned table (``tuned_weights.py``)
 
 
 class ScriptedTeacher:
     """``ScriptedTeacher(config).run(tasks, toolbox_factory, sample_index=k)``: trajectories
-    produced by :class:`Investigator` through ``run_agent`` (producer ``scripted-investigator-v1``)."""
+    produced by :class:`Investigator` through ``run_agent`` (producer ``scripted-investigator-v2``)."""
 
     name = PRODUCER
 
-    def __init__(self, config: AgentConfig | None = None, weights: FusionWeights | None = None,
-                 settings: InvestigatorSettings | None = None):
+    def __init__(self, config: AgentConfig | None = None, settings: InvestigatorSettings | None = None):
         self.config = config or AgentConfig()
-        self.weights = weights or FusionWeights()
         self.settings = settings or InvestigatorSettings()
 
     def run(self, tasks: Iterable[AgentTask | Mapping], toolbox_factory: Callable, config: AgentConfig | None = None,
@@ -114,7 +97,7 @@ class InvestigatorBackend:
         def factory(task: AgentTask):
             box = toolbox_factory(task)
             key = prompts.user_prompt(task.history_lines, box.candidate_lines(), task.user_id)
-            investigator = Investigator(task, box, self.teacher, self.config,
+            investigator = Investigator(task, box, self.teacher.settings, self.config,
                                         sample_index=self.sample_index, seed=self.seed)
             self.waiting.setdefault(key, []).append(investigator)
             return box
@@ -143,208 +126,101 @@ def task_rng(seed: int, task_id: str, sample_index: int) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(f"{seed}/{task_id}/{sample_index}".encode()))
 
 
-@dataclass
-class Step:
-    """One planned call, why it is made, and how much it matters (0 = most)."""
+def perturbed(weights: Mapping[str, float], rng: np.random.Generator, sigma: float) -> dict[str, float]:
+    """Every weight times ``exp(N(0, sigma))`` (same sign), as :func:`rounded` writes it."""
+    return rounded({name: w * math.exp(rng.normal(0.0, sigma)) for name, w in weights.items()})
 
-    priority: int
-    call: Call
-    reason: str
+
+def rounded(weights: Mapping[str, float]) -> dict[str, float]:
+    """Weights as the teacher writes them: one decimal, zeros dropped."""
+    return {name: round(w, 1) for name, w in weights.items() if round(w, 1) != 0}
 
 
 class Investigator:
-    """The policy for one task: turn by turn, analyse, plan, call, and finally rank."""
+    """The policy for one task: assess, choose the signals, rank by the score table."""
 
-    def __init__(self, task: AgentTask, box, teacher: ScriptedTeacher, config: AgentConfig, *,
+    def __init__(self, task: AgentTask, box, settings: InvestigatorSettings, config: AgentConfig, *,
                  sample_index: int = 0, seed: int = 0):
-        self.task, self.box, self.config = task, box, config
+        self.task, self.box, self.settings, self.config = task, box, settings, config
+        self.sample_index = sample_index
         self.rng = task_rng(seed, task.task_id, sample_index)
-        s = teacher.settings
-        self.weights = teacher.weights
-        if sample_index > 0:
-            self.weights = teacher.weights.perturbed(self.rng, s.perturb)
-            s = replace(s, contenders=int(self.rng.choice([s.contenders - 1, s.contenders])),
-                        similar_users=int(self.rng.choice([max(s.similar_users - 5, 5), s.similar_users])),
-                        long_probe=str(self.rng.choice([s.long_probe, "search"])))
-        self.settings, self.shuffle = s, sample_index > 0
-        self.ev = Evidence(box, n_prompt=len(task.history_lines))
-        self.calls_left = max(config.max_tool_calls - 1, 0)  # one spare: the loop never forces the answer
-        self.turns_left = config.max_turns - 1  # turns that may call tools; the last one answers
-        self.stage = 0
-        self.pending: list[Call] = []  # calls of the previous turn, awaiting their tool messages
-        self.made: list[Call] = []
-        self.reported: set[str] = set()  # findings already written in an earlier turn
+        self.turn = 0
+        self.table: list[str] | None = None  # labels of the last score table, best first
+        self.weights: dict[str, float] | None = None
 
-    # ------------------------------------------------------------------- driving
     def next_turn(self, messages: list[dict]) -> str:
-        self._take_results(messages)
+        self.turn += 1
         forced = messages[-1]["role"] == "user" and len(messages) > 2  # final-answer request or nudge
-        if forced or self.calls_left <= 0 or self.turns_left <= 0:
+        self._read_scores(messages)
+        calls_ok = self.config.max_tool_calls >= 3  # two calls and one spare: the loop never forces the answer
+        if forced or self.table is not None or not calls_ok or self.config.max_turns < 2:
             return self._answer()
-        rounds = [self.round_assess, self.round_fill, self.round_contenders]
-        while self.stage < len(rounds):
-            self.stage += 1
-            analysis, steps = rounds[self.stage - 1]()
-            keep = {id(step) for step in sorted(steps, key=lambda step: step.priority)[: self.calls_left]}
-            steps = [step for step in steps if id(step) in keep]
-            if steps:
-                plan = "I will " + N.join([step.reason for step in steps]) + "."
-                return self._act(analysis, plan, [step.call for step in steps])
-        return self._answer()
+        if self.turn == 1 and self.config.max_turns >= 3:
+            return self._act(self._assessment(), "Read the profile for the history length.",
+                             [("get_user_profile", {})])
+        if self.turn == 1:  # two turns: fetch both at once
+            weights = self._weights("short")
+            return self._act(self._assessment(), f"Read the profile, and score the candidates with "
+                             f"{self._mix(weights)}.", [("get_user_profile", {}), self._score_call(weights)])
+        n = self.box.profile()["n_items"]
+        regime = fusion.regime(n)
+        weights = self._weights(regime)
+        analysis = f"The history has {n} items, a {regime} one: {WHY[regime]}."
+        return self._act(analysis, f"Score the candidates with {self._mix(weights)}.", [self._score_call(weights)])
 
-    def _take_results(self, messages: list[dict]) -> None:
-        """Record the evidence behind each call of the previous turn (its tool message, in order)."""
-        if not self.pending:
-            return
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        results = [m for m in messages[last + 1:] if m["role"] == "tool"]
-        for (name, arguments), message in zip(self.pending, results):
-            self.ev.record(name, arguments, ok=not str(message.get("content", "")).startswith("Error"))
-        self.pending = []
+    # ---------------------------------------------------------------- turns
+    def _assessment(self) -> str:
+        """What the recent items in the prompt say, and what is missing."""
+        catalog = self.box.indexes.catalog
+        recent = self.task.history_item_ids[-len(self.task.history_lines):] if self.task.history_lines else []
+        top = Counter(c for item in recent for c in catalog.categories_of(item)).most_common(2)
+        taste = f"The recent items are mostly {' and '.join(c for c, _ in top)}. " if top else ""
+        return taste + "The history length is unknown, and it decides how far to trust the recent sequence."
 
-    def _act(self, analysis: str, plan: str, calls: list[Call]) -> str:
-        if self.shuffle:
-            calls = [calls[i] for i in self.rng.permutation(len(calls))]
-        self.pending = calls
-        self.made += calls
-        self.calls_left -= len(calls)
-        self.turns_left -= 1
+    def _weights(self, regime: str) -> dict[str, float]:
+        available = available_signals(self.box.indexes)
+        tuned = fusion.weights_for(self.task.dataset, regime, self.settings.weights_table)
+        weights = rounded({name: w for name, w in tuned.items() if name in available}) or {"bprmf": 1.0}
+        if self.sample_index > 0:
+            weights = perturbed(weights, self.rng, self.settings.perturb)
+        self.weights = weights
+        return weights
+
+    @staticmethod
+    def _mix(weights: Mapping[str, float]) -> str:
+        return ", ".join(f"{name} {w:g}" for name, w in weights.items())
+
+    @staticmethod
+    def _score_call(weights: Mapping[str, float]) -> tuple[str, dict]:
+        return "score_candidates", {"weights": dict(weights)}
+
+    def _act(self, analysis: str, plan: str, calls: list[tuple[str, dict]]) -> str:
         blocks = "\n".join(format_tool_call(name, args) for name, args in calls)
         return f"Analysis: {analysis}\nPlan: {plan}\n{blocks}"
 
-    def _findings(self) -> str:
-        """The evidence gathered since the last turn, as sentences (each finding once)."""
-        ev, rng = self.ev, self.rng
-        sections = {
-            "profile": lambda: N.history_regime_text(ev, self.regime()) if ev.profile is not None
-            or "get_user_profile" in ev.failed else "",
-            "cf": lambda: N.cf_text(ev, rng),
-            "info": lambda: N.item_info_text(ev),
-            "neighbours": lambda: N.neighbour_text(ev),
-            "probes": lambda: N.probe_text(ev),
-            "queries": lambda: N.query_text(ev),
-            "links": lambda: N.links_text(ev, self.weights),
-        }
-        out = []
-        for key, render in sections.items():
-            if key not in self.reported and (text := render()):
-                self.reported.add(key)
-                out.append(text)
-        return " ".join(out)
-
-    def regime(self) -> str:
-        """``short``, ``medium`` or ``long`` history (``unknown`` without a profile)."""
-        n = self.ev.profile["n_items"] if self.ev.profile is not None else None
-        if n is None:
-            return "unknown" if self.ev.n_prompt >= 10 else "short"
-        s = self.settings
-        return "short" if n < s.short_history else "long" if n >= s.long_history else "medium"
-
-    # -------------------------------------------------------------------- rounds
-    def round_assess(self) -> tuple[str, list[Step]]:
-        ev, rng, s = self.ev, self.rng, self.settings
-        steps = [Step(1, ("get_user_profile", {}),
-                      N.pick(rng, "read the profile for the history length and long-term taste",
-                             "get the user's profile to learn how long the history is and what they like overall")),
-                 Step(0, ("score_candidates", {"item_ids": list(ev.labels)}),
-                      N.pick(rng, "score all candidates with BPR-MF for a collaborative signal",
-                             "get BPR-MF scores for every candidate"))]
-        unknown = N.unknown_candidates(ev)
-        if unknown and s.item_info == "always":
-            labels = [ev.labels[k] for k in unknown[:MAX_INFO_ITEMS]]
-            steps.append(Step(3, ("get_item_info", {"item_ids": labels}),
-                              f"look up {N.join(labels)} since the prompt does not say what they are"))
-        if self.turns_left < 3:  # no turn to spare for waiting on the profile
-            steps.append(Step(2, ("find_similar_users", {"limit": s.similar_users}),
-                              "find similar users right away, as there are few turns to spare"))
-        return N.prompt_assessment(ev, rng), steps
-
-    def round_fill(self) -> tuple[str, list[Step]]:
-        """Turn 2: what the history length calls for, and unknown candidates that BPR-MF likes."""
-        if self._made_count("find_similar_users"):  # merged into turn 1
-            return "", []
-        ev, rng, s = self.ev, self.rng, self.settings
-        regime, steps = self.regime(), []
-        if regime == "long":
-            note = (f"The history is long ({ev.n_history} items) and the prompt shows only {ev.n_prompt} of "
-                    "them: the user's own signal is rich, and its recent end matters most.")
-            if s.similar_users_long:
-                steps.append(Step(1, ("find_similar_users", {"limit": s.similar_users_long}),
-                                  f"check the {s.similar_users_long} most similar users"))
-            if s.long_probe == "recent" and ev.history:
-                latest = ev.history[-1]
-                steps.append(Step(2, ("get_related_items", {"item_id": latest, "limit": s.related_limit}),
-                                  "see which candidates other users consume together with the latest item, "
-                                  f"{ev.catalog.title(latest, N.TITLE_CHARS)}"))
-            elif s.long_probe == "search" and (query := self._query()):
-                k, text, kind = query
-                steps.append(Step(2, ("search_user_history", {"query": text, "limit": 5}),
-                                  f"search the whole history for '{text}', the {kind} of {N.name(ev, k)}"))
-        else:
-            why = {"short": "short", "medium": "not long", "unknown": "of unknown length"}[regime]
-            note = N.pick(rng, f"The history is {why}, so the user's own signal is thin and collaborative evidence "
-                               "matters most.",
-                          f"With a history that is {why}, I should lean on users with similar histories.")
-            steps.append(Step(1, ("find_similar_users", {"limit": s.similar_users}),
-                              f"see which candidates the {s.similar_users} most similar users have"))
-        if leaders := self._unknown_leaders():
-            labels = [ev.labels[k] for k in leaders]
-            steps.append(Step(3, ("get_item_info", {"item_ids": labels}),
-                              f"look up {N.join(labels)}, which BPR-MF ranks high although the prompt does not "
-                              "say what they are"))
-        return " ".join(t for t in (self._findings(), note) if t), steps
-
-    def _unknown_leaders(self) -> list[int]:
-        """("leaders") unknown candidates among BPR-MF's top ``info_leaders``."""
-        ev, s = self.ev, self.settings
-        if s.item_info != "leaders" or "cf" not in ev.raw:
-            return []
-        cf = np.nan_to_num(ev.raw["cf"], nan=-np.inf)
-        leaders = set(np.argsort(-cf, kind="stable")[: s.info_leaders].tolist())
-        return [k for k in N.unknown_candidates(ev) if k in leaders]
-
-    def round_contenders(self) -> tuple[str, list[Step]]:
-        ev, s = self.ev, self.settings
-        k = s.contenders - (1 if N.cf_margin(ev) >= s.confident_margin else 0)
-        k = min(k, self.calls_left, len(ev.labels))
-        if k <= 0:
-            return "", []
-        order = self._stage1_order()
-        analysis = " ".join(t for t in (self._findings(), N.contenders_text(ev, order, self.weights, k + 1)) if t)
-        chosen = N.join([ev.labels[i] for i in order[:k]])
-        reason = N.pick(self.rng,
-                        f"check whether {chosen} co-occur with the user's own history before ranking",
-                        f"fetch the related items of {chosen} to see which of them other users consume together "
-                        "with this user's items")
-        steps = [Step(0, ("get_related_items", {"item_id": ev.labels[i], "limit": s.related_limit}),
-                      reason if n == 0 else "") for n, i in enumerate(order[:k])]
-        return analysis, steps
+    def _read_scores(self, messages: list[dict]) -> None:
+        self.table = last_score_table(messages) or None
 
     def _answer(self) -> str:
-        ev = self.ev
-        order = ev.order(self.weights)
-        analysis = " ".join(t for t in (self._findings(), N.ranking_text(ev, order, self.rng)) if t)
-        plan = N.pick(self.rng, f"I have enough evidence; rank all {len(order)} candidates now.",
-                      f"No further tool would change the order much; give the full ranking of {len(order)} "
-                      "candidates.")
-        labels = ", ".join(ev.labels[k] for k in order)
-        return f"Analysis: {analysis}\nPlan: {plan}\n{prompts.ANSWER_OPEN}{labels}{prompts.ANSWER_CLOSE}"
+        labels = list(self.box.labels)
+        if self.table is not None and sorted(self.table) == sorted(labels):
+            order = self.table
+            top = ", ".join(order[:3])
+            analysis = f"The scores rank {top} first."
+            plan = "Rank in the order of the score table."
+        else:  # no usable table: the fused order of the weights it chose (or would choose)
+            weights = self.weights or self._weights("short")
+            order = [labels[k] for k in fused_order(self.box.fused_scores(weights))]
+            analysis = "There is no score table to read."
+            plan = f"Rank by {self._mix(weights)}."
+        return (f"Analysis: {analysis}\nPlan: {plan}\n"
+                f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}")
 
-    # ------------------------------------------------------------------- helpers
-    def _made_count(self, name: str) -> int:
-        return sum(1 for n, _ in self.made if n == name)
 
-    def _stage1_order(self) -> list[int]:
-        score = np.round(self.ev.stage1(self.weights), 9)
-        return np.lexsort((np.arange(len(score)), -score)).tolist()
 
-    def _query(self) -> tuple[int, str, str] | None:
-        """``(candidate, query, kind)``: the creator, else the main category, of the best
-        stage-1 candidate that has either."""
-        for k in self._stage1_order()[:3]:
-            item = self.ev.items[k]
-            if creator := self.ev.creator(item):
-                return k, creator, "creator"
-            if cats := self.ev.catalog.categories_of(item):
-                return k, cats[0], "main category"
-        return None
+def last_score_table(messages: Sequence[Mapping]) -> list[str]:
+    """The labels of the conversation's last ``score_candidates`` output, best first (empty: none)."""
+    for message in reversed(messages):
+        if message.get("role") == "tool" and message.get("name") == "score_candidates":
+            return score_table_labels(str(message.get("content", "")))
+    return []

@@ -1,0 +1,37 @@
+"""Which ``score_candidates`` weights the scripted teacher asks for: per dataset and history regime.
+
+The teacher reads the user's history length from the profile, names the regime (``short`` or
+``long`` history, split at ``LONG_HISTORY`` items) and asks ``score_candidates`` for that
+regime's weights over the signals of ``tools/signals.py``. The weights come from
+:data:`~recthinker_dagster.agent.teachers.tuned_weights.TUNED`, which
+``scripts/evaluate_teachers.py --tune`` writes after tuning on train and valid tasks only.
+
+Lookup order for ``(dataset, regime)``: that entry, then the dataset's ``any`` entry (tuned on
+all its train and valid tasks: a regime with no train or valid tasks of its own, such as
+Amazon CDs' long histories, uses it), then the ``default`` entry of the regime, then
+``DEFAULT_WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from recthinker_dagster.agent.teachers.tuned_weights import TUNED
+
+LONG_HISTORY = 75  # history items from which the user's own sequence is "long"
+DEFAULT_WEIGHTS = {"bprmf": 1.0, "itemknn": 1.0, "sasrec": 1.0}
+REGIMES = ("short", "long")
+
+
+def regime(n_history: int) -> str:
+    return "long" if n_history >= LONG_HISTORY else "short"
+
+
+def weights_for(dataset: str, regime_name: str, table: Mapping[str, Mapping] | None = None) -> dict[str, float]:
+    """The weights the teacher asks for (see the module docstring for the lookup order)."""
+    table = TUNED if table is None else table
+    for key, sub in ((dataset, regime_name), (dataset, "any"), ("default", regime_name), ("default", "any")):
+        found = table.get(key, {}).get(sub)
+        if found:
+            return {name: float(w) for name, w in found.items() if w}
+    return dict(DEFAULT_WEIGHTS)
