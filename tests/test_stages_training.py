@@ -202,3 +202,19 @@ def test_progress_callback_logs_lines_with_its_key():
     callback.on_log(None, state, None, logs={"loss": 1.0})
     callback.on_log(None, state, None, logs={"reward": 0.25, "learning_rate": 1e-5})
     assert lines == ["step 3/5: reward 0.2500, lr 1.00e-05"]
+
+
+def test_learning_curve_table_json_and_plot(tmp_path):
+    from recthinker_dagster.stages.sft_curve import CURVE_COLUMNS, LearningCurve
+
+    def point(n, level):
+        return {"n": n, "steps": n // 4, "train_seconds": 3.0 * n, "validate_seconds": 9.0,
+                "overall": {c: level for c in CURVE_COLUMNS}, "by_dataset": {}}
+
+    curve = LearningCurve([point(0, 0.1), point(32, 0.5), point(128, 0.9)], {"name": "demo"})
+    paths = curve.write(tmp_path / "curve")
+    assert json.loads(paths["json"].read_text())["points"][2]["overall"]["ndcg@10"] == 0.9
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+    rows = curve.markdown().splitlines()
+    assert rows[0].startswith("| examples | steps | train s | answered_rate") and len(rows) == 5
+    assert rows[-1].startswith("| 128 | 32 | 384 | 0.900")

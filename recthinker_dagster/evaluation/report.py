@@ -106,6 +106,31 @@ def plot_ndcg_by_system(summary: Mapping[str, pl.DataFrame] | pl.DataFrame, path
     return _save_png(fig, path)
 
 
+def plot_learning_curve(points: Sequence[Mapping], path: Path) -> Path:
+    """A PNG of the SFT learning curve (``stages/sft_curve.py``): ranking metrics and behaviour
+    rates against the number of training trajectories (log axis; the base model, n = 0, at 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [max(int(p["n"]), 1) for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for column in ("ndcg@1", "ndcg@5", "ndcg@10"):
+        left.plot(xs, [p["overall"].get(column, 0) for p in points], marker="o", label=LABELS.get(column, column))
+    for column, label in (("answered_rate", "own answer"), ("valid_tool_call_rate", ">= 1 valid tool call")):
+        right.plot(xs, [p["overall"].get(column, 0) for p in points], marker="o", label=label)
+    for ax, title in ((left, "Ranking on the validation tasks"), (right, "Behaviour (share of tasks)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("SFT trajectories (0 = base model, drawn at 1)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def plot_tool_use(per_task: Mapping[str, pl.DataFrame], path: Path, title: str | None = None) -> Path:
     """A PNG histogram of tool calls per task, one bar series per agent system."""
     import matplotlib

@@ -22,7 +22,8 @@ from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read
 from recthinker_dagster.settings import ValidationSettings
 from recthinker_dagster.training.validation import ValidationSuite, evaluate_policy, validation_slice
 
-VALIDATION_COLUMNS = ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "tool_calls_per_task", "completion_tokens_per_task")
+VALIDATION_COLUMNS = ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "answered_rate", "valid_tool_call_rate", "tool_calls_per_task",
+                      "completion_tokens_per_task")
 RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "answer_mode")
 
 
