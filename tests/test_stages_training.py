@@ -134,6 +134,7 @@ def test_sft_examples_suite_blocks_eval_leaks_missing_groups_and_small_sets():
 
 def _report(ndcg: float) -> dict:
     summary = {"n_tasks": 2, "ndcg@1": ndcg, "ndcg@5": ndcg, "ndcg@10": ndcg, "valid_rate": 1.0,
+               "answered_rate": 0.5, "valid_tool_call_rate": 0.75,
                "tool_calls_per_task": 2.0, "completion_tokens_per_task": 50.0, "mrr": ndcg}
     return {"producer": "p", "overall": summary, "by_dataset": {DATASET: summary}, "seconds": 1.0}
 
@@ -142,7 +143,9 @@ def test_validation_table_metrics_and_document():
     validation = {"base_model": _report(0.25), "sft_model": _report(0.5)}
     table = validation_table(validation).splitlines()
     assert table[0].startswith("| policy | dataset | tasks | ndcg@1 |") and len(table) == 2 + 4
-    assert "| sft_model | ml-1m | 2 | 0.500 | 0.500 | 0.500 | 1.000 | 2.000 | 50.000 |" in table
+    assert "| sft_model | ml-1m | 2 | 0.500 | 0.500 | 0.500 | 1.000 | 0.500 | 0.750 | 2.000 | 50.000 |" in table
+    older = {"base_model": {**_report(0.25), "overall": {"n_tasks": 2, "ndcg@10": 0.25}}}
+    assert "| base_model | overall | 2 | – | – | 0.250 |" in validation_table(older)  # absent, not zero
     assert "| base_model | overall | 2 |" in "\n".join(table)
     metrics = validation_metrics(validation)
     assert metrics["valid_sft_model_overall_ndcg@10"] == 0.5 and metrics["valid_base_model_ml-1m_valid_rate"] == 1.0

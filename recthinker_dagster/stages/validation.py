@@ -58,12 +58,12 @@ def validation_document(settings: ValidationSettings, validation: Mapping) -> di
 
 
 def validation_table(validation: Mapping) -> str:
-    """Markdown: one row per policy and dataset (and overall)."""
+    """Markdown: one row per policy and dataset (and overall); a column a report lacks shows "–"."""
     rows = ["| policy | dataset | tasks | " + " | ".join(VALIDATION_COLUMNS) + " |",
             "|---|---|---:|" + "---:|" * len(VALIDATION_COLUMNS)]
     for policy, report in validation.items():
         for dataset, summary in [*report["by_dataset"].items(), ("overall", report["overall"])]:
-            values = " | ".join(f"{summary.get(c, 0):.3f}" for c in VALIDATION_COLUMNS)
+            values = " | ".join(f"{summary[c]:.3f}" if c in summary else "–" for c in VALIDATION_COLUMNS)
             rows.append(f"| {policy} | {dataset} | {summary.get('n_tasks', 0)} | {values} |")
     return "\n".join(rows)
 
