@@ -1,87 +1,112 @@
-"""Benchmark agent inference: one prompt at a time vs the batched TransformersBackend.
+"""Benchmark multi-turn agent inference: one conversation at a time vs the batched TransformersBackend.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_inference.py --model assets/base_model \\
-        --n-prompts 16 --max-new-tokens 128 --batch-size 16 --dtypes bfloat16 [--root .] --json-out bench.json
+    OMP_WAIT_POLICY=PASSIVE RECTHINKER_OFFLINE=1 .venv/bin/python scripts/benchmark_inference.py \\
+        --model assets/base_model --n-conversations 32 --max-new-tokens 256 --batch-size 32 \\
+        --single-conversations 8 --dtypes bfloat16 [--root .] [--data ../shared/data] --json-out bench.json
 
-The same N first-turn agent prompts (the agent loop's opening messages: system prompt with
-the seven tool schemas, ten history items, twenty labelled candidates; built from the
-MovieLens-1M eval tasks and tool indexes published under ``--root`` (default: this
-repository) when they are there, synthetic ones in the same format otherwise) are generated
-greedily
+Workload: N concurrent ten-candidate agent conversations (candidates labelled A..J), run to
+the end by the real agent loop (``run_agent``: real prompts, real tool schemas, the real
+``Toolbox``; greedy decoding, constrained answers, the label head when the model never
+answers). Each turn the model writes an assistant turn; its tool calls are run and their
+results appended, or the loop appends its nudge, until the model answers or the budgets are
+used up. The untrained base model rarely calls a tool (it mostly gets the loop's nudges and
+the final-answer request), so its conversations grow by its own generated text more than by
+tool output. ``--adapter DIR`` merges a trained agent's LoRA adapter into the model: its
+turns are short and add tool results (up to 600 characters) instead.
 
-  (a) one at a time with plain ``model.generate``,
-  (b) by ``TransformersBackend`` in batches, without the shared-prefix cache,
-  (c) by ``TransformersBackend`` in batches, with the shared-prefix cache (the default),
+Tasks: the published ML-1M eval tasks and tool indexes under ``--root`` (default: this
+repository) when they are there; else the same built in memory from the shared ML-1M files
+under ``--data`` (users 1-1000, a few seconds); else a synthetic data set.
 
-in the same run, and the script prints completion tokens/s, prompts per minute, peak RSS for
-each and the speed-ups over (a). ``--dtypes bfloat16,float32`` repeats everything per dtype.
+The same conversations run, in the same process,
 
-Timings on shared machines are noisy: run it on an otherwise idle machine, or prefix the
-command with ``OMP_WAIT_POLICY=PASSIVE`` when other processes compete for the cores (spinning
-OpenMP threads that lose their core slow 2-thread decoding down up to 10x).
+  (a) one conversation at a time (batch 1, every prompt prefilled in full),
+  (b) all N concurrently, batched, with the shared-prefix cache, without the conversation cache,
+  (c) the same with the per-conversation KV cache (the default),
+
+and the script prints, per mode, generated tokens/s, prompt tokens prefilled vs reused (shared
+prefix, conversation cache), wall time, peak RSS, the speed-ups over (a) and (b), and how many
+conversations came out identical to (a). ``--single-conversations K`` runs (a) on the first K
+conversations only (its tokens/s is a rate, comparable as such). ``--dtypes bfloat16,float32``
+repeats everything per dtype; float32 is batch-invariant (identical conversations), bfloat16
+is not.
+
+Timings on shared machines are noisy: run it on an otherwise idle machine, and always with
+``OMP_WAIT_POLICY=PASSIVE`` when other processes compete for the cores (spinning OpenMP
+threads that lose their core slow 2-thread decoding down up to 10x).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
+import gc
 import json
 import os
 import platform
-import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import torch
 
-from recthinker_dagster.agent import prompts
 from recthinker_dagster.agent.backends.base import SamplingParams
-from recthinker_dagster.agent.backends.transformers_backend import (
-    DTYPES,
-    TransformersBackend,
-    available_cores,
-)
+from recthinker_dagster.agent.backends.transformers_backend import DTYPES, TransformersBackend, available_cores
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
-from recthinker_dagster.agent.loop import AgentConfig
+from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.agent.trajectory import AgentTask, Trajectory
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_tasks
-from recthinker_dagster.tools import Toolbox
-from recthinker_dagster.training.grpo import opening_messages
+from recthinker_dagster.tools import ToolIndexes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET = "ml-1m"
-GENRES = ["Drama", "Comedy", "Action", "Thriller", "Romance", "Sci-Fi", "Animation", "Horror"]
+SHARED_DATA = Path(os.environ.get("RECTHINKER_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
-def synthetic_conversations(n: int, config: AgentConfig, n_candidates: int = 20, history_len: int = 10,
-                            seed: int = 0) -> list[list[dict]]:
-    """N opening conversations over made-up movies, in the agent's prompt format."""
-    rng = random.Random(seed)
-
-    def title():
-        return f"Movie {rng.randint(1, 3900)} ({rng.randint(1950, 2000)}) | {', '.join(rng.sample(GENRES, 2))}"
-
-    return [prompts.initial_messages([title() for _ in range(history_len)],
-                                     [f"C{k}: {title()}" for k in range(1, n_candidates + 1)],
-                                     user_id=str(1000 + u), max_turns=config.max_turns,
-                                     max_tool_calls=config.max_tool_calls)
-            for u in range(n)]
+# -- the tasks ------------------------------------------------------------------------------------
 
 
-def agent_prompts(layout: ArtifactLayout, n: int, seed: int = 0) -> tuple[list[list[dict]], list[dict]]:
-    """N first-turn conversations (repeating the tasks when fewer) and the tool schemas."""
-    config = AgentConfig()
+def built_tasks(name: str, data, n: int) -> tuple[pl.DataFrame, ToolIndexes]:
+    """Eval tasks and tool indexes of ``data``, built in memory (the pipeline's own functions)."""
+    from recthinker_dagster.protocol import build_task_splits, protocol_config_for
+    from recthinker_dagster.tools import build_all, index_interactions
+
+    config = protocol_config_for(name, n_eval_users_per_group=n, n_valid_users_per_group=4,
+                                 n_train_users_per_group=4)
+    splits = build_task_splits(data.interactions, config, name)
+    indexes = build_all(index_interactions(splits.train_interactions, splits.tasks), data.items, data.users,
+                        None, {"bpr_epochs": 2})
+    return splits.tasks.filter(pl.col("split") == "eval"), indexes
+
+
+def load_tasks(layout: ArtifactLayout, data_dir: Path, n: int, seed: int) -> tuple[list[AgentTask], Toolboxes]:
+    """N agent tasks (repeating them when fewer) and their toolbox factory (see the module docstring)."""
     try:
         indexes = load_tool_indexes(layout, DATASET)
         frame = read_tasks(layout, DATASET, ("eval",))
-    except FileNotFoundError as missing:
-        print(f"synthetic prompts ({missing})")
-        tools = Toolbox(None, {"user_id": "0", "history_item_ids": [], "candidate_item_ids": []}).schemas()
-        return synthetic_conversations(n, config, seed=seed), tools
-    toolboxes = Toolboxes(indexes)
+        print(f"{DATASET} eval tasks and tool indexes published under {layout.root}")
+    except FileNotFoundError:
+        from recthinker_dagster.data.sources import load_dataset
+        from recthinker_dagster.data.synthetic import generate_synthetic
+
+        if (data_dir / DATASET).is_dir():
+            data, _ = load_dataset(DATASET, data_dir, allow_download=False)
+            keep = pl.col("user_id").cast(pl.Int64) <= 1000
+            data = dataclasses.replace(data, interactions=data.interactions.filter(keep),
+                                       users=data.users.filter(keep))
+            frame, indexes = built_tasks(DATASET, data, n)
+            print(f"{DATASET} (users 1-1000) from {data_dir}: tasks and tool indexes built in memory")
+        else:
+            frame, indexes = built_tasks("synthetic", generate_synthetic(n_users=300, n_items=500, seed=seed), n)
+            print(f"synthetic tasks (no {DATASET} under {data_dir})")
     tasks = agent_tasks(frame.head(n), indexes)
-    conversations = [opening_messages(task, toolboxes(task), config) for task in tasks]
-    print(f"{len(tasks)} {DATASET} eval tasks from {layout.relative(layout.asset_dir('task_splits', DATASET))}")
-    return (conversations * (n // len(conversations) + 1))[:n], toolboxes(tasks[0]).schemas()
+    return (tasks * (n // len(tasks) + 1))[:n], Toolboxes(indexes)
+
+
+# -- measuring ------------------------------------------------------------------------------------
 
 
 class PeakRSS:
@@ -106,107 +131,157 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def one_at_a_time(backend: TransformersBackend, rows: list[list[int]], max_new_tokens: int) -> tuple[list[str], int]:
-    """Plain ``model.generate`` per prompt (batch 1, no cache reuse)."""
-    texts, tokens = [], 0
-    for row in rows:
-        ids = torch.tensor([row], device=backend.model.device)
-        with torch.inference_mode():
-            out = backend.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                         do_sample=False, eos_token_id=backend.stop_ids, pad_token_id=backend.pad_id)
-        new = out[0, ids.shape[1]:].tolist()
-        stop = next((i for i, t in enumerate(new) if t in backend.stop_ids), None)
-        tokens += len(new) if stop is None else stop + 1
-        texts.append(backend.tokenizer.decode(new[:stop], skip_special_tokens=False))
-    return texts, tokens
+def release_memory() -> None:
+    """Free what the previous mode left, and hand the freed heap back to the system (glibc keeps
+    it otherwise), so that each mode's peak RSS is its own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
-def measure(label: str, run) -> dict:
+def conversation_key(trajectory: Trajectory) -> str:
+    return json.dumps([trajectory.messages, trajectory.final_labels], sort_keys=True, default=str)
+
+
+def progress(backend: TransformersBackend) -> Callable[[int, int], None]:
+    """An ``on_step`` callback printing each step of the agent loop (long runs show progress)."""
+    started = time.perf_counter()
+
+    def on_step(step: int, active: int) -> None:
+        print(f"    step {step}: {active} conversations, {time.perf_counter() - started:6.0f} s, "
+              f"{backend.stats['completion_tokens']} tokens so far", flush=True)
+
+    return on_step
+
+
+def measure(label: str, backend: TransformersBackend,
+            run: Callable[[TransformersBackend], list[Trajectory]]) -> dict:
     with PeakRSS() as rss:
         started = time.perf_counter()
-        texts, tokens = run()
+        trajectories = run(backend)
         seconds = time.perf_counter() - started
-    result = {"mode": label, "seconds": round(seconds, 2), "completion_tokens": tokens,
-              "tokens_per_s": round(tokens / seconds, 2), "prompts_per_min": round(60 * len(texts) / seconds, 2),
-              "peak_rss_mb": round(rss.peak / 2**20)}
-    print(f"  {label:<28} {seconds:8.1f} s  {tokens:6d} tok  {result['tokens_per_s']:7.2f} tok/s  "
-          f"{result['prompts_per_min']:6.2f} prompts/min  peak RSS {result['peak_rss_mb']} MB", flush=True)
-    return result | {"texts": texts}
+    stats = dict(backend.stats)
+    tokens = stats["completion_tokens"]
+    result = {
+        "mode": label, "seconds": round(seconds, 1), "conversations": len(trajectories),
+        "turns": sum(t.n_turns for t in trajectories), "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 2), "peak_rss_mb": round(rss.peak / 2**20), **stats,
+    }
+    if backend.conversations is not None:
+        result["conversation_cache_mb"] = round(backend.conversations.nbytes / 2**20)
+        result["conversation_evictions"] = backend.conversations.evicted
+    reused = stats["prefix_tokens_reused"] + stats["conversation_tokens_reused"]
+    print(f"  {label:<34} {seconds:7.1f} s  {tokens:6d} tok  {result['tokens_per_s']:7.2f} tok/s  "
+          f"prompt tokens: {stats['prefilled_tokens']} prefilled, {reused} reused "
+          f"({stats['conversation_tokens_reused']} from conversations)  peak RSS {result['peak_rss_mb']} MB",
+          flush=True)
+    return result | {"keys": [conversation_key(t) for t in trajectories]}
 
 
-def bench_dtype(args, dtype: str, conversations: list[list[dict]], tools: list[dict]) -> dict:
+def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[dtype])
-    plain = TransformersBackend(model, tokenizer, batch_size=args.batch_size, prefix_cache=False)
-    cached = TransformersBackend(model, tokenizer, batch_size=args.batch_size, prefix_cache=True)
-    rows = [plain.encode(messages, tools) for messages in conversations]
-    lengths = [len(r) for r in rows]
-    print(f"\n{dtype}: {len(rows)} prompts of {min(lengths)}-{max(lengths)} tokens "
-          f"(mean {sum(lengths) / len(lengths):.0f}), max_new_tokens={args.max_new_tokens}", flush=True)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    warm = SamplingParams(max_new_tokens=4)
-    plain.generate(conversations[:2], [tools] * 2, warm)  # pays one-time kernel setup costs
-    one_at_a_time(plain, rows[:1], 4)
+    if args.adapter:  # a trained agent: the adapter merged into the base model
+        from recthinker_dagster.models.loading import load_agent_model
 
-    def batched(backend):
-        def run():
-            generations = backend.generate(conversations, [tools] * len(conversations), params)
-            return [g.text for g in generations], sum(g.completion_tokens for g in generations)
-        return run
+        model, tokenizer = load_agent_model(args.model, [args.adapter], dtype=dtype, device="cpu")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[dtype])
+    config = AgentConfig(max_turns=args.max_turns, sampling=SamplingParams(max_new_tokens=args.max_new_tokens))
+
+    def backend(batch_size: int, conversation_cache: bool, prefix_cache: bool = True) -> TransformersBackend:
+        return TransformersBackend(model, tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
+                                   conversation_cache=conversation_cache,
+                                   conversation_cache_bytes=int(args.cache_gib * 2**30))
+
+    warm = backend(2, True)  # pays one-time kernel setup costs
+    run_agent(tasks[:2], warm, toolboxes, dataclasses.replace(config, max_turns=1,
+                                                              sampling=SamplingParams(max_new_tokens=4)))
+    del warm
+    print(f"\n{dtype}: {len(tasks)} conversations, max_turns={args.max_turns}, "
+          f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}", flush=True)
 
     results: dict = {}
-    if not args.skip_single:
-        results["single"] = measure("(a) one at a time", lambda: one_at_a_time(plain, rows, args.max_new_tokens))
-    results["batched"] = measure(f"(b) batched x{args.batch_size}", batched(plain))
-    results["batched_prefix"] = measure(f"(c) batched x{args.batch_size} + prefix", batched(cached))
-    results["prefix_tokens_reused"] = cached.stats["prefix_tokens_reused"]
-    if "single" in results:
-        base = results["single"]["tokens_per_s"]
-        for key in ("batched", "batched_prefix"):
-            results[key]["speedup_vs_single"] = round(results[key]["tokens_per_s"] / base, 2)
-            same = sum(a == b for a, b in zip(results["single"]["texts"], results[key]["texts"]))
-            results[key]["same_text_as_single"] = f"{same}/{len(rows)}"
-            print(f"  speed-up {key}: {results[key]['speedup_vs_single']}x "
-                  f"(identical outputs {results[key]['same_text_as_single']})", flush=True)
-    results["prompt_tokens"] = {"min": min(lengths), "max": max(lengths), "mean": round(sum(lengths) / len(lengths))}
+    single_n = min(args.single_conversations or len(tasks), len(tasks))
+    if "a" in args.modes:
+        release_memory()
+        one = backend(1, False, prefix_cache=False)
+        label = "(a) one at a time" + (f" ({single_n} of {len(tasks)})" if single_n < len(tasks) else "")
+        results["single"] = measure(label, one, lambda chosen: [
+            t for task in tasks[:single_n] for t in run_agent([task], chosen, toolboxes, config)])
+        del one
+    for mode, key, label, cached in (("b", "batched", "(b) batched, no conversation cache", False),
+                                     ("c", "batched_conversation", "(c) batched + conversation cache", True)):
+        if mode not in args.modes:
+            continue
+        release_memory()
+        chosen = backend(args.batch_size, cached)
+        results[key] = measure(label, chosen, lambda chosen: run_agent(tasks, chosen, toolboxes, config,
+                                                                       on_step=progress(chosen)))
+        del chosen
+    summarize(results)
+    for value in results.values():
+        value.pop("keys", None)
     return results
+
+
+def summarize(results: dict) -> None:
+    base = results.get("single")
+    for key in [key for key in ("batched", "batched_conversation") if key in results]:
+        if base is not None:
+            results[key]["speedup_vs_single"] = round(results[key]["tokens_per_s"] / base["tokens_per_s"], 2)
+            same = sum(a == b for a, b in zip(base["keys"], results[key]["keys"]))
+            results[key]["same_as_single"] = f"{same}/{len(base['keys'])}"
+            print(f"  (a) -> {key}: {results[key]['speedup_vs_single']}x tokens/s, "
+                  f"conversations identical to (a): {results[key]['same_as_single']}", flush=True)
+    if "batched" not in results or "batched_conversation" not in results:
+        return
+    plain, cached = results["batched"], results["batched_conversation"]
+    cached["speedup_vs_batched"] = round(cached["tokens_per_s"] / plain["tokens_per_s"], 2)
+    same = sum(a == b for a, b in zip(plain["keys"], cached["keys"]))
+    cached["same_as_batched"] = f"{same}/{len(plain['keys'])}"
+    print(f"  (b) -> (c): {cached['speedup_vs_batched']}x tokens/s, wall {plain['seconds']} s -> "
+          f"{cached['seconds']} s, conversations identical: {cached['same_as_batched']}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model folder or id (default: <root>/assets/base_model)")
-    ap.add_argument("--n-prompts", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--adapter", type=Path, help="a LoRA adapter folder (an SFT agent) merged into --model")
+    ap.add_argument("--n-conversations", type=int, default=32)
+    ap.add_argument("--max-turns", type=int, default=AgentConfig.max_turns)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--cache-gib", type=float, default=4.0, help="the conversation cache's memory bound")
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
     ap.add_argument("--threads", type=int, default=available_cores())
-    ap.add_argument("--skip-single", action="store_true", help="skip (a), e.g. for quick batch-size sweeps")
+    ap.add_argument("--modes", default="a,b,c", help="which of (a), (b), (c) to run, e.g. c for batch-size sweeps")
+    ap.add_argument("--skip-single", action="store_true", help="skip (a): the same as --modes b,c")
+    ap.add_argument("--single-conversations", type=int, help="run (a) on the first K conversations only")
     ap.add_argument("--root", type=Path, default=REPO_ROOT, help="project root holding assets/ (default: this repo)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA, help="shared data folder holding ml-1m/")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic fallback data")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
+    args.modes = set(args.modes.replace(",", "")) - ({"a"} if args.skip_single else set())
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     layout = ArtifactLayout(args.root.resolve())
     args.model = args.model or str(layout.asset_dir("base_model"))
-    conversations, tools = agent_prompts(layout, args.n_prompts, args.seed)
+    tasks, toolboxes = load_tasks(layout, args.data, args.n_conversations, args.seed)
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": available_cores(),
                           "torch_threads": args.threads, "torch": torch.__version__,
                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
                           "load_avg_start": os.getloadavg()},
-              "n_prompts": args.n_prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-              "results": {}}
+              "args": {k: str(v) for k, v in vars(args).items()}, "results": {}}
     for dtype in args.dtypes.split(","):
-        report["results"][dtype] = bench_dtype(args, dtype.strip(), conversations, tools)
+        report["results"][dtype] = bench_dtype(args, dtype.strip(), tasks, toolboxes)
     report["machine"]["load_avg_end"] = os.getloadavg()
     if args.json_out:
-        for per_dtype in report["results"].values():
-            for value in per_dtype.values():
-                if isinstance(value, dict):
-                    value.pop("texts", None)
         args.json_out.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json_out}")
 

@@ -63,10 +63,10 @@ if [ ! -x /usr/bin/chromium ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[setup] installing Debian's chromium (for the Dagster UI test)"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
-      echo "[setup] note: installing chromium failed; tests/test_ui.py will be skipped"
+      echo "[setup] note: installing chromium failed; tests/test_ui.py will be skipped (and fail under RECTHINKER_REQUIRE_UI=1, as in CI)"
     fi
   else
-    echo "[setup] note: /usr/bin/chromium is missing (install Debian's chromium as root); tests/test_ui.py will be skipped"
+    echo "[setup] note: /usr/bin/chromium is missing (install Debian's chromium as root); tests/test_ui.py will be skipped (and fail under RECTHINKER_REQUIRE_UI=1, as in CI)"
   fi
 fi
 

@@ -98,6 +98,32 @@ def test_batched_generation_matches_one_at_a_time(smollm, backends):
 
 
 @pytest.mark.slow
+def test_multi_turn_greedy_is_the_same_with_the_conversation_cache(smollm):
+    """Three agent-like turns (each reply appended, then a tool result) of rows of different
+    lengths: the conversation cache reuses each row's KV, token for token the same output."""
+    from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
+
+    model, tokenizer = smollm
+    cached = TransformersBackend(model, tokenizer, min_prefix_tokens=8)
+    plain = TransformersBackend(model, tokenizer, min_prefix_tokens=8, conversation_cache=False)
+    params = SamplingParams(max_new_tokens=24)
+
+    def turns(backend) -> list[str]:
+        convs = [conversation("1", "Heat, Casino, Fargo and Seven"), conversation("22", "Toy Story")]
+        texts = []
+        for turn in range(3):
+            for conv, generation in zip(convs, backend.generate(convs, [TOOLS] * 2, params)):
+                texts.append(generation.text)
+                conv.append({"role": "assistant", "content": generation.text.strip()})
+                conv.append({"role": "tool", "name": "get_item_info", "content": f"C{turn + 1}: Heat (1995) | Action"})
+        return texts
+
+    assert turns(cached) == turns(plain)
+    assert cached.stats["conversation_tokens_reused"] > 2 * cached.stats["prefilled_tokens"]
+    assert cached.stats["prompt_tokens"] == plain.stats["prompt_tokens"]
+
+
+@pytest.mark.slow
 def test_context_overflow_is_an_error_generation_not_an_exception(backends):
     plain = backends[1]
     limit, plain.max_context_tokens = plain.max_context_tokens, 40

@@ -26,6 +26,19 @@ def test_target_beyond_cutoff_and_missing_target():
     assert all(v == 0.0 for v in task_metrics(["a", "b"], "zzz").values())
 
 
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_cutoffs_at_rank_exactly_k(k):
+    """The target at position k (1-based) counts, at position k + 1 it does not; the GRPO
+    ranking reward uses the same function."""
+    from recthinker_dagster.training.rewards import ndcg_at
+
+    ranking = [str(i) for i in range(20)]
+    inside, outside = task_metrics(ranking, str(k - 1)), task_metrics(ranking, str(k))
+    assert inside[f"hr@{k}"] == 1.0 and inside[f"ndcg@{k}"] == pytest.approx(1 / math.log2(k + 1))
+    assert outside[f"hr@{k}"] == 0.0 and outside[f"ndcg@{k}"] == 0.0
+    assert ndcg_at(k, k) == inside[f"ndcg@{k}"] and ndcg_at(k + 1, k) == 0.0
+
+
 def test_mean_and_bootstrap_interval_contains_mean():
     per_task = [task_metrics(["t", "x"], "t"), task_metrics(["x", "t"], "t")]
     mean = mean_metrics(per_task)

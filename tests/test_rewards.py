@@ -13,15 +13,18 @@ from recthinker_dagster.training.rewards import (
     format_reward,
     ranking_reward,
     register,
+    repeated_calls,
     tool_efficiency_reward,
     trl_reward_functions,
     weighted_reward,
 )
 
 
-def outcome(rank=1, valid=True, answered=True, calls=2, invalid=0, parse=0, budget=8, n=20) -> RolloutOutcome:
+def outcome(rank=1, valid=True, answered=True, calls=2, invalid=0, parse=0, budget=8, n=20,
+            repeated=0) -> RolloutOutcome:
     return RolloutOutcome(valid=valid, answered=answered, target_rank=rank, n_candidates=n, n_tool_calls=calls,
-                          n_invalid_calls=invalid, n_parse_issues=parse, max_tool_calls=budget)
+                          n_invalid_calls=invalid, n_parse_issues=parse, max_tool_calls=budget,
+                          n_repeated_calls=repeated)
 
 
 def test_ranking_reward_is_ndcg_at_10_and_zero_for_invalid_answers():
@@ -42,15 +45,28 @@ def test_format_reward_is_paid_only_with_a_useful_clean_answer():
     assert format_reward(outcome(rank=7), correct_k=10) == 1.0
 
 
-def test_tool_efficiency_rewards_fewer_and_cleaner_calls_of_correct_rollouts_only():
-    assert tool_efficiency_reward(outcome(calls=0)) == 1.0
-    assert tool_efficiency_reward(outcome(calls=2)) == pytest.approx(0.75)
-    assert tool_efficiency_reward(outcome(calls=8)) == 0.0
-    assert tool_efficiency_reward(outcome(calls=12)) == 0.0  # over budget: clipped, never negative
-    assert tool_efficiency_reward(outcome(calls=4, invalid=2)) == pytest.approx(0.5 * 0.5)
-    assert tool_efficiency_reward(outcome(calls=0, budget=0)) == 1.0  # no budget: no division by zero
-    assert tool_efficiency_reward(outcome(rank=6, calls=0)) == 0.0
-    assert tool_efficiency_reward(outcome(rank=1, valid=False, calls=0)) == 0.0
+def test_tool_efficiency_pays_for_avoiding_redundant_calls_of_correct_rollouts_only():
+    assert tool_efficiency_reward(outcome(calls=0)) == 0.0  # no calls at all earns nothing
+    assert tool_efficiency_reward(outcome(calls=2)) == 1.0
+    assert tool_efficiency_reward(outcome(calls=8)) == 1.0  # distinct valid calls are not redundant
+    assert tool_efficiency_reward(outcome(calls=4, invalid=1)) == pytest.approx(0.75)
+    assert tool_efficiency_reward(outcome(calls=4, invalid=1, repeated=1)) == pytest.approx(0.5)
+    assert tool_efficiency_reward(outcome(calls=2, invalid=2)) == 0.0
+    assert tool_efficiency_reward(outcome(rank=6, calls=2)) == 0.0
+    assert tool_efficiency_reward(outcome(rank=1, valid=False, calls=2)) == 0.0
+
+
+def test_repeated_calls_count_same_tool_and_arguments():
+    from recthinker_dagster.agent.trajectory import ToolCallRecord
+
+    def record(name, arguments, ok=True):
+        return ToolCallRecord(turn=1, name=name, arguments=arguments, ok=ok, output_chars=10)
+
+    records = [record("get_user_profile", {}), record("score_candidates", {"weights": {"a": 1, "b": 2}}),
+               record("score_candidates", {"weights": {"b": 2, "a": 1}}), record("get_user_profile", {}),
+               record("score_candidates", {"weights": {"a": 2}}), record("get_item_info", {"x": 1}, ok=False),
+               record("get_item_info", {"x": 1}, ok=False)]
+    assert repeated_calls(records) == 2  # failed calls are counted as invalid, not as repeats
 
 
 @pytest.mark.parametrize("weights", [{"ranking": 1.0, "format": 0.1, "tool_efficiency": 0.1},

@@ -21,7 +21,15 @@ from recthinker_dagster.stages.filtering import (
     eval_tasks_of,
 )
 from recthinker_dagster.stages.result import Json, Markdown
-from recthinker_dagster.stages.rl import DatasetToolboxes, policy_lineage, rl_metrics, rl_recipe, rl_series
+from recthinker_dagster.stages.rl import (
+    DatasetToolboxes,
+    NoLearningSignal,
+    policy_lineage,
+    refuse_no_op,
+    rl_metrics,
+    rl_recipe,
+    rl_series,
+)
 from recthinker_dagster.stages.sft import sft_recipe
 from recthinker_dagster.stages.validation import validation_document, validation_metrics, validation_table
 from tests.support.trajectories import real_trajectories, real_world
@@ -194,6 +202,18 @@ def test_rl_metrics_and_series():
     series = rl_series(steps)
     assert series["reward"] == [0.1, 0.3] and series["rewards/ranking/mean"] == [0.1, 0.2]
     assert series["tools/call_frequency"] == [2.0] and "grad_norm" not in series  # empty curves are left out
+
+
+def test_rl_refuses_a_run_without_learning_signal(tmp_path):
+    flat = [{"step": k, "frac_reward_zero_std": 1.0, "rollout/valid_rate": 1.0} for k in (1, 2)]
+    with pytest.raises(NoLearningSignal, match="frac_reward_zero_std = 1.*not published"):
+        refuse_no_op(flat, tmp_path)
+    invalid = [{"step": 1, "frac_reward_zero_std": 0.5, "rollout/valid_rate": 0.0}]
+    with pytest.raises(NoLearningSignal, match="no rollout gave a valid answer"):
+        refuse_no_op(invalid, tmp_path)
+    with pytest.raises(NoLearningSignal, match="no step"):
+        refuse_no_op([], tmp_path)
+    refuse_no_op([*flat, {"step": 3, "frac_reward_zero_std": 0.5, "rollout/valid_rate": 0.25}], tmp_path)  # one step teaches
 
 
 def test_progress_callback_logs_lines_with_its_key():

@@ -56,6 +56,7 @@ from recthinker_dagster.agent.backends.base import (
     constrains_answers,
     has_label_head,
     head_ranking,
+    tracks_tokens,
 )
 from recthinker_dagster.agent.labels import NUMBERED_STYLE, label_style_of
 from recthinker_dagster.agent.trajectory import (
@@ -71,6 +72,7 @@ from recthinker_dagster.agent.trajectory import (
     ToolCallRecord,
     Trajectory,
 )
+from recthinker_dagster.agent.transcript import TokenTranscript
 from recthinker_dagster.metrics import task_metrics
 
 BUDGET_EXHAUSTED = "budget_exhausted"
@@ -101,6 +103,7 @@ class AgentConfig:
     system_prompt: str = prompts.SYSTEM_PROMPT
     answer_mode: str = "generate"  # "generate": the model writes the ranking; "logits": the label head
     constrain_answers: bool = True  # decode answers under the label constraint where the backend can
+    exact_tokens: bool = True  # keep conversations as the exact tokens where the backend can (transcript.py)
 
     def __post_init__(self):
         if self.max_turns < 1 or self.max_tool_calls < 0:
@@ -124,8 +127,10 @@ def run_agent(
         raise ValueError("answer_mode='logits' needs a backend with a label head (the transformers backend) "
                          "and constrain_answers=True; use answer_mode='generate' with this backend")
     fits = _LabelCheck(backend)
+    tokens = backend if config.exact_tokens and tracks_tokens(backend) else None
     episodes = [
-        _Episode(task if isinstance(task, AgentTask) else AgentTask.from_mapping(task), toolbox_factory, config, fits)
+        _Episode(task if isinstance(task, AgentTask) else AgentTask.from_mapping(task), toolbox_factory, config, fits,
+                 tokens)
         for task in tasks
     ]
     step = 0
@@ -133,7 +138,9 @@ def run_agent(
         if on_step is not None:
             on_step(step, len(active))
         seed = None if config.sampling.seed is None else config.sampling.seed + step
-        extra = {"answers": [episode.answer_spec() for episode in active]} if constrained else {}
+        extra: dict[str, Any] = {"answers": [episode.answer_spec() for episode in active]} if constrained else {}
+        if tokens is not None:
+            extra["prompt_ids"] = [episode.transcript.ids for episode in active]  # type: ignore[union-attr]
         generations = backend.generate(
             [episode.messages for episode in active],
             [episode.tools for episode in active],
@@ -160,10 +167,14 @@ def _rank_by_head(backend: Backend, episodes: list[_Episode]) -> None:
             episode.give_up()
         return
     started = time.perf_counter()
+    extra = {}
+    if all(episode.transcript is not None for episode in episodes):
+        extra["prompt_ids"] = [episode.transcript.ids for episode in episodes]  # type: ignore[union-attr]
     scores = backend.rank_labels(  # type: ignore[attr-defined]
         [episode.messages for episode in episodes],
         [episode.tools for episode in episodes],
         [list(episode.labels) for episode in episodes],
+        **extra,
     )
     seconds = time.perf_counter() - started  # like a generation: the wall time of the batch
     for episode, label_scores in zip(episodes, scores):
@@ -196,7 +207,7 @@ class _Episode:
     """The state of one task's conversation."""
 
     def __init__(self, task: AgentTask, toolbox_factory: Callable[[AgentTask], TaskToolbox], config: AgentConfig,
-                 labels_fit: Callable[[tuple[str, ...]], bool] | None = None):
+                 labels_fit: Callable[[tuple[str, ...]], bool] | None = None, tokens: Any = None):
         self.task, self.config = task, config
         self.toolbox = toolbox_factory(task)
         if labels_fit is not None and not labels_fit(tuple(self.toolbox.labels)) \
@@ -223,6 +234,9 @@ class _Episode:
         self.head_scores: dict[str, float] | None = None
         self.finish = "fallback"
         self.reasons: list[str] = []
+        # the exact tokens, kept with a backend that tracks them (``tokens``)
+        self.tokens = tokens
+        self.transcript = TokenTranscript(tokens.encode(self.messages, self.tools)) if tokens is not None else None
 
     def answer_spec(self) -> AnswerSpec:
         return AnswerSpec(tuple(self.labels), self.config.answer_mode)
@@ -230,6 +244,23 @@ class _Episode:
     # -- one step ----------------------------------------------------------------------------
 
     def advance(self, generation: Generation) -> None:
+        turn_index = len(self.messages)  # where this turn's assistant message goes
+        self._advance(generation)
+        if self.transcript is not None and generation.finish_reason != "error":
+            self._record_tokens(generation, turn_index)
+
+    def _record_tokens(self, generation: Generation, turn_index: int) -> None:
+        """The sampled ids, then (unless the task ended) the template's tokens up to the next prompt."""
+        transcript = self.transcript
+        assert transcript is not None and generation.token_ids is not None
+        if generation.prompt_ids is not None:
+            transcript.check_prompt(generation.prompt_ids)
+        transcript.add_sampled(generation.token_ids, generation.logprobs)
+        if not self.done:
+            stopped = generation.finish_reason == "stop"
+            transcript.add_environment(self.tokens.environment_ids(self.messages, self.tools, turn_index, stopped))
+
+    def _advance(self, generation: Generation) -> None:
         self.turns += 1
         self.prompt_tokens += generation.prompt_tokens
         self.completion_tokens += generation.completion_tokens
@@ -267,8 +298,10 @@ class _Episode:
     def accept_head(self, scores: Mapping[str, float]) -> None:
         """The forced head's ranking (after the final request went unanswered), as an assistant turn."""
         order = head_ranking(dict(scores), list(self.labels))
-        self.messages.append({"role": "assistant",
-                              "content": f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}"})
+        content = f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}"
+        self.messages.append({"role": "assistant", "content": content})
+        if self.transcript is not None:  # the policy's head chose it; no token was sampled
+            self.transcript.add_sampled(self.tokens.head_answer_ids(list(self.labels), order))
         answer, _ = P.parse_answer(", ".join(order), self.labels)
         self.head_scores = {label: round(float(scores[label]), 4) for label in self.labels}
         self.answer, self.finish = answer, "forced_head"
@@ -364,6 +397,7 @@ class _Episode:
             answer_mode=self.config.answer_mode,
             repaired=self.answer is not None and self.answer.repaired,
             head_scores=None if self.head_scores is None else {k: round(v, 4) for k, v in self.head_scores.items()},
+            transcript=self.transcript,
             metrics=task_metrics(ranking, task.target_item_id),
             n_turns=self.turns,
             n_tool_calls=sum(1 for r in self.records if r.error_kind != BUDGET_EXHAUSTED),

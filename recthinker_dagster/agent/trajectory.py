@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from recthinker_dagster.agent.transcript import TokenTranscript
 
 # Why a trajectory's final ranking is not a clean model answer (``Trajectory.reasons``).
 REASON_NO_ANSWER = "no_answer"  # no usable answer even when asked, and no label head: fallback order
@@ -91,9 +93,13 @@ class Trajectory:
     answer_mode: str = "generate"  # "generate" (the model wrote the ranking) or "logits" (the label head)
     repaired: bool = False  # an incomplete answer took the parser's documented repair (never valid)
     head_scores: dict[str, float] | None = None  # label -> head log-probability when the head ranked
+    # the exact tokens (local backends; for training), never written to files
+    transcript: TokenTranscript | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(replace(self, transcript=None))
+        del data["transcript"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)

@@ -110,6 +110,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     m = result.metrics
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")
+    refuse_no_op(m["steps"], work_dir)
 
     policies = {"sft_model": [policy.sft_adapter], "rl_model": [policy.sft_adapter, result.adapter_dir]}
     validation = validate_policies(layout, datasets, settings.validation, policy.base_model, policies, log)
@@ -148,6 +149,27 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
         cleanup=(work_dir,),
     )
     return RLModelResult(artifact, m, validation, result.global_step, result.resumed_from)
+
+
+class NoLearningSignal(RuntimeError):
+    """A GRPO run whose update could not have changed the policy."""
+
+
+def refuse_no_op(steps: Sequence[Mapping], work_dir: Path) -> None:
+    """Raise when no step of the run had a learning signal: every group's rewards were equal
+    (``frac_reward_zero_std`` 1, so every advantage and gradient was 0) or no rollout gave a
+    valid answer. Such an adapter is the SFT policy plus noise and must never be published."""
+    if not steps:
+        raise NoLearningSignal(f"the GRPO run logged no step (see {work_dir})")
+    flat = all(step.get("frac_reward_zero_std", 0.0) >= 1.0 for step in steps)
+    invalid = all(step.get("rollout/valid_rate", 1.0) <= 0.0 for step in steps)
+    if flat or invalid:
+        why = "every group's rewards were equal (frac_reward_zero_std = 1)" if flat else \
+            "no rollout gave a valid answer (rollout/valid_rate = 0)"
+        raise NoLearningSignal(
+            f"GRPO had no learning signal in any of its {len(steps)} steps: {why}. The adapter was not published; "
+            f"the run's checkpoints and metrics.json stay in {work_dir}. Raise the temperature or num_generations, "
+            "give the policy more max_new_tokens per turn, or train SFT first so that rewards vary within groups.")
 
 
 def rl_metrics(m: dict, validation: dict) -> dict[str, float]:

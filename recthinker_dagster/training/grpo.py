@@ -12,11 +12,17 @@ hands the rollout function the prompts of a generation batch (each task repeated
 ``num_generations`` times); it runs the real agent loop (``run_agent``) on them, batched, with
 the policy being trained behind a :class:`TransformersBackend` (sampling at the recipe's
 temperature, the shared system-prompt prefix computed once per batch and reused by every turn)
-and every tool call executed by the task's real toolbox. Each finished conversation is
-rendered with the training chat template and split into ``prompt_ids`` (up to the first
-assistant token) and ``completion_ids`` (every later turn); ``env_mask`` is 1 on the tokens
-the policy wrote and 0 on tool results and role headers, so TRL's loss never trains on tool
-output. The rewards get each rollout's :class:`RolloutOutcome` (see ``rewards.py``).
+and every tool call executed by the task's real toolbox.
+
+Trained tokens are the sampled tokens. The loop keeps each conversation as its exact token
+transcript (``agent/transcript.py``): every later turn's prompt is the previous prompt plus the
+ids the policy sampled plus the template's tokens for what followed (tool results, nudges, the
+next assistant header), checked to extend it on every turn. ``prompt_ids`` is the first
+generation prompt, ``completion_ids`` the rest up to the policy's last token, and ``env_mask``
+is 1 exactly on the sampled ids (stop tokens included) and 0 on the template's tokens, so TRL's
+loss never trains on tool output or on text the policy did not write. ``logprobs`` are the
+sampler's; ``rollout/sampler_logprob_gap`` compares them with the trainer's on a few rollouts
+per step. The rewards get each rollout's :class:`RolloutOutcome` (see ``rewards.py``).
 
 Answers (``answer_mode``): rollouts decode every ``<answer>`` under the label constraint (a
 permutation by construction; the policy still samples the order). In ``logits`` mode the label
@@ -27,6 +33,7 @@ assistant tokens, so the update also moves the head towards rankings that earned
 
 Health figures logged per step (TRL's own plus these): ``tools/call_frequency``,
 ``tools/failure_rate``, ``rollout/valid_rate``, ``rollout/ndcg@10``, ``rollout/turns``,
+``rollout/sampler_logprob_gap`` and ``rollout/sampler_logprob_abs_gap``,
 ``time/generation_s``, ``time/tools_s``. ``metrics.json`` adds seconds per step and their split
 into rollout (generation + tools) and the rest (log-probs, loss, backward, optimizer).
 """
@@ -98,8 +105,10 @@ def opening_messages(task, toolbox, config: AgentConfig) -> list[dict]:
 
 def split_conversation(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None,
                        chat_template: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, completion_ids, env_mask) of a finished conversation: the prompt ends before
-    the first assistant token; env_mask is 1 on assistant tokens, 0 on everything else."""
+    """(prompt_ids, completion_ids, env_mask) of a finished conversation re-rendered through the
+    training template: the prompt ends before the first assistant token; env_mask is 1 on
+    assistant tokens, 0 on everything else. Only for backends without exact tokens (a scripted
+    policy in tests): re-rendered text is not what a model sampled (``agent/transcript.py``)."""
     row = tokenize_conversation(tokenizer, messages, tools, chat_template)
     ids, labels = row["input_ids"], row["labels"]
     trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
@@ -114,10 +123,11 @@ class ToolRollout:
     """TRL ``rollout_func``: the real agent loop and tools over the policy being trained."""
 
     def __init__(self, tasks: Sequence, toolbox_factory: Callable, agent_config: AgentConfig, tokenizer, *,
-                 batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None):
+                 batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None, gap_rollouts: int = 2):
         self.agent_config, self.tokenizer = agent_config, tokenizer
         self.toolbox_factory, self.batch_size, self.seed = toolbox_factory, batch_size, seed
         self.backend_factory = backend_factory
+        self.gap_rollouts = gap_rollouts  # rollouts per step whose sampler-trainer log-prob gap is measured
         self.chat_template = training_chat_template(tokenizer)
         self.by_prompt: dict[str, Any] = {}  # prompt text -> AgentTask
         self.rows: list[dict] = []
@@ -167,14 +177,16 @@ class ToolRollout:
         finally:
             model.train(was_training)
         rollout_seconds = time.perf_counter() - started
-        prompt_ids, completion_ids, env_mask, outcomes = [], [], [], []
+        prompt_ids, completion_ids, env_mask, logprobs, outcomes = [], [], [], [], []
         for trajectory in trajectories:
-            p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
+            p, c, m, lp = self.training_tokens(trajectory)
             prompt_ids.append(p)
             completion_ids.append(c)
             env_mask.append(m)
+            logprobs.append(lp)
             outcomes.append(RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls).to_dict())
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
+        record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling.temperature))
         self.step_records.append(record)
         self.last_trajectories = trajectories
         metrics = getattr(trainer, "_metrics", None)
@@ -182,8 +194,44 @@ class ToolRollout:
             for name, value in record.items():
                 if name != "step":
                     metrics["train"][name].append(value)
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None,
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                "logprobs": [[0.0 if math.isnan(v) else v for v in row] for row in logprobs],
                 "env_mask": env_mask, "outcome": outcomes}
+
+    def training_tokens(self, trajectory) -> tuple[list[int], list[int], list[int], list[float]]:
+        """(prompt_ids, completion_ids, env_mask, sampler log-probs) to train on: the exact
+        transcript (the first generation prompt; every sampled id with mask 1, the template's
+        tokens between turns with mask 0), or a re-rendering where the backend kept none."""
+        if trajectory.transcript is not None:
+            kept = trajectory.transcript.trimmed()
+            return kept.prompt_ids, kept.completion_ids, kept.mask, kept.logprobs
+        p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
+        return p, c, m, [math.nan] * len(c)
+
+    def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, temperature) -> dict:
+        """The trainer's log-probs of the sampled tokens against the sampler's, on the first
+        ``gap_rollouts`` rollouts (one forward pass each): mean and mean absolute difference."""
+        import torch
+
+        diffs: list[float] = []
+        rows = [k for k, row in enumerate(logprobs) if any(not math.isnan(v) for v in row)][: self.gap_rollouts]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for k in rows:
+                    ids = torch.tensor([prompt_ids[k] + completion_ids[k]], device=model.device)
+                    logits = model(input_ids=ids).logits[0, len(prompt_ids[k]) - 1 : -1].float()
+                    logits = logits / (temperature if temperature > 0 else 1.0)
+                    trained = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt_ids[k]):, None])[:, 0]
+                    diffs += [sampled - float(t) for sampled, t, m in zip(logprobs[k], trained.tolist(), env_mask[k])
+                              if m and not math.isnan(sampled)]
+        finally:
+            model.train(was_training)
+        if not diffs:
+            return {}
+        return {"rollout/sampler_logprob_gap": statistics.fmean(diffs),
+                "rollout/sampler_logprob_abs_gap": statistics.fmean(abs(d) for d in diffs)}
 
     @staticmethod
     def _record(step, trajectories, rollout_seconds, tool_seconds, env_mask) -> dict:
@@ -336,7 +384,8 @@ HEALTH_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", 
                "completions/mean_length", "completions/clipped_ratio", "tools/call_frequency", "tools/failure_rate",
                "rollout/valid_rate", "rollout/answered_rate", "rollout/forced_head_rate", "rollout/ndcg@10",
                "rollout/turns",
-               "rollout/policy_tokens", "time/rollout_s", "time/generation_s", "time/tools_s")
+               "rollout/policy_tokens", "rollout/sampler_logprob_gap", "rollout/sampler_logprob_abs_gap",
+               "time/rollout_s", "time/generation_s", "time/tools_s")
 
 
 def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_seconds, resumed_from, n_tasks) -> dict:

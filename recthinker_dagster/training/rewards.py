@@ -21,9 +21,11 @@ correct one, and no number of tool calls can push a correct one below an incorre
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from recthinker_dagster.metrics import ndcg_at_k
 
 DEFAULT_CORRECT_K = 5
 
@@ -40,6 +42,8 @@ class RolloutOutcome:
     n_invalid_calls: int
     n_parse_issues: int
     max_tool_calls: int
+    n_repeated_calls: int = 0  # valid calls that repeat an earlier call's tool and arguments
+
 
     @classmethod
     def from_trajectory(cls, trajectory, max_tool_calls: int) -> RolloutOutcome:
@@ -54,15 +58,29 @@ class RolloutOutcome:
             n_invalid_calls=trajectory.n_invalid_calls,
             n_parse_issues=trajectory.n_parse_issues,
             max_tool_calls=max_tool_calls,
+            n_repeated_calls=repeated_calls(trajectory.tool_calls),
         )
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+def repeated_calls(records) -> int:
+    """Valid calls whose tool and arguments an earlier valid call of the rollout already used."""
+    seen, repeats = set(), 0
+    for record in records:
+        if not record.ok:
+            continue
+        key = (record.name, json.dumps(record.arguments, sort_keys=True, default=str))
+        repeats += key in seen
+        seen.add(key)
+    return repeats
+
+
 def ndcg_at(rank: int, k: int = 10) -> float:
-    """NDCG@k of a single relevant item at 1-based ``rank``: 1/log2(rank + 1) within k, else 0."""
-    return 1.0 / math.log2(rank + 1) if 1 <= rank <= k else 0.0
+    """NDCG@k of a single relevant item at 1-based ``rank`` (1/log2(rank + 1) within k, else 0):
+    the metrics' own function (``metrics.ndcg_at_k``, 0-based), so rewards and reports agree."""
+    return ndcg_at_k(rank - 1 if rank >= 1 else None, k)
 
 
 def is_correct(outcome: RolloutOutcome, correct_k: int = DEFAULT_CORRECT_K) -> bool:
@@ -103,15 +121,14 @@ def format_reward(outcome: RolloutOutcome, correct_k: int = DEFAULT_CORRECT_K, *
 
 @register("tool_efficiency")
 def tool_efficiency_reward(outcome: RolloutOutcome, correct_k: int = DEFAULT_CORRECT_K, **_) -> float:
-    """r_eff = (1 - n_calls / max_calls) * (1 - n_invalid / max(n_calls, 1)) for a correct
-    rollout, else 0 (clipped to [0, 1]; ``max_calls`` = the tool budget, at least 1).
-    Fewer calls and fewer failed calls earn more, but only when the answer is correct."""
-    if not is_correct(outcome, correct_k):
+    """r_eff = (n_calls - n_invalid - n_repeated) / n_calls for a correct rollout that called
+    tools, else 0: the share of its calls that were not redundant (failed, or repeating an
+    earlier call's tool and arguments). It pays for avoiding redundant calls on correct
+    answers, never for making no calls at all (a rollout without calls earns 0)."""
+    if not is_correct(outcome, correct_k) or outcome.n_tool_calls <= 0:
         return 0.0
-    budget = max(outcome.max_tool_calls, 1)
-    fewer_calls = 1.0 - min(outcome.n_tool_calls, budget) / budget
-    clean_calls = 1.0 - min(outcome.n_invalid_calls, max(outcome.n_tool_calls, 1)) / max(outcome.n_tool_calls, 1)
-    return max(0.0, min(1.0, fewer_calls * clean_calls))
+    useful = outcome.n_tool_calls - outcome.n_invalid_calls - outcome.n_repeated_calls
+    return max(0.0, min(1.0, useful / outcome.n_tool_calls))
 
 
 def check_weights(weights: Mapping[str, float]) -> dict[str, float]:

@@ -7,7 +7,7 @@ schemas per conversation (or None), and the result one ``Generation`` per conver
 order. Backends never raise for one bad request: they return a ``Generation`` with
 ``finish_reason="error"`` and ``error`` set, so one failure does not sink a batch.
 
-Two optional capabilities, used by the loop when a backend has them (local models do, HTTP
+Optional capabilities, used by the loop when a backend has them (local models do, HTTP
 servers do not):
 
 - ``constrains_answers = True``: ``generate`` also takes ``answers=[AnswerSpec, ...]`` (one per
@@ -15,6 +15,11 @@ servers do not):
   labels (``answer_mode="generate"``), or ranks them with the label head
   (``answer_mode="logits"``) and writes that ranking out; ``Generation.head_scores`` then holds
   the head's score per label.
+- ``tracks_tokens = True``: ``generate`` and ``rank_labels`` also take ``prompt_ids=`` (one
+  token list per conversation, used instead of rendering the messages), each ``Generation``
+  carries its prompt and sampled ids with their log-probs, and ``environment_ids`` renders
+  what follows a sampled turn. The loop then keeps every conversation as exact tokens
+  (``agent/transcript.py``).
 - ``rank_labels(conversations, tools, labels)``: the label head alone. One forward pass over
   each conversation plus an assistant turn opened with ``<answer>``; returns every label's
   log-probability at that position (``{label: score}`` per conversation).
@@ -66,6 +71,11 @@ class Generation:
     finish_reason: str = "stop"  # "stop", "length" or "error"
     error: str | None = None
     head_scores: dict[str, float] | None = None  # label -> head score when the label head ordered the answer
+    # local backends (``tracks_tokens``): the exact prompt, the sampled ids (the stop token
+    # included when the turn stopped) and the sampler's log-probability of each
+    prompt_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 @runtime_checkable
@@ -83,6 +93,11 @@ class Backend(Protocol):
 def constrains_answers(backend) -> bool:
     """Whether ``backend.generate`` takes ``answers=`` (constrained answers, the label head)."""
     return bool(getattr(backend, "constrains_answers", False))
+
+
+def tracks_tokens(backend) -> bool:
+    """Whether the backend takes ``prompt_ids=`` and returns sampled ids (exact transcripts)."""
+    return bool(getattr(backend, "tracks_tokens", False))
 
 
 def has_label_head(backend) -> bool:

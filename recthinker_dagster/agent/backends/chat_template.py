@@ -119,3 +119,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids += [vocab[token] for token in ("<|im_end|>", "<|endoftext|>") if token in vocab]
     return list(dict.fromkeys(ids))
+
+
+def turn_end_token_id(tokenizer) -> int:
+    """The token the chat template closes every turn with: ``<|im_end|>`` if present, else EOS."""
+    return tokenizer.get_vocab().get("<|im_end|>", tokenizer.eos_token_id)

@@ -7,15 +7,35 @@ sorted by length, split into chunks of ``batch_size`` and each chunk is generate
 Shared-prefix KV cache: every agent prompt starts with the same system prompt and tool schemas
 (hundreds of tokens). The backend computes the KV cache of the longest token prefix a chunk
 shares once, keeps it (a small LRU across calls, so every later turn reuses it), and prefills
-only the rest. Rows are laid out ``[prefix][padding][own tokens]``; the attention mask hides
-the padding and positions come from the mask, so the result equals plain left padding
-(``tests/test_backends.py`` checks it token for token). It applies to models with full
-attention only (no sliding windows).
+only the rest.
 
-KV cache: a preallocated ``StaticCache`` per generate call (``static_cache=True``). The
-default growing cache re-copies every row's whole KV at each decoding step (``torch.cat``):
-58% of a batch-16 decoding step at 1,800 tokens on CPU; the static cache cut that step from
-0.47 s to 0.19 s.
+Conversation KV cache (``conversation_cache=True``): each turn of the agent loop sends every
+conversation again, grown by the assistant turn the model just wrote and the tool results.
+After each generate pass the backend keeps every row's token ids (prompt plus the generated
+tokens whose KV exists) and their KV (``conversation_cache.py``: LRU by conversation and
+bounded in bytes, the shared prefix stored once); the next prompt that extends a kept row
+reuses its KV up to their longest common token prefix (the re-rendered assistant turn may
+tokenize differently from what the model generated) and prefills only the rest: the tool
+results and the next assistant header. ``stats`` counts ``conversation_tokens_reused``,
+``prefix_tokens_reused`` and ``prefilled_tokens``.
+
+Layout: row ``i`` reuses ``c_i`` cached tokens and prefills ``n_i``; with ``P = max c`` and
+``N = max n`` the batch reads ``[cached c_i][padding][own n_i]`` over ``P + N`` columns. Each
+row's cached KV is copied into columns ``[0, c_i)`` of the batch's cache (zeros after it), the
+attention mask hides the padding and positions come from the mask, so every row sees exactly
+its own tokens at their own positions: the result equals plain left padding token for token
+in float32 (``tests/test_backends.py``, ``tests/test_conversation_cache.py``). A row reuses
+at most ``len - N`` tokens: the ``N`` prefill columns are computed for every row anyway, so
+the batch is only as wide as its longest row. Both caches apply to models with full attention
+only (no sliding windows).
+
+KV cache: a preallocated cache per generate call (``static_cache=True``). The default growing
+cache re-copies every row's whole KV at each decoding step (``torch.cat``): 58% of a batch-16
+decoding step at 1,800 tokens on CPU; a static cache cut that step from 0.47 s to 0.19 s. For
+full-attention models the buffer is written in place but attention reads only its filled
+positions (``PreallocatedLayer``): ``StaticCache`` reads all of them at every step, the
+``max_new_tokens`` not generated yet included, and decoding attention is memory-bound
+(two thirds of a batch-16 decoding step at 1,500 tokens on a 2-core CPU).
 
 ``dtype="auto"``: bfloat16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16
 or AMX), float32 elsewhere. On a 2-core AMX Xeon, batched bf16 ran 1.75-1.85x faster than
@@ -37,23 +57,28 @@ spinning OpenMP threads that lose their core made 2-thread decoding up to 10x sl
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from recthinker_dagster.agent.backends.base import AnswerSpec, Generation, SamplingParams, head_ranking, tools_for
 from recthinker_dagster.agent.backends.chat_template import (
     ensure_tool_chat_template,
-    render_prompt,
     stop_token_ids,
+    turn_end_token_id,
 )
 from recthinker_dagster.agent.backends.constrained import ANSWER_OPEN, AnswerConstraint, AnswerState, LabelTokens
+from recthinker_dagster.agent.backends.conversation_cache import KV, ConversationCache, Entry, Piece
+from recthinker_dagster.agent.backends.sampled_logprobs import SampledLogprobs
 from recthinker_dagster.agent.labels import label_token_problems
+from recthinker_dagster.agent.transcript import UNKNOWN_LOGPROB, environment_text
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -81,6 +106,39 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+@dataclass
+class RowPlan:
+    """Where one row's reused KV comes from: its first ``reused`` tokens, as consecutive pieces."""
+
+    reused: int = 0
+    pieces: list[Piece] = field(default_factory=list)
+    base: KV | None = None  # the shared prefix the row's stored entry refers to
+    base_len: int = 0
+    source: Entry | None = None  # the kept row reused
+    continues: bool = False  # the row continues that conversation: its new entry replaces ``source``
+
+    @classmethod
+    def from_entry(cls, entry: Entry, length: int) -> RowPlan:
+        base_len = min(entry.base_len, length) if entry.base is not None else 0
+        return cls(length, entry.pieces(length), entry.base, base_len, entry, entry.continued_by(length))
+
+    @classmethod
+    def from_prefix(cls, kv: KV, length: int) -> RowPlan:
+        return cls(length, [(kv, length)], kv, length)
+
+    def trimmed(self, length: int) -> RowPlan:
+        """The same source, reusing only its first ``length`` tokens."""
+        if length >= self.reused:
+            return self
+        pieces, left = [], length
+        for kv, count in self.pieces:
+            if left > 0:
+                pieces.append((kv, min(count, left)))
+                left -= count
+        base_len = min(self.base_len, length)
+        return RowPlan(length, pieces, self.base if base_len else None, base_len, self.source, self.continues)
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -92,6 +150,7 @@ class TransformersBackend:
     """Generate with an in-process model; ``from_pretrained`` loads one from a folder."""
 
     constrains_answers = True  # ``generate`` takes ``answers=`` (see the module docstring)
+    tracks_tokens = True  # ``generate`` takes ``prompt_ids=`` and returns the sampled ids and log-probs
 
     def __init__(
         self,
@@ -103,6 +162,9 @@ class TransformersBackend:
         prefix_cache: bool = True,
         min_prefix_tokens: int = 64,
         max_cached_prefixes: int = 4,
+        conversation_cache: bool = True,
+        max_cached_conversations: int = 64,
+        conversation_cache_bytes: int = 2 * 2**30,
         static_cache: bool = True,
         chat_template: str = "auto",
     ):
@@ -113,13 +175,18 @@ class TransformersBackend:
         self.prefix_cache = prefix_cache and _full_attention_only(model.config)
         self.min_prefix_tokens = min_prefix_tokens
         self.max_cached_prefixes = max_cached_prefixes
+        self.conversations = (ConversationCache(max_cached_conversations, conversation_cache_bytes)
+                              if conversation_cache and _full_attention_only(model.config) else None)
         self.static_cache = static_cache
         self.max_context_tokens = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.stop_ids = stop_token_ids(tokenizer)
+        self.turn_end_id = turn_end_token_id(self.tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._label_tokens: dict[tuple[str, ...], LabelTokens] = {}
-        self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "completion_tokens": 0, "padded_tokens": 0}
+        # prompt positions of every generate pass: reused from a cache, or prefilled (padding apart)
+        self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "conversation_tokens_reused": 0,
+                      "prefilled_tokens": 0, "completion_tokens": 0, "padded_tokens": 0}
 
     @classmethod
     def from_pretrained(
@@ -149,10 +216,11 @@ class TransformersBackend:
         tools: Sequence[list[dict] | None] | None,
         params: SamplingParams,
         answers: Sequence[AnswerSpec | None] | None = None,
+        prompt_ids: Sequence[list[int] | None] | None = None,
     ) -> list[Generation]:
-        tool_lists = tools_for(tools, len(conversations))
+        """``prompt_ids``: a conversation's exact tokens, used instead of rendering its messages."""
+        prompts = self._prompts(conversations, tools, prompt_ids)
         specs = list(answers) if answers is not None else [None] * len(conversations)
-        prompts = [self.encode(messages, tool_list) for messages, tool_list in zip(conversations, tool_lists)]
         results: list[Generation | None] = [None] * len(prompts)
         limit = self.max_context_tokens
         for i, prompt in enumerate(prompts):
@@ -161,11 +229,17 @@ class TransformersBackend:
                     f"context overflow: {len(prompt)} prompt + {params.max_new_tokens} new tokens > {limit}"))
         todo = [i for i in range(len(prompts)) if results[i] is None]
         order = sorted(todo, key=lambda i: len(prompts[i]), reverse=True)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            generations = self.generate_ids([prompts[i] for i in chunk], params, [specs[i] for i in chunk])
-            for index, generation in zip(chunk, generations):
-                results[index] = generation
+        if self.conversations is not None:  # the rows of later chunks must survive the earlier chunks
+            self.conversations.protect([prompts[i] for i in todo])
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                generations = self.generate_ids([prompts[i] for i in chunk], params, [specs[i] for i in chunk])
+                for index, generation in zip(chunk, generations):
+                    results[index] = generation
+        finally:
+            if self.conversations is not None:
+                self.conversations.release()
         return results  # type: ignore[return-value]
 
     def labels_fit(self, labels: Sequence[str]) -> bool:
@@ -177,14 +251,41 @@ class TransformersBackend:
         conversations: Sequence[list[dict]],
         tools: Sequence[list[dict] | None] | None,
         labels: Sequence[Sequence[str]],
+        prompt_ids: Sequence[list[int] | None] | None = None,
     ) -> list[dict[str, float]]:
         """The label head: each conversation plus an assistant turn opened with ``<answer>``, one
         forward pass, and every label's log-probability at the next position."""
-        tool_lists = tools_for(tools, len(conversations))
-        rows = [self.tokenizer(render_prompt(self.tokenizer, messages, tool_list) + ANSWER_OPEN,
-                               add_special_tokens=False)["input_ids"]
-                for messages, tool_list in zip(conversations, tool_lists)]
+        opener = self.text_ids(ANSWER_OPEN)
+        rows = [row + opener for row in self._prompts(conversations, tools, prompt_ids)]
         return self.label_scores(rows, [self.label_tokens(label_set) for label_set in labels])
+
+    def environment_ids(self, messages: Sequence[dict], tools: Sequence[dict] | None, assistant_index: int,
+                        stopped: bool) -> list[int]:
+        """The tokens between the sampled assistant turn ``messages[assistant_index]`` and the
+        next generation prompt: the end token when the turn was cut off, then the template's
+        rendering of the messages after it and the next assistant header."""
+        end = self.turn_end_id
+        text = environment_text(self._render, messages, tools, assistant_index, self.tokenizer.decode([end]))
+        return ([] if stopped else [end]) + self.text_ids(text)
+
+    def head_answer_ids(self, labels: Sequence[str], order: Sequence[str]) -> list[int]:
+        """The tokens of the forced head's turn: ``<answer>``, the labels in ``order``, the close."""
+        return self.text_ids(ANSWER_OPEN) + self.label_tokens(labels).answer_tokens(order)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages: Sequence[dict], tools: Sequence[dict] | None, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None,
+                                                  add_generation_prompt=generation_prompt, tokenize=False)
+
+    def _prompts(self, conversations, tools, prompt_ids) -> list[list[int]]:
+        tool_lists = tools_for(tools, len(conversations))
+        given = list(prompt_ids) if prompt_ids is not None else [None] * len(conversations)
+        if len(given) != len(conversations):
+            raise ValueError(f"got {len(given)} prompt_ids for {len(conversations)} conversations")
+        return [list(ids) if ids is not None else self.encode(messages, tool_list)
+                for messages, tool_list, ids in zip(conversations, tool_lists, given)]
 
     def label_tokens(self, labels: Sequence[str]) -> LabelTokens:
         key = tuple(labels)
@@ -195,8 +296,7 @@ class TransformersBackend:
     # -- pieces, public for benchmarks and tests -----------------------------------------------
 
     def encode(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
-        text = render_prompt(self.tokenizer, messages, tools)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.text_ids(self._render(messages, tools, True))
 
     @torch.inference_mode()
     def generate_ids(self, rows: Sequence[list[int]], params: SamplingParams,
@@ -207,12 +307,12 @@ class TransformersBackend:
         if not params.greedy and params.seed is not None:
             torch.manual_seed(params.seed)
         states = self._answer_states(answers, len(rows))
-        new_tokens = self._generate_rows(rows, params, states, fresh=True)
+        new_tokens, logprobs = self._generate_rows(rows, params, states, fresh=True)
         if states is not None:
-            self._finish_answers(rows, new_tokens, params, states)
+            self._finish_answers(rows, new_tokens, logprobs, params, states)
         seconds = time.perf_counter() - started
-        return [self._finish(row, tokens, seconds, states[i] if states else None)
-                for i, (row, tokens) in enumerate(zip(rows, new_tokens))]
+        return [self._finish(row, tokens, row_logprobs, seconds, states[i] if states else None)
+                for i, (row, tokens, row_logprobs) in enumerate(zip(rows, new_tokens, logprobs))]
 
     def _answer_states(self, answers, n: int) -> list[AnswerState | None] | None:
         if answers is None or not any(spec is not None for spec in answers):
@@ -222,16 +322,21 @@ class TransformersBackend:
         return [None if spec is None else AnswerState(self.label_tokens(spec.labels), spec.mode) for spec in answers]
 
     def _generate_rows(self, rows: Sequence[list[int]], params: SamplingParams,
-                       states: Sequence[AnswerState | None] | None, *, fresh: bool) -> list[list[int]]:
-        """The new tokens of every row (one ``model.generate`` call; padding after a stop included)."""
+                       states: Sequence[AnswerState | None] | None, *,
+                       fresh: bool) -> tuple[list[list[int]], list[list[float]]]:
+        """The new tokens of every row and their sampled log-probs (one ``model.generate`` call;
+        padding after a stop included)."""
         from transformers import LogitsProcessorList
 
-        prefix_len, prefix_kv = self._prefix_for(rows)
-        input_ids, attention_mask = self._layout(rows, prefix_len)
-        cache = self._new_cache(len(rows), input_ids.shape[1] + params.max_new_tokens, prefix_len, prefix_kv)
+        plans = self._plan(rows)
+        input_ids, attention_mask = self._layout(rows, plans)
+        width = input_ids.shape[1]
+        cache = self._new_cache(plans, width + params.max_new_tokens)
         processors = LogitsProcessorList()
         if states is not None:
             processors.append(AnswerConstraint(self.tokenizer, states, self.stop_ids, fresh=fresh))
+        recorder = SampledLogprobs(params.temperature)
+        processors.append(recorder)
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -239,21 +344,25 @@ class TransformersBackend:
             generation_config=self._generation_config(params),
             logits_processor=processors,
         )
-        self.stats["prefix_tokens_reused"] += prefix_len * len(rows) if prefix_kv is not None else 0
-        self.stats["padded_tokens"] += int(attention_mask.numel() - attention_mask.sum())
-        return output[:, input_ids.shape[1] :].tolist()
+        new_tokens = output[:, width:].tolist()
+        logprobs = recorder.finish(output[:, -1]) if new_tokens and new_tokens[0] else [[] for _ in rows]
+        self._count(rows, plans)
+        self._remember(rows, plans, new_tokens, cache, width)
+        return new_tokens, logprobs
 
-    def _finish_answers(self, rows: Sequence[list[int]], new_tokens: list[list[int]], params: SamplingParams,
-                        states: Sequence[AnswerState | None]) -> None:
+    def _finish_answers(self, rows: Sequence[list[int]], new_tokens: list[list[int]], logprobs: list[list[float]],
+                        params: SamplingParams, states: Sequence[AnswerState | None]) -> None:
         """Continue answers cut off by the token limit, then rank multi-token labels by the head."""
         cut = [i for i, state in enumerate(states) if state is not None and state.in_answer
                and not any(token in self.stop_ids for token in new_tokens[i])]
         if cut:
             extra = max(states[i].remaining_tokens() for i in cut)  # type: ignore[union-attr]
-            more = self._generate_rows([list(rows[i]) + new_tokens[i] for i in cut],
-                                       replace(params, max_new_tokens=extra), [states[i] for i in cut], fresh=False)
-            for i, tokens in zip(cut, more):
+            more, more_logprobs = self._generate_rows([list(rows[i]) + new_tokens[i] for i in cut],
+                                                      replace(params, max_new_tokens=extra), [states[i] for i in cut],
+                                                      fresh=False)
+            for i, tokens, row_logprobs in zip(cut, more, more_logprobs):
                 new_tokens[i] = new_tokens[i] + tokens
+                logprobs[i] = logprobs[i] + row_logprobs
         heads = [i for i, state in enumerate(states) if state is not None and state.needs_head]
         if not heads:
             return
@@ -264,7 +373,10 @@ class TransformersBackend:
             assert state is not None
             state.head_scores = row_scores
             order = head_ranking(row_scores, state.tokens.labels)
-            new_tokens[i] = self._until_stop(new_tokens[i]) + state.tokens.answer_tokens(order)
+            kept = self._until_stop(new_tokens[i])
+            written = state.tokens.answer_tokens(order)  # by the head, not sampled token by token
+            new_tokens[i] = kept + written
+            logprobs[i] = logprobs[i][: len(kept)] + [UNKNOWN_LOGPROB] * len(written)
 
     def _until_stop(self, tokens: list[int]) -> list[int]:
         stop = next((k for k, token in enumerate(tokens) if token in self.stop_ids), len(tokens))
@@ -305,50 +417,126 @@ class TransformersBackend:
 
     def _forward_logits(self, rows: Sequence[list[int]], keep: int, prefix_limit: int | None = None) -> torch.Tensor:
         """The last ``keep`` positions' logits of every row, in one forward pass (shared prefix reused)."""
-        from transformers import DynamicCache
-
-        prefix_len, prefix_kv = self._prefix_for(rows, limit=prefix_limit)
-        input_ids, mask = self._layout(rows, prefix_len)
-        batch = len(rows)
-        cache = DynamicCache() if prefix_kv is None else DynamicCache(ddp_cache_data=[
-            (k[:, :, :prefix_len].expand(batch, -1, -1, -1), v[:, :, :prefix_len].expand(batch, -1, -1, -1))
-            for k, v in prefix_kv
-        ])
+        plans = self._plan(rows, limit=prefix_limit)
+        input_ids, mask = self._layout(rows, plans)
+        reused = max(plan.reused for plan in plans)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = self.model(input_ids=input_ids[:, prefix_len:], attention_mask=mask,
-                            position_ids=positions[:, prefix_len:], past_key_values=cache, use_cache=True,
-                            logits_to_keep=keep)
+        output = self.model(input_ids=input_ids[:, reused:], attention_mask=mask,
+                            position_ids=positions[:, reused:], past_key_values=self._new_cache(plans),
+                            use_cache=True, logits_to_keep=keep)
         return output.logits[:, -keep:]
 
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()
+
+    def clear_conversation_cache(self) -> None:
+        if self.conversations is not None:
+            self.conversations.clear()
 
     @property
     def cached_prefixes(self) -> int:
         """How many shared prompt prefixes (with their KV) are stored for reuse."""
         return len(self._prefixes)
 
-    def _new_cache(self, batch: int, max_len: int, prefix_len: int, prefix_kv):
-        """A KV cache for one generate call, holding the shared prefix in every row if given.
+    def _new_cache(self, plans: Sequence[RowPlan], max_len: int | None = None):
+        """A KV cache holding every row's reused KV in columns ``[0, c_i)`` (zeros up to the
+        longest): preallocated for ``max_len`` positions when given and ``static_cache`` is on
+        (see the module docstring), else growing."""
+        from transformers import Cache, DynamicCache, StaticCache
 
-        Static (preallocated, written in place) by default: a growing cache re-copies every
-        row's whole KV at each decoding step, which was 58% of a batch-16 decoding step on CPU.
-        """
-        from transformers import DynamicCache, StaticCache
-
-        if self.static_cache:
+        config = self.model.config
+        preallocated = self.static_cache and max_len is not None and _full_attention_only(config)
+        if preallocated:
+            layers = config.get_text_config().num_hidden_layers
+            cache = Cache(layers=[_preallocated_layer_class()(max_len) for _ in range(layers)])
+        elif self.static_cache and max_len is not None:
             cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-            if prefix_kv is not None:
-                for layer, (keys, values) in zip(cache.layers, prefix_kv):
-                    layer.update(keys[:, :, :prefix_len].expand(batch, -1, -1, -1),
-                                 values[:, :, :prefix_len].expand(batch, -1, -1, -1))
+        else:
+            cache = DynamicCache(config=self.model.config)
+        reused = max(plan.reused for plan in plans)
+        if not reused:
             return cache
-        if prefix_kv is None:
-            return None
-        return DynamicCache(ddp_cache_data=[
-            (k[:, :, :prefix_len].expand(batch, -1, -1, -1), v[:, :, :prefix_len].expand(batch, -1, -1, -1))
-            for k, v in prefix_kv
-        ])
+        for layer, (ref_k, ref_v) in enumerate(next(kv for plan in plans for kv, _ in plan.pieces)):
+            if preallocated:  # written straight into the layer's buffer
+                keys, values = cache.layers[layer].reserve(ref_k, ref_v, len(plans), reused)
+            else:
+                keys = ref_k.new_empty((len(plans), ref_k.shape[1], reused, ref_k.shape[3]))
+                values = ref_v.new_empty((len(plans), ref_v.shape[1], reused, ref_v.shape[3]))
+            self._fill(plans, layer, keys, values)
+            if not preallocated:
+                cache.update(keys, values, layer)
+        return cache
+
+    @staticmethod
+    def _fill(plans: Sequence[RowPlan], layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write each row's reused keys and values of ``layer`` into ``(rows, heads, width, dim)``
+        tensors, zeros after them (masked positions must hold finite numbers: 0 * NaN is NaN)."""
+        for i, plan in enumerate(plans):
+            start = 0
+            for kv, count in plan.pieces:
+                k, v = kv[layer]
+                keys[i, :, start : start + count] = k[0, :, :count]
+                values[i, :, start : start + count] = v[0, :, :count]
+                start += count
+            keys[i, :, start:] = 0
+            values[i, :, start:] = 0
+
+    def _plan(self, rows: Sequence[list[int]], limit: int | None = None) -> list[RowPlan]:
+        """Per row, the longest cached KV to reuse (at most ``limit`` tokens, and never the
+        last token: its logits are needed): a kept conversation row, else the shared prefix."""
+        caps = [len(row) - 1 if limit is None else max(min(len(row) - 1, limit), 0) for row in rows]
+        plans = [RowPlan() for _ in rows]
+        if self.conversations is not None:
+            for i, (row, cap) in enumerate(zip(rows, caps)):
+                entry, length = self.conversations.match(row, cap)
+                if entry is not None:
+                    plans[i] = RowPlan.from_entry(entry, length)
+        fresh = [i for i, plan in enumerate(plans) if plan.reused < self.min_prefix_tokens]
+        if fresh:
+            prefix_len, prefix_kv = self._prefix_for([rows[i] for i in fresh], limit=limit)
+            for i in fresh:
+                if prefix_kv is not None and prefix_len > plans[i].reused:
+                    plans[i] = RowPlan.from_prefix(prefix_kv, prefix_len)
+        # Every row prefills the longest prefill's columns anyway: a row that reuses more than
+        # it needs for that would only widen the batch (its extra cached tokens face padding)
+        own = max(len(row) - plan.reused for row, plan in zip(rows, plans))
+        return [plan.trimmed(max(0, len(row) - own)) for row, plan in zip(rows, plans)]
+
+    def _count(self, rows: Sequence[list[int]], plans: Sequence[RowPlan]) -> None:
+        own = [len(row) - plan.reused for row, plan in zip(rows, plans)]
+        for plan in plans:
+            # reusing another conversation's start is reusing the shared prefix
+            key = "conversation_tokens_reused" if plan.continues else "prefix_tokens_reused"
+            self.stats[key] += plan.reused
+        self.stats["prefilled_tokens"] += sum(own)
+        self.stats["padded_tokens"] += len(own) * max(own) - sum(own)
+
+    def _remember(self, rows: Sequence[list[int]], plans: Sequence[RowPlan], new_tokens: list[list[int]],
+                  cache, width: int) -> None:
+        """Keep each row (prompt plus the generated tokens whose KV exists) and its KV for a
+        later turn; it replaces the kept row of its conversation."""
+        if self.conversations is None or not new_tokens:
+            return
+        steps = len(new_tokens[0])
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        device = layers[0][0].device
+        for i, (row, plan, tokens) in enumerate(zip(rows, plans, new_tokens)):
+            fed = self._fed(tokens, steps)
+            own = len(row) - plan.reused
+            # the row's positions in the batch cache from base_len on: the rest of its cached
+            # tokens, then its own tokens and the fed generated ones (right-aligned at ``width``)
+            index = torch.cat([torch.arange(plan.base_len, plan.reused),
+                               torch.arange(width - own, width + fed)]).to(device)
+            tail = [(k[i : i + 1].index_select(2, index), v[i : i + 1].index_select(2, index)) for k, v in layers]
+            ids = np.asarray(list(row) + tokens[:fed], dtype=np.int64)
+            self.conversations.add(Entry(ids, plan.base, plan.base_len, tail, len(row)),
+                                   replaces=plan.source if plan.continues else None)
+
+    def _fed(self, tokens: list[int], steps: int) -> int:
+        """How many generated tokens went through the model: all but the last step's, and
+        none after a stop (later positions hold padding)."""
+        stop = next((k for k, token in enumerate(tokens) if token in self.stop_ids), None)
+        return max(0, steps - 1 if stop is None else min(stop + 1, steps - 1))
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -366,7 +554,7 @@ class TransformersBackend:
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         return GenerationConfig(**options)
 
-    def _finish(self, prompt: list[int], tokens: list[int], seconds: float,
+    def _finish(self, prompt: list[int], tokens: list[int], logprobs: list[float], seconds: float,
                 state: AnswerState | None = None) -> Generation:
         stop_at = next((i for i, token in enumerate(tokens) if token in self.stop_ids), None)
         kept = tokens if stop_at is None else tokens[:stop_at]
@@ -380,17 +568,22 @@ class TransformersBackend:
             seconds=seconds,
             finish_reason="length" if stop_at is None else "stop",
             head_scores=state.head_scores if state is not None else None,
+            prompt_ids=list(prompt),
+            token_ids=tokens[:completion],
+            logprobs=[round(float(value), 5) for value in logprobs[:completion]],
         )
 
-    def _layout(self, rows: Sequence[list[int]], prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[prefix][padding][own tokens]`` per row (plain left padding when ``prefix_len`` is 0)."""
-        width = max(len(row) for row in rows)
+    def _layout(self, rows: Sequence[list[int]], plans: Sequence[RowPlan]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[cached c_i][padding][own tokens]`` per row over ``max c + max own`` columns (plain
+        left padding when nothing is reused); the cached columns are in the cache already."""
+        reused = max(plan.reused for plan in plans)
+        width = reused + max(len(row) - plan.reused for row, plan in zip(rows, plans))
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            own = row[prefix_len:]
-            input_ids[i, :prefix_len] = torch.tensor(row[:prefix_len], dtype=torch.long)
-            mask[i, :prefix_len] = 1
+        for i, (row, plan) in enumerate(zip(rows, plans)):
+            own = row[plan.reused :]
+            input_ids[i, : plan.reused] = torch.tensor(row[: plan.reused], dtype=torch.long)
+            mask[i, : plan.reused] = 1
             input_ids[i, width - len(own) :] = torch.tensor(own, dtype=torch.long)
             mask[i, width - len(own) :] = 1
         device = self.model.device
@@ -436,6 +629,45 @@ class TransformersBackend:
         ids = torch.tensor([tokens[start:]], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=ids, past_key_values=cache if cache is not None else DynamicCache(), use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+@functools.cache
+def _preallocated_layer_class():
+    """``PreallocatedLayer`` (defined on first use: ``transformers`` is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A cache layer whose keys and values live in one buffer of ``capacity`` positions,
+        written in place (no re-copy per step), of which attention sees only the filled part."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self.filled = 0
+
+        def reserve(self, keys_like: torch.Tensor, values_like: torch.Tensor, batch: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Allocate the buffers (dtype, heads, dim of the given states) and return their first
+            ``width`` positions, counted as filled: the caller writes them."""
+            self.lazy_initialization(keys_like, values_like)
+            # never read before written: attention sees only the filled part
+            self.buffers = tuple(states.new_empty((batch, states.shape[1], self.capacity, states.shape[3]))
+                                 for states in (keys_like, values_like))
+            self.filled = width
+            self.keys, self.values = self.buffers[0][:, :, :width], self.buffers[1][:, :, :width]
+            return self.keys, self.values
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.reserve(key_states, value_states, key_states.shape[0], 0)
+            end = self.filled + key_states.shape[-2]
+            self.buffers[0][:, :, self.filled : end] = key_states
+            self.buffers[1][:, :, self.filled : end] = value_states
+            self.filled = end
+            self.keys, self.values = self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]
+            return self.keys, self.values
+
+    return PreallocatedLayer
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
