@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from recthinker_dagster.artifacts import ArtifactLayout
-from recthinker_dagster.stages.rl import rl_tasks
+from recthinker_dagster.stages.rl import HEALTH_IN_PROGRESS, rl_tasks
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
 
 COLUMNS = ("step", "reward", "reward_std", "frac_reward_zero_std", "rewards/ranking/mean", "tools/call_frequency",
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    from recthinker_dagster.training.callbacks import LogProgress
     from recthinker_dagster.training.grpo import train_grpo
 
     overrides = {}
@@ -71,7 +72,8 @@ def main() -> None:
     print(f"GRPO {recipe.name} ({recipe.digest}) on {len(tasks)} train tasks, {recipe.num_generations} rollouts "
           f"each, {recipe.max_steps} steps; overrides {overrides}", flush=True)
     result = train_grpo(tasks, toolboxes, layout.asset_dir("base_model"), [args.sft_adapter], out / "run", recipe,
-                        answer_mode=args.answer_mode)
+                        answer_mode=args.answer_mode,
+                        callbacks=[LogProgress(lambda line: print(line, flush=True), "reward", HEALTH_IN_PROGRESS)])
     steps = result.metrics["steps"]
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))

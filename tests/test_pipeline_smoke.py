@@ -106,6 +106,8 @@ def test_rl_model_runs_grpo_from_the_sft_policy_and_logs_health(smoke_run):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["global_step"] == 1 and metrics["seconds_per_step"] > 0
     step = metrics["steps"][-1]
+    assert step["frac_reward_zero_std"] < 1.0 and step["reward_std"] > 0  # rewards varied: the step had signal
+    assert "rollout/sampler_logprob_abs_gap" in step  # exact tokens: sampler and trainer compared
     for key in ("reward", "reward_std", "frac_reward_zero_std", "tools/call_frequency", "tools/failure_rate",
                 "completions/mean_length", "learning_rate", "rewards/ranking/mean", "rewards/tool_efficiency/std"):
         assert key in step, key
@@ -118,6 +120,7 @@ def test_rl_model_runs_grpo_from_the_sft_policy_and_logs_health(smoke_run):
     client = mlflow.MlflowClient(project.tracking_uri)
     run = client.get_run(materialization.metadata["mlflow_run_id"].value)
     assert "time_generation_s" in run.data.metrics and "valid_rl_model_overall_ndcg_at_10" in run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["recthinker.pid"]  # the attempt, finished
     assert client.get_metric_history(run.info.run_id, "reward")
 
 

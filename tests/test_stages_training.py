@@ -224,7 +224,13 @@ def test_progress_callback_logs_lines_with_its_key():
     state = SimpleNamespace(global_step=3, max_steps=5)
     callback.on_log(None, state, None, logs={"loss": 1.0})
     callback.on_log(None, state, None, logs={"reward": 0.25, "learning_rate": 1e-5})
-    assert lines == ["step 3/5: reward 0.2500, lr 1.00e-05"]
+    assert lines == ["step 3/5: reward 0.2500, lr 1.00e-05"]  # no pace before the run began
+    timed = LogProgress(lines.append, "reward", extra=("frac_reward_zero_std",))
+    timed.on_train_begin(None, SimpleNamespace(global_step=1), None)
+    timed._started -= 20.0  # two steps took 20 s
+    timed.on_log(None, state, None, logs={"reward": 0.5, "frac_reward_zero_std": 0.25, "learning_rate": 1e-5})
+    assert lines[-1].startswith("step 3/5: reward 0.5000, frac_reward_zero_std 0.250, lr 1.00e-05, 10 s/step")
+    assert lines[-1].endswith("ETA 0 min")
 
 
 def test_learning_curve_table_json_and_plot(tmp_path):

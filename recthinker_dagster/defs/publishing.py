@@ -115,8 +115,10 @@ def publish(
     texts: dict[str, str] | None = None,
     series: dict[str, list[float]] | None = None,
     artifacts: dict[str, Path] | None = None,
+    run_id: str | None = None,
 ) -> dg.MaterializeResult:
-    """Add ``folder`` to DVC, log an MLflow run, and build the MaterializeResult.
+    """Add ``folder`` to DVC, log an MLflow run (or finish the attempt ``run_id``), and build
+    the MaterializeResult.
 
     The DVC md5 is the asset's Dagster data version, an MLflow tag and a metadata entry,
     so any past version can be found from either UI and restored from the DVC cache.
@@ -140,6 +142,7 @@ def publish(
             texts=texts,
             series=series,
             artifacts=artifacts,
+            run_id=run_id,
         )
     context.log.info(f"{key_path}: DVC {md5 or '(disabled)'}, MLflow run {run_id or '(disabled)'}")
     return dg.MaterializeResult(
@@ -153,6 +156,20 @@ def publish(
         },
         data_version=dg.DataVersion(md5) if md5 else None,
     )
+
+
+@contextmanager
+def mlflow_attempt(context: dg.AssetExecutionContext, mlflow: MLflowTracking, asset_key: dg.AssetKey) -> Iterator[str]:
+    """An MLflow run that is RUNNING while a long stage works (training): yields its id for
+    :func:`publish_artifact`, marks it FAILED if the stage raises, and on start marks FAILED
+    the earlier attempts of this asset whose process was killed."""
+    key_path = "/".join(asset_key.path)
+    run_id = mlflow.open_attempt(key_path, {"asset": key_path, "dagster_run_id": context.run.run_id})
+    try:
+        yield run_id
+    except BaseException as error:
+        mlflow.close_attempt(run_id, error)
+        raise
 
 
 def preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
@@ -171,8 +188,10 @@ def publish_artifact(
     paths: ProjectPaths,
     dvc: DVCVersioning,
     mlflow: MLflowTracking,
+    run_id: str | None = None,
 ) -> dg.MaterializeResult:
-    """:func:`publish` a stage's artifact, then delete the work files it no longer needs."""
+    """:func:`publish` a stage's artifact (finishing the MLflow attempt ``run_id`` if given),
+    then delete the work files it no longer needs."""
     result = publish(
         context,
         asset_key=asset_key,
@@ -186,6 +205,7 @@ def publish_artifact(
         texts=artifact.texts or None,
         series=artifact.series or None,
         artifacts=artifact.artifacts or None,
+        run_id=run_id,
     )
     for path in artifact.cleanup:
         if Path(path).is_dir():

@@ -7,6 +7,7 @@ SQLite store) and is switched to shared infrastructure by configuration alone.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -155,10 +156,58 @@ class MLflowTracking(dg.ConfigurableResource):
             location = Path(location).resolve().as_uri()
         return mlflow.create_experiment(self.experiment_name, artifact_location=location)
 
+    def open_attempt(self, run_name: str, tags: dict[str, str] | None = None) -> str:
+        """Start a RUNNING run for a long stage (its id; '' when disabled), after marking FAILED
+        the RUNNING runs of the same ``run_name`` whose process on this host is gone (a killed
+        attempt). ``log_run(..., run_id=)`` finishes it; ``close_attempt`` fails it."""
+        if not self.enabled:
+            return ""
+        import mlflow
+
+        experiment_id = self._experiment_id()
+        self.fail_abandoned(run_name, experiment_id)
+        client = mlflow.MlflowClient(self.tracking_uri)
+        run = client.create_run(experiment_id, run_name=run_name, tags={
+            **(tags or {}), ATTEMPT_HOST: socket.gethostname(), ATTEMPT_PID: str(os.getpid())})
+        return run.info.run_id
+
+    def close_attempt(self, run_id: str, error: BaseException) -> None:
+        """Mark an attempt FAILED, with the error as a tag."""
+        if not self.enabled or not run_id:
+            return
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        client.set_tag(run_id, ATTEMPT_FAILURE, f"{type(error).__name__}: {error}"[:500])
+        client.set_terminated(run_id, "FAILED")
+
+    def fail_abandoned(self, run_name: str, experiment_id: str | None = None) -> list[str]:
+        """Mark FAILED every RUNNING attempt of ``run_name`` started on this host by a process
+        that no longer exists (killed with SIGKILL, or the machine lost power); their ids."""
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        experiment_id = experiment_id or self._experiment_id()
+        runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                  f"attributes.run_name = '{run_name}'")
+        failed = []
+        for run in runs:
+            tags = run.data.tags
+            if tags.get(ATTEMPT_HOST) != socket.gethostname() or not tags.get(ATTEMPT_PID, "").isdigit():
+                continue  # another machine's attempt, or not one of ours: it may still be running
+            if _process_alive(int(tags[ATTEMPT_PID])):
+                continue
+            client.set_tag(run.info.run_id, ATTEMPT_FAILURE, f"killed: process {tags[ATTEMPT_PID]} ended "
+                                                             "without finishing the run")
+            client.set_terminated(run.info.run_id, "FAILED")
+            failed.append(run.info.run_id)
+        return failed
+
     def log_run(
         self,
         run_name: str,
         *,
+        run_id: str | None = None,
         params: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
         tags: dict[str, str] | None = None,
@@ -169,13 +218,18 @@ class MLflowTracking(dg.ConfigurableResource):
         """Log one finished run; return its run id ('' when disabled).
 
         ``series`` are per-step curves (a loss per epoch, say), logged with their step.
+        ``run_id``: finish that attempt (``open_attempt``) instead of starting a new run.
         """
         if not self.enabled:
             return ""
         import mlflow
 
         experiment_id = self._experiment_id()
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {}) as run:
+        opened = mlflow.start_run(run_id=run_id) if run_id else \
+            mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
+        with opened as run:
+            if run_id and tags:
+                mlflow.set_tags(tags)
             if params:
                 mlflow.log_params({k: _param_value(v) for k, v in params.items()})
             if metrics:
@@ -191,6 +245,19 @@ class MLflowTracking(dg.ConfigurableResource):
             for name, text in (texts or {}).items():
                 mlflow.log_text(text, name)
             return run.info.run_id
+
+
+ATTEMPT_HOST, ATTEMPT_PID, ATTEMPT_FAILURE = "recthinker.host", "recthinker.pid", "recthinker.failure"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def metric_name(name: str) -> str:

@@ -9,7 +9,7 @@ import dagster as dg
 
 from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import RLStageConfig
-from recthinker_dagster.defs.publishing import publication_lock, publish_artifact
+from recthinker_dagster.defs.publishing import mlflow_attempt, publication_lock, publish_artifact
 from recthinker_dagster.defs.resources import (
     DVCVersioning,
     MLflowTracking,
@@ -34,8 +34,10 @@ def build_rl_assets(datasets: list[str]) -> list:
         dvc: DVCVersioning,
         mlflow: MLflowTracking,
     ) -> dg.MaterializeResult:
-        with publication_lock(context, paths, [paths.asset_dir("rl_model")]):  # also guards the resumable work files
+        with publication_lock(context, paths, [paths.asset_dir("rl_model")]), \
+                mlflow_attempt(context, mlflow, keys.RL_MODEL) as run_id:  # the lock also guards the work files
             result = build_rl_model_stage(config.settings(), paths.layout, datasets, log=context.log.info)
-            return publish_artifact(context, keys.RL_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+            return publish_artifact(context, keys.RL_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow,
+                                    run_id=run_id)
 
     return [rl_model]

@@ -12,7 +12,14 @@ import dagster as dg
 
 from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import FilterStageConfig, SFTTrainingConfig
-from recthinker_dagster.defs.publishing import Gate, audited, check_result, publication_lock, publish_artifact
+from recthinker_dagster.defs.publishing import (
+    Gate,
+    audited,
+    check_result,
+    mlflow_attempt,
+    publication_lock,
+    publish_artifact,
+)
 from recthinker_dagster.defs.resources import (
     DVCVersioning,
     MLflowTracking,
@@ -76,8 +83,10 @@ def build_training_assets(datasets: list[str]) -> list:
         dvc: DVCVersioning,
         mlflow: MLflowTracking,
     ) -> dg.MaterializeResult:
-        with publication_lock(context, paths, [paths.asset_dir("sft_model")]):  # also guards the resumable work files
+        with publication_lock(context, paths, [paths.asset_dir("sft_model")]), \
+                mlflow_attempt(context, mlflow, keys.SFT_MODEL) as run_id:  # the lock also guards the work files
             result = build_sft_model_stage(config.settings(), paths.layout, datasets, log=context.log.info)
-            return publish_artifact(context, keys.SFT_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow)
+            return publish_artifact(context, keys.SFT_MODEL, result.artifact, paths=paths, dvc=dvc, mlflow=mlflow,
+                                    run_id=run_id)
 
     return [filtered_trajectories, sft_examples_check, sft_model]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.progress import ProgressLog
 
 ZERO_SHOT = "zero_shot"
 
@@ -50,6 +51,9 @@ def agent_config_for(system: str, settings: dict) -> AgentConfig:
                        producer=system, answer_mode=answer_mode)
 
 
+CHUNK_BATCHES = 4  # tasks per progress line: this many backend batches
+
+
 def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factory: Callable, settings: dict, *,
                     batch_size: int = 8, progress: Callable[[str], None] | None = None) -> dict[str, list]:
     """``{system: trajectories}`` for every system in ``policies``, in task order."""
@@ -67,8 +71,13 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
         backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
         for system in systems:
             factory = (lambda task: WithoutTools(toolbox_factory(task))) if system == ZERO_SHOT else toolbox_factory
-            results[system] = run_agent(tasks, backend, factory, agent_config_for(system, settings))
-            if progress is not None:
-                progress(f"{system}: {len(tasks)} tasks done")
+            config = agent_config_for(system, settings)
+            # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
+            chunk = CHUNK_BATCHES * batch_size
+            report = ProgressLog(progress or (lambda line: None), f"LLM evaluation, {system}", len(tasks), every=0.0)
+            results[system] = []
+            for start in range(0, len(tasks), chunk):
+                results[system] += run_agent(tasks[start : start + chunk], backend, factory, config)
+                report(len(results[system]))
         del model, backend
     return {system: results[system] for system in policies}

@@ -35,6 +35,7 @@ from recthinker_dagster.training.validation import validation_slice
 
 ASSET = "rl_model"
 LOGGED_METRICS = ("train_seconds", "seconds_per_step", "global_step", "final_reward", "n_tasks", "trainable_parameters")
+HEALTH_IN_PROGRESS = ("frac_reward_zero_std", "rewards/ranking/mean", "tools/call_frequency", "rollout/valid_rate")
 SERIES = ("reward", "reward_std", "frac_reward_zero_std", "kl", "learning_rate", "completions/mean_length",
           "tools/call_frequency", "tools/failure_rate", "rollout/valid_rate", "rollout/ndcg@10")
 
@@ -106,7 +107,8 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
         f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
     result = train_grpo(tasks, toolboxes, policy.base_model, [policy.sft_adapter], work_dir, recipe,
-                        resume=settings.resume, callbacks=[LogProgress(log, "reward")], answer_mode=settings.answer_mode)
+                        resume=settings.resume, callbacks=[LogProgress(log, "reward", HEALTH_IN_PROGRESS)],
+                        answer_mode=settings.answer_mode)
     m = result.metrics
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from recthinker_dagster.agent.teachers import LLMTeacher, ScriptedTeacher
 from recthinker_dagster.agent.teachers.scripted import last_score_table
 from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_table
+from recthinker_dagster.progress import ProgressLog
 from recthinker_dagster.settings import TeacherSettings
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
@@ -69,7 +69,7 @@ def build_teacher_trajectories_stage(
         samples_per_task=settings.samples_per_task,
         batch_size=settings.batch_size,
         seed=settings.seed,
-        progress=throttled_progress(log),
+        progress=ProgressLog(log, "teacher trajectories", 0, every=PROGRESS_EVERY_SECONDS),
     )
     log(f"{summary.n_generated} generated, {summary.n_resumed} resumed, "
         f"{summary.trajectories_per_min:.0f} trajectories/min, valid rate {summary.valid_rate:.3f}")
@@ -176,19 +176,6 @@ def work_file_for(layout: ArtifactLayout, dataset: str, settings: TeacherSetting
     work_file = layout.work_dir("teacher_trajectories", dataset) / f"{fingerprint[:16]}.jsonl"
     work_file.parent.mkdir(parents=True, exist_ok=True)
     return work_file
-
-
-def throttled_progress(log: Callable[[str], None], every: float = PROGRESS_EVERY_SECONDS) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback that logs at most every ``every`` seconds, and at the end."""
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] > every or done == total:
-            last[0] = now
-            log(f"teacher trajectories: {done}/{total} ({100 * done / max(total, 1):.0f}%)")
-
-    return progress
 
 
 def render_trajectory_markdown(record: dict, max_chars: int = 600) -> str:

@@ -27,15 +27,33 @@ class StepClock(TrainerCallback):
 
 
 class LogProgress(TrainerCallback):
-    """Hand every trainer log line that has ``key`` (``loss``, ``reward``) to ``log`` as one message."""
+    """Hand every trainer log line that has ``key`` (``loss``, ``reward``) to ``log`` as one
+    message: the step, ``key`` and ``extra`` figures, the learning rate, seconds per step of
+    this run and the time left at that pace."""
 
-    def __init__(self, log: Callable[[str], None], key: str = "loss"):
-        self.log, self.key = log, key
+    def __init__(self, log: Callable[[str], None], key: str = "loss", extra: tuple[str, ...] = ()):
+        self.log, self.key, self.extra = log, key, extra
+        self._started: float | None = None
+        self._first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started, self._first_step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and self.key in logs:
-            self.log(progress_message(state.global_step, state.max_steps, self.key, logs))
+        if not logs or self.key not in logs:
+            return
+        pace = None
+        done = state.global_step - self._first_step
+        if self._started is not None and done > 0:
+            pace = (time.perf_counter() - self._started) / done
+        self.log(progress_message(state.global_step, state.max_steps, self.key, logs, self.extra, pace))
 
 
-def progress_message(step: int, max_steps: int, key: str, logs: dict) -> str:
-    return f"step {step}/{max_steps}: {key} {logs[key]:.4f}, lr {logs.get('learning_rate', 0):.2e}"
+def progress_message(step: int, max_steps: int, key: str, logs: dict, extra: tuple[str, ...] = (),
+                     seconds_per_step: float | None = None) -> str:
+    parts = [f"{key} {logs[key]:.4f}"] + [f"{name} {logs[name]:.3f}" for name in extra if name in logs]
+    message = f"step {step}/{max_steps}: " + ", ".join(parts) + f", lr {logs.get('learning_rate', 0):.2e}"
+    if seconds_per_step is not None:
+        left = max(max_steps - step, 0) * seconds_per_step
+        message += f", {seconds_per_step:.0f} s/step, ETA {left / 60:.0f} min"
+    return message
