@@ -204,6 +204,18 @@ def test_rl_metrics_and_series():
     assert series["tools/call_frequency"] == [2.0] and "grad_norm" not in series  # empty curves are left out
 
 
+def test_paired_difference_uses_the_tasks_both_scored():
+    from recthinker_dagster.training.validation import paired_difference
+
+    def report(values):
+        return {"per_task": [{"task_id": f"t{k}", "ndcg@10": v} for k, v in enumerate(values)]}
+
+    diff = paired_difference(report([1.0, 0.5, 0.5, 0.0]), report([0.5, 0.5, 0.0]))  # t3 only in one
+    assert diff["n_tasks"] == 3 and diff["mean"] == pytest.approx(1 / 3, abs=1e-4)
+    assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    assert paired_difference(report([1.0]), {"overall": {}}) == {"n_tasks": 0}  # an older report
+
+
 def test_rl_refuses_a_run_without_learning_signal(tmp_path):
     flat = [{"step": k, "frac_reward_zero_std": 1.0, "rollout/valid_rate": 1.0} for k in (1, 2)]
     with pytest.raises(NoLearningSignal, match="frac_reward_zero_std = 1.*not published"):

@@ -31,7 +31,7 @@ from recthinker_dagster.stages.validation import (
 )
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
 from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
-from recthinker_dagster.training.validation import validation_slice
+from recthinker_dagster.training.validation import paired_difference, validation_slice
 
 ASSET = "rl_model"
 LOGGED_METRICS = ("train_seconds", "seconds_per_step", "global_step", "final_reward", "n_tasks", "trainable_parameters")
@@ -116,6 +116,8 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
 
     policies = {"sft_model": [policy.sft_adapter], "rl_model": [policy.sft_adapter, result.adapter_dir]}
     validation = validate_policies(layout, datasets, settings.validation, policy.base_model, policies, log)
+    versus_sft = paired_difference(validation["rl_model"], validation["sft_model"])
+    log(f"SFT+RL minus SFT, NDCG@10 on the same {versus_sft.get('n_tasks', 0)} validation tasks: {versus_sft}")
     folder = layout.asset_dir(ASSET)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
@@ -133,7 +135,8 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
         folder,
         params={**recipe.to_dict(), "recipe_digest": recipe.digest, "sft_model_md5": sft_md5,
                 "precision": m["precision"], "device": m["device"]},
-        metrics=rl_metrics(m, validation),
+        metrics={**rl_metrics(m, validation),
+                 **({"rl_minus_sft_ndcg@10": versus_sft["mean"]} if versus_sft.get("n_tasks") else {})},
         metadata={
             "global_step": result.global_step,
             "resumed_from": result.resumed_from or "none",
@@ -144,6 +147,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
                                   for s in steps]),
             "health": Json(last),
             "validation": Markdown(validation_table(validation)),
+            "rl_minus_sft_ndcg@10": Json(versus_sft),
         },
         texts={"validation.json": json.dumps(validation, indent=2), "metrics.json": json.dumps(m, indent=2)},
         series=rl_series(steps),

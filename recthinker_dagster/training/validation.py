@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 
 from recthinker_dagster.agent.trajectory import Trajectory
+from recthinker_dagster.metrics import bootstrap_ci
 from recthinker_dagster.models.loading import adapter_list, load_agent_model
 
 
@@ -85,8 +86,9 @@ def evaluate_policy(
     """NDCG@1/5/10, HR, MRR, valid-answer rate and tool calls per task, per dataset and overall.
 
     ``adapter_dirs``: None (the base model as shipped), one adapter folder or several (merged in
-    order). Returns ``{"overall": summary, "by_dataset": {dataset: summary}, "producer", "seconds"}``
-    with summaries from :func:`summarize_trajectories`."""
+    order). Returns ``{"overall": summary, "by_dataset": {dataset: summary}, "producer", "seconds",
+    "per_task"}`` with summaries from :func:`summarize_trajectories`; ``per_task`` lists every
+    task's id, NDCG@10 and tool calls (for paired comparisons: :func:`paired_difference`)."""
     from recthinker_dagster.agent import AgentConfig, run_agent
     from recthinker_dagster.agent.backends.transformers_backend import (
         TransformersBackend,
@@ -111,4 +113,17 @@ def evaluate_policy(
         "overall": summarize_trajectories(everything),
         "by_dataset": by_dataset,
         "seconds": round(time.perf_counter() - started, 2),
+        "per_task": [{"task_id": t.task_id, "dataset": t.dataset, "ndcg@10": t.metrics.get("ndcg@10", 0.0),
+                      "tool_calls": t.n_tool_calls} for t in everything],
     }
+
+
+def paired_difference(report: Mapping, baseline: Mapping, key: str = "ndcg@10", *, seed: int = 0) -> dict:
+    """``report`` minus ``baseline`` on the tasks both scored (``per_task``): the mean difference
+    of ``key`` with its 95% bootstrap interval, and the task count."""
+    theirs = {row["task_id"]: row[key] for row in baseline.get("per_task", [])}
+    diffs = [row[key] - theirs[row["task_id"]] for row in report.get("per_task", []) if row["task_id"] in theirs]
+    if not diffs:
+        return {"n_tasks": 0}
+    low, high = bootstrap_ci(diffs, seed=seed)
+    return {"n_tasks": len(diffs), "mean": round(statistics.fmean(diffs), 4), "ci95": [round(low, 4), round(high, 4)]}

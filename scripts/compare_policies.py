@@ -1,0 +1,68 @@
+"""Score several policies on the same validation tasks, with paired differences to the first.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/compare_policies.py --root DIR \\
+        --policy sft=DIR/sft/adapter --policy sft+rl=DIR/sft/adapter,DIR/rl/adapter \\
+        [--datasets ml-1m amazon-cds] [--n-tasks 50] [--max-turns 4] [--max-tool-calls 4] \\
+        [--max-new-tokens 192] [--batch-size 16] [--answer-mode generate] [--json-out FILE]
+
+Each policy is the base model under ``--root`` (``assets/base_model``) with its adapters merged
+in order (none: ``--policy base=``). All run the real agent loop and tools on the same
+validation slice (``--n-tasks`` valid tasks per dataset, group-balanced; never eval tasks).
+Prints the validation table (own answers, valid tool calls, NDCG, tool calls per task) and,
+for every policy after the first, the paired NDCG@10 and tool-call differences against the
+first with 95% bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from recthinker_dagster.artifacts import ArtifactLayout
+from recthinker_dagster.settings import ValidationSettings
+from recthinker_dagster.stages.validation import validate_policies, validation_table
+from recthinker_dagster.training.validation import paired_difference
+
+
+def parse_policy(text: str) -> tuple[str, list[Path]]:
+    name, sep, adapters = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--policy takes NAME=ADAPTER[,ADAPTER...], got {text!r}")
+    return name, [Path(a) for a in adapters.split(",") if a]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--policy", type=parse_policy, action="append", required=True)
+    parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
+    parser.add_argument("--n-tasks", type=int, default=50, help="validation tasks per dataset")
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-tool-calls", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--answer-mode", default="generate", choices=["generate", "logits"])
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    layout = ArtifactLayout(args.root.resolve())
+    settings = ValidationSettings(n_tasks=args.n_tasks, max_turns=args.max_turns, max_tool_calls=args.max_tool_calls,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  answer_mode=args.answer_mode)
+    policies = dict(args.policy)
+    reports = validate_policies(layout, args.datasets, settings, layout.asset_dir("base_model"), policies,
+                                log=lambda line: print(line, flush=True))
+    print(validation_table(reports))
+    first = next(iter(reports))
+    differences = {name: {"ndcg@10": paired_difference(report, reports[first]),
+                          "tool_calls": paired_difference(report, reports[first], "tool_calls")}
+                   for name, report in reports.items() if name != first}
+    for name, diff in differences.items():
+        print(f"{name} minus {first}: NDCG@10 {diff['ndcg@10']}, tool calls {diff['tool_calls']}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"settings": vars(settings), "reports": reports,
+                                             "differences_to_first": differences}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
