@@ -136,6 +136,9 @@ class SFTSettings:
     resume: bool = True
     validate_base: bool = True  # also score the untrained base model on the validation slice
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    # also train and validate on growing prefixes of the SFT set (e.g. ("0", "64", "128", "all")):
+    # the learning curve goes into the asset and MLflow (stages/sft_curve.py); empty: none
+    learning_curve_sizes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def smoke_run_config() -> dg.RunConfig:
         "synthetic__tool_indexes": ToolIndexesConfig(profile="smoke", bpr_epochs=2, sasrec_train_windows=500),
         "synthetic__teacher_trajectories": TeacherConfig(profile="smoke", samples_per_task=2),
         "filtered_trajectories": FilterStageConfig(profile="smoke", min_examples=2),
-        "sft_model": SFTTrainingConfig(profile="smoke", max_steps=1),
+        "sft_model": SFTTrainingConfig(profile="smoke", max_steps=1, learning_curve_sizes=["2"]),
         "rl_model": RLStageConfig(profile="smoke"),
         "synthetic__evaluation": EvaluationConfig(profile="smoke", n_bootstrap=100),
     })
@@ -97,6 +97,11 @@ def test_sft_model_trains_validates_and_is_versioned(smoke_run):
     assert "valid_sft_model_overall_ndcg_at_10" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_config.json" in artifacts
+    # the learning-curve option: one more adapter on 2 trajectories, validated, in the asset and MLflow
+    assert (folder / "learning_curve" / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert "| 2 |" in materialization.metadata["learning_curve"].value
+    assert "curve_n2_ndcg_at_10" in run.data.metrics
+    assert run.info.status == "FINISHED"
 
 
 def test_rl_model_runs_grpo_from_the_sft_policy_and_logs_health(smoke_run):

@@ -259,3 +259,12 @@ def test_learning_curve_table_json_and_plot(tmp_path):
     rows = curve.markdown().splitlines()
     assert rows[0].startswith("| examples | steps | train s | answered_rate") and len(rows) == 5
     assert rows[-1].startswith("| 128 | 32 | 384 | 0.900")
+    assert curve.metrics()["curve_n32_ndcg@10"] == 0.5 and len(curve.metrics()) == 3 * len(CURVE_COLUMNS)
+
+
+def test_the_sft_asset_takes_learning_curve_sizes():
+    from recthinker_dagster.defs.config import SFTTrainingConfig
+
+    assert SFTTrainingConfig(profile="smoke").settings().learning_curve_sizes == ()
+    sizes = SFTTrainingConfig(profile="smoke", learning_curve_sizes=["0", "64", "all"]).settings().learning_curve_sizes
+    assert tuple(sizes) == ("0", "64", "all")

@@ -162,6 +162,9 @@ class SFTTrainingConfig(StageConfig):
     resume: bool | None = Field(default=None, description="Continue an interrupted run from its last checkpoint.")
     validate_base: bool | None = Field(default=None, description="Also score the untrained base model.")
     eval_tasks_per_dataset: int | None = Field(default=None, description="Validation tasks per dataset (0: all).")
+    learning_curve_sizes: list[str] | None = Field(
+        default=None, description="Also train and validate on these prefixes of the SFT set ('0', '64', ..., 'all'): "
+                                  "the learning curve goes into the asset and MLflow. Empty: no curve.")
 
     def settings(self) -> SFTSettings:
         return super().settings()

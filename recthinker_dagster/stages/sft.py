@@ -79,6 +79,11 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
     policies: dict[str, list[Path]] = {"base_model": []} if settings.validate_base else {}
     policies["sft_model"] = [result.adapter_dir]
     validation = validate_policies(layout, datasets, settings.validation, base_dir, policies, log)
+    curve = None
+    if settings.learning_curve_sizes:
+        from recthinker_dagster.stages.sft_curve import sft_learning_curve
+
+        curve = sft_learning_curve(settings, layout, datasets, settings.learning_curve_sizes, log)
 
     folder = layout.asset_dir(ASSET)
     remove_stale_staging(folder.parent)
@@ -91,13 +96,21 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
             "filtered_trajectories_md5": data_md5, "recipe": recipe.to_dict(), "recipe_digest": recipe.digest,
             "adapters": ["adapter"],
         }, indent=2))
+        if curve is not None:
+            curve.write(staging / "learning_curve")
     steps = m["steps"]
+    extra_metadata, extra_metrics, extra_artifacts = {}, {}, {}
+    if curve is not None:
+        extra_metadata["learning_curve"] = Markdown(curve.markdown())
+        extra_metrics = curve.metrics()
+        extra_artifacts["learning_curve"] = folder / "learning_curve"
     artifact = StageArtifact(
         folder,
         params={**{k: v for k, v in recipe.to_dict().items() if k != "filter"}, "recipe_digest": recipe.digest,
                 "filtered_trajectories_md5": data_md5, "base_model_md5": base_md5,
                 "precision": m["precision"], "device": m["device"]},
-        metrics={**{k: m[k] for k in LOGGED_METRICS if m.get(k) is not None}, **validation_metrics(validation)},
+        metrics={**{k: m[k] for k in LOGGED_METRICS if m.get(k) is not None}, **validation_metrics(validation),
+                 **extra_metrics},
         metadata={
             "final_loss": m["final_loss"],
             "global_step": result.global_step,
@@ -108,10 +121,11 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
             "examples": m["n_examples"],
             "validation": Markdown(validation_table(validation)),
             "loss_curve": Json([{"step": s["step"], "loss": s.get("loss")} for s in steps]),
+            **extra_metadata,
         },
         texts={"validation.json": json.dumps(validation, indent=2), "metrics.json": json.dumps(m, indent=2)},
         series={name: [s[name] for s in steps if name in s] for name in SERIES},
-        artifacts={"adapter": folder / "adapter"},
+        artifacts={"adapter": folder / "adapter", **extra_artifacts},
         cleanup=(work_dir,),  # published: the checkpoints are only for resuming
     )
     return SFTModelResult(artifact, m, validation, result.global_step, result.resumed_from)

@@ -44,6 +44,11 @@ class LearningCurve:
         plot_learning_curve(self.points, paths["png"])
         return paths
 
+    def metrics(self) -> dict[str, float]:
+        """``curve_n<n>_<column>`` for every size and column (MLflow metrics)."""
+        return {f"curve_n{p['n']}_{c}": p["overall"][c] for p in self.points for c in CURVE_COLUMNS
+                if c in p["overall"]}
+
     def markdown(self) -> str:
         rows = ["| examples | steps | train s | " + " | ".join(CURVE_COLUMNS) + " |",
                 "|---:|---:|---:|" + "---:|" * len(CURVE_COLUMNS)]
