@@ -65,7 +65,7 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
     by_model: dict[Policy, list[str]] = {}
     for system, policy in policies.items():
         by_model.setdefault(policy, []).append(system)
-    results = {}
+    results: dict[str, list] = {}
     for policy, systems in by_model.items():
         model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
         backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
