@@ -11,7 +11,8 @@ Rollouts (:class:`ToolRollout`). Each dataset row is one train task's opening me
 hands the rollout function the prompts of a generation batch (each task repeated
 ``num_generations`` times); it runs the real agent loop (``run_agent``) on them, batched, with
 the policy being trained behind a :class:`TransformersBackend` (sampling at the recipe's
-temperature, the shared system-prompt prefix computed once per batch and reused by every turn)
+temperature; a fresh backend per call, so its KV caches never outlive the weights they were
+computed with: the shared prefix once per batch, each conversation's own KV across its turns)
 and every tool call executed by the task's real toolbox.
 
 Trained tokens are the sampled tokens. The loop keeps each conversation as its exact token
