@@ -64,6 +64,16 @@ class ToolCallRecord:
     error_kind: str | None = None
 
 
+def count_repeated_calls(records: Sequence[ToolCallRecord]) -> int:
+    """Calls whose tool and arguments an earlier call in ``records`` already used."""
+    seen, repeats = set(), 0
+    for record in records:
+        key = (record.name, json.dumps(record.arguments, sort_keys=True, ensure_ascii=False))
+        repeats += key in seen
+        seen.add(key)
+    return repeats
+
+
 @dataclass
 class Trajectory:
     task_id: str

@@ -42,7 +42,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from recthinker_dagster.agent import parser as P
-from recthinker_dagster.agent.trajectory import Trajectory
+from recthinker_dagster.agent.trajectory import Trajectory, count_repeated_calls
 
 EVAL_LEAK = "eval_leak"
 PARSE_ISSUES = "parse_issues"
@@ -209,13 +209,7 @@ def target_rank(t: Trajectory) -> int:
 
 
 def has_repeated_calls(t: Trajectory) -> bool:
-    seen = set()
-    for call in t.tool_calls:
-        key = (call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False))
-        if key in seen:
-            return True
-        seen.add(key)
-    return False
+    return count_repeated_calls(t.tool_calls) > 0
 
 
 def conversation_length(t: Trajectory, tokenizer=None, chars_per_token: float = 2.8) -> int:

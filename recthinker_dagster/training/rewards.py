@@ -21,10 +21,10 @@ correct one, and no number of tool calls can push a correct one below an incorre
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from recthinker_dagster.agent.trajectory import count_repeated_calls
 from recthinker_dagster.metrics import ndcg_at_k
 
 DEFAULT_CORRECT_K = 5
@@ -66,15 +66,9 @@ class RolloutOutcome:
 
 
 def repeated_calls(records) -> int:
-    """Valid calls whose tool and arguments an earlier valid call of the rollout already used."""
-    seen, repeats = set(), 0
-    for record in records:
-        if not record.ok:
-            continue
-        key = (record.name, json.dumps(record.arguments, sort_keys=True, default=str))
-        repeats += key in seen
-        seen.add(key)
-    return repeats
+    """Valid calls whose tool and arguments an earlier valid call of the rollout already used
+    (failed calls count as invalid, not as repeats)."""
+    return count_repeated_calls([record for record in records if record.ok])
 
 
 def ndcg_at(rank: int, k: int = 10) -> float:

@@ -106,10 +106,12 @@ def ensure_tool_chat_template(tokenizer, mode: str = "auto"):
     return tokenizer
 
 
-def render_prompt(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
-    """The prompt text for the next assistant turn."""
+def render_prompt(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                  generation_prompt: bool = True) -> str:
+    """The prompt text for the next assistant turn (``generation_prompt=False``: the
+    conversation alone, without the next assistant header)."""
     return tokenizer.apply_chat_template(
-        list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=False
+        list(messages), tools=list(tools) if tools else None, add_generation_prompt=generation_prompt, tokenize=False
     )
 
 

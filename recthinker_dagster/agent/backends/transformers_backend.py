@@ -71,6 +71,7 @@ import torch
 from recthinker_dagster.agent.backends.base import AnswerSpec, Generation, SamplingParams, head_ranking, tools_for
 from recthinker_dagster.agent.backends.chat_template import (
     ensure_tool_chat_template,
+    render_prompt,
     stop_token_ids,
     turn_end_token_id,
 )
@@ -265,7 +266,8 @@ class TransformersBackend:
         next generation prompt: the end token when the turn was cut off, then the template's
         rendering of the messages after it and the next assistant header."""
         end = self.turn_end_id
-        text = environment_text(self._render, messages, tools, assistant_index, self.tokenizer.decode([end]))
+        render = functools.partial(render_prompt, self.tokenizer)
+        text = environment_text(render, messages, tools, assistant_index, self.tokenizer.decode([end]))
         return ([] if stopped else [end]) + self.text_ids(text)
 
     def head_answer_ids(self, labels: Sequence[str], order: Sequence[str]) -> list[int]:
@@ -274,10 +276,6 @@ class TransformersBackend:
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _render(self, messages: Sequence[dict], tools: Sequence[dict] | None, generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None,
-                                                  add_generation_prompt=generation_prompt, tokenize=False)
 
     def _prompts(self, conversations, tools, prompt_ids) -> list[list[int]]:
         tool_lists = tools_for(tools, len(conversations))
@@ -296,7 +294,7 @@ class TransformersBackend:
     # -- pieces, public for benchmarks and tests -----------------------------------------------
 
     def encode(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
-        return self.text_ids(self._render(messages, tools, True))
+        return self.text_ids(render_prompt(self.tokenizer, messages, tools))
 
     @torch.inference_mode()
     def generate_ids(self, rows: Sequence[list[int]], params: SamplingParams,
