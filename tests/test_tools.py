@@ -36,7 +36,7 @@ from recthinker_dagster.tools import (
     leakage_report,
 )
 from recthinker_dagster.tools.formatting import fit_to_budget
-from recthinker_dagster.tools.signals import raw_signal, score_table_labels, zscore
+from recthinker_dagster.tools.signals import RECENT_ITEMS, raw_signal, score_table_labels, zscore
 from tests.support.paths import SHARED_DATA, require_shared
 
 SMALL_PROTOCOL = {"n_eval_users_per_group": 15, "n_valid_users_per_group": 15, "n_train_users_per_group": 30}
@@ -317,6 +317,17 @@ def test_score_candidates_fuses_standardized_signals(ml1m):
     assert all(np.isfinite(column).all() and abs(column.mean()) < 1e-9 for column in columns.values())
 
 
+def test_recent_signal_is_item_knn_over_the_last_items_only(ml1m):
+    task = _task(ml1m, "eval", "dense")
+    history, candidates = task["history_item_ids"], task["candidate_item_ids"]
+    assert len(history) > RECENT_ITEMS
+    recent = raw_signal(ml1m.indexes, "recent", task["user_id"], history, candidates)
+    by_hand = ml1m.indexes.itemknn.score(task["user_id"], history[-RECENT_ITEMS:], candidates)
+    np.testing.assert_allclose(recent, np.where(by_hand < 0, np.nan, by_hand))
+    whole = raw_signal(ml1m.indexes, "itemknn", task["user_id"], history, candidates)
+    assert not np.allclose(np.nan_to_num(recent), np.nan_to_num(whole))
+
+
 def test_score_candidates_rejects_unknown_signals_and_bad_weights(ml1m):
     box = Toolbox(ml1m.indexes, _task(ml1m))
     for weights, message in [({"svd": 1}, "unknown signals ['svd']"), ({"bprmf": 0}, "every weight is 0"),
@@ -325,7 +336,7 @@ def test_score_candidates_rejects_unknown_signals_and_bad_weights(ml1m):
         assert not result.ok and message in result.output, result
     bare = Toolbox(dataclasses.replace(ml1m.indexes, sasrec=None), _task(ml1m))
     result = bare.call("score_candidates", {"weights": {"sasrec": 1}})
-    assert not result.ok and "signals: bprmf, itemknn, popularity, neighbours" in result.output
+    assert not result.ok and "signals: bprmf, itemknn, recent, popularity, neighbours" in result.output
 
 
 # ---------------------------------------------------------------- budget, errors, schemas

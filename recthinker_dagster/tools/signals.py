@@ -8,6 +8,7 @@ signal          what it measures                                                
 =============== =============================================================== ==========
 ``bprmf``       collaborative filtering: BPR-MF user-item match                 cf_model
 ``itemknn``     co-occurrence of the candidate with the user's history items    cf_model
+``recent``      co-occurrence with the user's 5 most recent items (short-term)  cf_model
 ``sasrec``      sequence: what tends to come next after the user's recent items cf_model
 ``popularity``  log(1 + training interactions)                                  catalog
 ``neighbours``  log(1 + how many of the 20 most similar users have it)          similar_users
@@ -26,8 +27,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-SIGNALS = ("bprmf", "itemknn", "sasrec", "popularity", "neighbours")
+SIGNALS = ("bprmf", "itemknn", "recent", "sasrec", "popularity", "neighbours")
 NEIGHBOURS = 20  # similar users behind the ``neighbours`` signal
+RECENT_ITEMS = 5  # history items behind the ``recent`` signal (chosen by cross-validation on train+valid)
+MODEL_OF = {"bprmf": "bprmf", "itemknn": "itemknn", "recent": "itemknn", "sasrec": "sasrec"}  # signal -> cf_model
 _TABLE_LINE = re.compile(r"^\d+\. (\S+) [+-]\d", re.MULTILINE)  # a line of format_score_lines
 UNKNOWN_BELOW = -1e4  # recommenders score unknown items far below this (BPR-MF -1e6, SASRec -1e9)
 
@@ -37,17 +40,19 @@ class SignalUnavailable(ValueError):
 
 
 def available_signals(indexes) -> tuple[str, ...]:
-    return tuple(name for name in SIGNALS if name not in ("itemknn", "sasrec") or getattr(indexes, name, None))
+    return tuple(name for name in SIGNALS
+                 if name not in ("itemknn", "recent", "sasrec") or getattr(indexes, MODEL_OF[name], None))
 
 
 def raw_signal(indexes, name: str, user_id: str, history: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
     """One signal for every candidate (NaN where the model does not know the item)."""
-    if name in ("bprmf", "itemknn", "sasrec"):
-        model = getattr(indexes, name, None)
+    if name in MODEL_OF:
+        model = getattr(indexes, MODEL_OF[name], None)
         if model is None:
             raise SignalUnavailable(f"signal {name!r} is not in this tool suite; rebuild the cf_model index")
-        scores = np.asarray(model.score(user_id, list(history), list(candidates)), dtype=float)
-        if name == "itemknn":  # known items score >= 0; -1 marks an unknown one
+        seen = list(history)[-RECENT_ITEMS:] if name == "recent" else list(history)
+        scores = np.asarray(model.score(user_id, seen, list(candidates)), dtype=float)
+        if model is indexes.itemknn:  # known items score >= 0; -1 marks an unknown one
             return np.where(scores < 0, np.nan, scores)
         return np.where(scores < UNKNOWN_BELOW, np.nan, scores)
     if name == "popularity":

@@ -153,7 +153,7 @@ class Toolbox:
         return self.call("get_related_items", {"item_id": item_id, "limit": limit}).output
 
     def score_candidates(self, weights: dict[str, float] | None = None) -> str:
-        """Rank all candidates by a weighted sum of z-scored signals: bprmf, itemknn (co-occurrence), sasrec (sequence), popularity, neighbours (similar users); e.g. {"sasrec": 1, "bprmf": 0.5}.
+        """Rank all candidates by a weighted sum of z-scored signals: bprmf, itemknn (co-occurrence), recent (last 5 items), sasrec (sequence), popularity, neighbours (similar users); e.g. {"sasrec": 1, "bprmf": 0.5}.
 
         Args:
             weights: Weight per signal, e.g. {"sasrec": 1, "bprmf": 0.5}.

@@ -47,7 +47,7 @@ from recthinker_dagster.agent.teachers import fusion
 from recthinker_dagster.agent.trajectory import AgentTask, Trajectory
 from recthinker_dagster.tools.signals import available_signals, fused_order, score_table_labels
 
-PRODUCER = "scripted-investigator-v2"
+PRODUCER = "scripted-investigator-v3"
 WHY = {
     "short": "the user's own signal is thin, so collaborative evidence from other users matters most",
     "long": "the user's own sequence is rich, and its recent end says most about what comes next",
@@ -64,7 +64,7 @@ class InvestigatorSettings:
 
 class ScriptedTeacher:
     """``ScriptedTeacher(config).run(tasks, toolbox_factory, sample_index=k)``: trajectories
-    produced by :class:`Investigator` through ``run_agent`` (producer ``scripted-investigator-v2``)."""
+    produced by :class:`Investigator` through ``run_agent`` (producer ``scripted-investigator-v3``)."""
 
     name = PRODUCER
 

@@ -8,14 +8,16 @@ TUNED: dict[str, dict[str, dict[str, float]]] = {
     "amazon-cds": {
         "any": {
             "bprmf": 2.0,
-            "itemknn": 2.0,
+            "itemknn": 1.5,
+            "recent": 1.2,
             "sasrec": 3.0,
             "popularity": -0.6,
             "neighbours": 0.4
         },
         "short": {
             "bprmf": 2.0,
-            "itemknn": 2.0,
+            "itemknn": 1.5,
+            "recent": 1.2,
             "sasrec": 3.0,
             "popularity": -0.6,
             "neighbours": 0.4
@@ -24,23 +26,27 @@ TUNED: dict[str, dict[str, dict[str, float]]] = {
     "ml-1m": {
         "any": {
             "bprmf": 1.1,
-            "itemknn": 0.2,
+            "itemknn": 0.1,
+            "recent": 0.4,
             "sasrec": 3.0,
             "popularity": -0.7,
-            "neighbours": 0.5
+            "neighbours": 0.6
         },
         "short": {
-            "bprmf": 1.4,
+            "bprmf": 1.5,
+            "itemknn": -0.2,
+            "recent": 0.4,
             "sasrec": 3.0,
             "popularity": -0.7,
             "neighbours": 0.4
         },
         "long": {
             "bprmf": 0.7,
-            "itemknn": 0.3,
+            "itemknn": 0.2,
+            "recent": 0.5,
             "sasrec": 3.0,
             "popularity": -1.0,
-            "neighbours": 1.0
+            "neighbours": 1.2
         }
     }
 }
