@@ -1,7 +1,8 @@
-"""Progress lines with an ETA for long loops (trajectories, LLM evaluation).
+"""Progress lines with an ETA for long loops (trajectories, LLM evaluation), and the ETA format
+the trainer callbacks share.
 
     progress = ProgressLog(log, "teacher trajectories", total=600)
-    progress(done)   # "teacher trajectories: 120/600 (20%), 95 s, ETA 6 min", at most every 5 s
+    progress(done)   # "teacher trajectories: 120/600 (20%), 95 s, ETA 6.3 min", at most every 5 s
 
 A line is logged at most every ``every`` seconds and always at the end; the ETA assumes the
 pace so far holds.
@@ -11,6 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+
+def eta_text(seconds_left: float) -> str:
+    """``"ETA 6.5 min"``: one format for every progress line (loops and trainer steps)."""
+    return f"ETA {seconds_left / 60:.1f} min"
 
 
 class ProgressLog:
@@ -32,5 +38,5 @@ class ProgressLog:
         line = f"{self.what}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {elapsed:.0f} s"
         if 0 < done - self._first and done < total:
             left = elapsed / (done - self._first) * (total - done)
-            line += f", ETA {left / 60:.1f} min"
+            line += f", {eta_text(left)}"
         self.log(line)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+from recthinker_dagster.progress import eta_text
+
 
 class StepClock(TrainerCallback):
     """Wall time of every optimizer step of this run (a resumed run counts its own steps only)."""
@@ -55,5 +57,5 @@ def progress_message(step: int, max_steps: int, key: str, logs: dict, extra: tup
     message = f"step {step}/{max_steps}: " + ", ".join(parts) + f", lr {logs.get('learning_rate', 0):.2e}"
     if seconds_per_step is not None:
         left = max(max_steps - step, 0) * seconds_per_step
-        message += f", {seconds_per_step:.0f} s/step, ETA {left / 60:.0f} min"
+        message += f", {seconds_per_step:.0f} s/step, {eta_text(left)}"
     return message
