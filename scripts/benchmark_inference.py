@@ -22,7 +22,9 @@ The same conversations run, in the same process,
 
   (a) one conversation at a time (batch 1, every prompt prefilled in full),
   (b) all N concurrently, batched, with the shared-prefix cache, without the conversation cache,
-  (c) the same with the per-conversation KV cache (the default),
+  (c) the same with the per-conversation KV cache,
+  (d) the same, and unfinished rows continue alone once half a batch has stopped (the
+      backend's opt-in ``split_stragglers``),
 
 and the script prints, per mode, generated tokens/s, prompt tokens prefilled vs reused (shared
 prefix, conversation cache), wall time, peak RSS, the speed-ups over (a) and (b), and how many
@@ -192,9 +194,10 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[dtype])
     config = AgentConfig(max_turns=args.max_turns, sampling=SamplingParams(max_new_tokens=args.max_new_tokens))
 
-    def backend(batch_size: int, conversation_cache: bool, prefix_cache: bool = True) -> TransformersBackend:
+    def backend(batch_size: int, conversation_cache: bool, prefix_cache: bool = True,
+                split: bool = False) -> TransformersBackend:
         return TransformersBackend(model, tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
-                                   conversation_cache=conversation_cache,
+                                   conversation_cache=conversation_cache, split_stragglers=split,
                                    conversation_cache_bytes=int(args.cache_gib * 2**30))
 
     warm = backend(2, True)  # pays one-time kernel setup costs
@@ -213,12 +216,14 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
         results["single"] = measure(label, one, lambda chosen: [
             t for task in tasks[:single_n] for t in run_agent([task], chosen, toolboxes, config)])
         del one
-    for mode, key, label, cached in (("b", "batched", "(b) batched, no conversation cache", False),
-                                     ("c", "batched_conversation", "(c) batched + conversation cache", True)):
+    for mode, key, label, cached, split in (
+            ("b", "batched", "(b) batched, no conversation cache", False, False),
+            ("c", "batched_conversation", "(c) batched + conversation cache", True, False),
+            ("d", "batched_split", "(d) (c) + straggler split", True, True)):
         if mode not in args.modes:
             continue
         release_memory()
-        chosen = backend(args.batch_size, cached)
+        chosen = backend(args.batch_size, cached, split=split)
         results[key] = measure(label, chosen, lambda chosen: run_agent(tasks, chosen, toolboxes, config,
                                                                        on_step=progress(chosen)))
         del chosen
@@ -230,21 +235,23 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
 
 def summarize(results: dict) -> None:
     base = results.get("single")
-    for key in [key for key in ("batched", "batched_conversation") if key in results]:
+    for key in [key for key in ("batched", "batched_conversation", "batched_split") if key in results]:
         if base is not None:
             results[key]["speedup_vs_single"] = round(results[key]["tokens_per_s"] / base["tokens_per_s"], 2)
             same = sum(a == b for a, b in zip(base["keys"], results[key]["keys"]))
             results[key]["same_as_single"] = f"{same}/{len(base['keys'])}"
             print(f"  (a) -> {key}: {results[key]['speedup_vs_single']}x tokens/s, "
                   f"conversations identical to (a): {results[key]['same_as_single']}", flush=True)
-    if "batched" not in results or "batched_conversation" not in results:
-        return
-    plain, cached = results["batched"], results["batched_conversation"]
-    cached["speedup_vs_batched"] = round(cached["tokens_per_s"] / plain["tokens_per_s"], 2)
-    same = sum(a == b for a, b in zip(plain["keys"], cached["keys"]))
-    cached["same_as_batched"] = f"{same}/{len(plain['keys'])}"
-    print(f"  (b) -> (c): {cached['speedup_vs_batched']}x tokens/s, wall {plain['seconds']} s -> "
-          f"{cached['seconds']} s, conversations identical: {cached['same_as_batched']}", flush=True)
+    for before, after, name in (("batched", "batched_conversation", "(b) -> (c)"),
+                                ("batched_conversation", "batched_split", "(c) -> (d)")):
+        if before not in results or after not in results:
+            continue
+        plain, cached = results[before], results[after]
+        cached[f"speedup_vs_{before}"] = round(cached["tokens_per_s"] / plain["tokens_per_s"], 2)
+        same = sum(a == b for a, b in zip(plain["keys"], cached["keys"]))
+        cached[f"same_as_{before}"] = f"{same}/{len(plain['keys'])}"
+        print(f"  {name}: {cached[f'speedup_vs_{before}']}x tokens/s, wall {plain['seconds']} s -> "
+              f"{cached['seconds']} s, conversations identical: {cached[f'same_as_{before}']}", flush=True)
 
 
 def main() -> None:
@@ -258,7 +265,7 @@ def main() -> None:
     ap.add_argument("--cache-gib", type=float, default=4.0, help="the conversation cache's memory bound")
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
     ap.add_argument("--threads", type=int, default=available_cores())
-    ap.add_argument("--modes", default="a,b,c", help="which of (a), (b), (c) to run, e.g. c for batch-size sweeps")
+    ap.add_argument("--modes", default="a,b,c,d", help="which of (a)-(d) to run, e.g. c,d for batch-size sweeps")
     ap.add_argument("--skip-single", action="store_true", help="skip (a): the same as --modes b,c")
     ap.add_argument("--single-conversations", type=int, help="run (a) on the first K conversations only")
     ap.add_argument("--root", type=Path, default=REPO_ROOT, help="project root holding assets/ (default: this repo)")

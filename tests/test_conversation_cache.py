@@ -246,3 +246,38 @@ def test_the_agent_loop_and_its_label_head_are_the_same_with_the_cache(tiny_mode
     expected = plain.rank_labels([t.messages for t in got], [t.tools for t in got], labels)
     for mine, theirs in zip(scores, expected):
         assert mine == pytest.approx(theirs, abs=1e-4)
+
+
+def test_unfinished_rows_continue_alone_with_the_same_greedy_output(smollm2_tokenizer):
+    """Rows that stop at different steps: once half have stopped, the rest continue in a pass of
+    their own, and every row's tokens, text and log-probs are those of one undivided pass."""
+    from tests.support.tiny_models import single_token
+
+    params = SamplingParams(max_new_tokens=24)
+    system = {"role": "system", "content": "You rank movies for a user."}
+    convs = [[system, {"role": "user", "content": f"History: {', '.join(f'Movie {k}' for k in range(n))}"}]
+             for n in (1, 3, 5, 8, 13, 21, 34, 55)]
+    probe = backend(attentive(smollm2_tokenizer, {}, 2.0), smollm2_tokenizer, conversation_cache=False)
+    probe.batch_size = len(convs)
+    paths = [g.token_ids for g in probe.generate(convs, None, params)]
+
+    def stop_steps(token: int) -> list[int]:  # per row: the step after the token's first use
+        return [path.index(token) + 1 if token in path else len(path) for path in paths]
+
+    # a token whose first use comes at different steps in different rows (absent in some);
+    # making it the stop token's only predecessor leaves every path unchanged up to it
+    texts = {token: smollm2_tokenizer.decode([token]) for path in paths for token in path}
+    usable = [t for t, text in texts.items() if text.strip() and single_token(smollm2_tokenizer, text) == t]
+    token = max(usable, key=lambda t: (len(set(stop_steps(t))), t))
+    model = attentive(smollm2_tokenizer, {texts[token]: "<|im_end|>"}, 2.0)
+
+    split = backend(model, smollm2_tokenizer, split_stragglers=True, min_split_rows=2)
+    whole = backend(model, smollm2_tokenizer)
+    split.batch_size = whole.batch_size = len(convs)
+    got, want = split.generate(convs, None, params), whole.generate(convs, None, params)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert [(g.text, g.finish_reason) for g in got] == [(g.text, g.finish_reason) for g in want]
+    for mine, theirs in zip(got, want):
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
+    assert len({len(g.token_ids) for g in got}) >= 3  # rows really stop at different steps
+    assert split.stats["straggler_splits"] >= 1 and whole.stats["straggler_splits"] == 0

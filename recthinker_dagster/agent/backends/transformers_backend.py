@@ -37,6 +37,15 @@ positions (``PreallocatedLayer``): ``StaticCache`` reads all of them at every st
 ``max_new_tokens`` not generated yet included, and decoding attention is memory-bound
 (two thirds of a batch-16 decoding step at 1,500 tokens on a 2-core CPU).
 
+Stragglers (``split_stragglers=True``, opt-in, with the conversation cache): ``model.generate``
+keeps decoding every row until the last one stops, so rows that finished early still cost a
+decoding step each (agent turns end anywhere between 40 and 256 tokens). Once half of a batch
+of at least ``min_split_rows`` rows has stopped, the pass ends (``HalfStopped``) and the
+unfinished rows continue alone, as a new pass over their kept KV (one token to prefill per
+row), with the same answer states and the rest of the token budget; the continuation may
+split again. Greedy float32 output is unchanged token for token. Off by default until its
+gain is measured on a quiet machine: ``scripts/benchmark_inference.py --modes c,d`` compares.
+
 ``dtype="auto"``: bfloat16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16
 or AMX), float32 elsewhere. On a 2-core AMX Xeon, batched bf16 ran 1.75-1.85x faster than
 float32; single-stream decoding was about even (``scripts/benchmark_inference.py``). Greedy
@@ -167,6 +176,8 @@ class TransformersBackend:
         max_cached_conversations: int = 64,
         conversation_cache_bytes: int = 2 * 2**30,
         static_cache: bool = True,
+        split_stragglers: bool = False,
+        min_split_rows: int = 8,
         chat_template: str = "auto",
     ):
         self.model = model.eval()
@@ -179,6 +190,8 @@ class TransformersBackend:
         self.conversations = (ConversationCache(max_cached_conversations, conversation_cache_bytes)
                               if conversation_cache and _full_attention_only(model.config) else None)
         self.static_cache = static_cache
+        self.split_stragglers = split_stragglers and self.conversations is not None  # continuing needs kept KV
+        self.min_split_rows = max(2, min_split_rows)
         self.max_context_tokens = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.stop_ids = stop_token_ids(tokenizer)
         self.turn_end_id = turn_end_token_id(self.tokenizer)
@@ -187,7 +200,7 @@ class TransformersBackend:
         self._label_tokens: dict[tuple[str, ...], LabelTokens] = {}
         # prompt positions of every generate pass: reused from a cache, or prefilled (padding apart)
         self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "conversation_tokens_reused": 0,
-                      "prefilled_tokens": 0, "completion_tokens": 0, "padded_tokens": 0}
+                      "prefilled_tokens": 0, "completion_tokens": 0, "padded_tokens": 0, "straggler_splits": 0}
 
     @classmethod
     def from_pretrained(
@@ -322,9 +335,10 @@ class TransformersBackend:
     def _generate_rows(self, rows: Sequence[list[int]], params: SamplingParams,
                        states: Sequence[AnswerState | None] | None, *,
                        fresh: bool) -> tuple[list[list[int]], list[list[float]]]:
-        """The new tokens of every row and their sampled log-probs (one ``model.generate`` call;
-        padding after a stop included)."""
-        from transformers import LogitsProcessorList
+        """The new tokens of every row and their sampled log-probs (``model.generate`` calls;
+        padding after a stop included): one call, plus the continuation of its unfinished rows
+        when it ended early on half of them stopping (see the module docstring)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         plans = self._plan(rows)
         input_ids, attention_mask = self._layout(rows, plans)
@@ -335,17 +349,30 @@ class TransformersBackend:
             processors.append(AnswerConstraint(self.tokenizer, states, self.stop_ids, fresh=fresh))
         recorder = SampledLogprobs(params.temperature)
         processors.append(recorder)
+        split = self.split_stragglers and len(rows) >= self.min_split_rows
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=cache,
             generation_config=self._generation_config(params),
             logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([HalfStopped(self.stop_ids)] if split else []),
         )
         new_tokens = output[:, width:].tolist()
         logprobs = recorder.finish(output[:, -1]) if new_tokens and new_tokens[0] else [[] for _ in rows]
         self._count(rows, plans)
         self._remember(rows, plans, new_tokens, cache, width)
+        steps = len(new_tokens[0]) if new_tokens else 0
+        unfinished = [i for i, tokens in enumerate(new_tokens) if not any(token in self.stop_ids for token in tokens)]
+        if split and unfinished and steps < params.max_new_tokens:
+            self.stats["straggler_splits"] += 1
+            more, more_logprobs = self._generate_rows(
+                [list(rows[i]) + new_tokens[i] for i in unfinished],
+                replace(params, max_new_tokens=params.max_new_tokens - steps),
+                None if states is None else [states[i] for i in unfinished], fresh=False)
+            for i, tokens, row_logprobs in zip(unfinished, more, more_logprobs):
+                new_tokens[i] = new_tokens[i] + tokens
+                logprobs[i] = logprobs[i] + row_logprobs
         return new_tokens, logprobs
 
     def _finish_answers(self, rows: Sequence[list[int]], new_tokens: list[list[int]], logprobs: list[list[float]],
@@ -627,6 +654,20 @@ class TransformersBackend:
         ids = torch.tensor([tokens[start:]], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=ids, past_key_values=cache if cache is not None else DynamicCache(), use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+class HalfStopped:
+    """A ``transformers`` stopping criterion that ends a batch's pass once half of its rows have
+    emitted a stop token (the backend then continues the others on their own)."""
+
+    def __init__(self, stop_ids: Sequence[int]):
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)))
+        self.stopped: torch.Tensor | None = None  # per row: a stop token was emitted (sticky)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        last = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+        self.stopped = last if self.stopped is None else self.stopped | last
+        return torch.full_like(self.stopped, 2 * int(self.stopped.sum()) >= len(self.stopped))
 
 
 @functools.cache
