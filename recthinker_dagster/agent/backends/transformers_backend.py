@@ -664,7 +664,7 @@ class HalfStopped:
         self.stop_ids = torch.tensor(sorted(set(stop_ids)))
         self.stopped: torch.Tensor | None = None  # per row: a stop token was emitted (sticky)
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         last = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
         self.stopped = last if self.stopped is None else self.stopped | last
         return torch.full_like(self.stopped, 2 * int(self.stopped.sum()) >= len(self.stopped))
