@@ -177,6 +177,17 @@ def test_work_file_depends_on_settings_and_tasks(tmp_path):
     assert base != work_file_for(layout, DATASET, TeacherSettings(), ["t1"])
 
 
+def test_work_file_changes_with_the_scripted_teachers_version_and_weights(tmp_path, monkeypatch):
+    from recthinker_dagster.stages import trajectories
+
+    layout = ArtifactLayout(tmp_path)
+    base = work_file_for(layout, DATASET, TeacherSettings(), ["t1"])
+    monkeypatch.setattr(trajectories, "TUNED", {"ml-1m": {"any": {"bprmf": 1.0}}})
+    retuned = work_file_for(layout, DATASET, TeacherSettings(), ["t1"])
+    monkeypatch.setattr(trajectories, "PRODUCER", "scripted-investigator-v0")
+    assert len({base, retuned, work_file_for(layout, DATASET, TeacherSettings(), ["t1"])}) == 3
+
+
 def test_unknown_teacher_is_an_error():
     with pytest.raises(ValueError, match="unknown teacher 'oracle'"):
         make_teacher(TeacherSettings(teacher="oracle"))

@@ -27,8 +27,9 @@ from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.generation import GenerationSummary, generate_trajectories, read_records
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig
-from recthinker_dagster.agent.teachers import LLMTeacher, ScriptedTeacher
+from recthinker_dagster.agent.teachers import PRODUCER, LLMTeacher, ScriptedTeacher
 from recthinker_dagster.agent.teachers.scripted import last_score_table
+from recthinker_dagster.agent.teachers.tuned_weights import TUNED
 from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_table
 from recthinker_dagster.progress import ProgressLog
@@ -169,9 +170,11 @@ def make_teacher(settings: TeacherSettings):
 
 
 def work_file_for(layout: ArtifactLayout, dataset: str, settings: TeacherSettings, task_ids: list[str]) -> Path:
-    """Where an unfinished generation with these settings and tasks keeps its records."""
+    """Where an unfinished generation with these settings, tasks and teacher keeps its records
+    (a new scripted-teacher version or weights table starts a new file: never resumed from the old)."""
+    teacher = {"producer": PRODUCER, "weights": TUNED} if settings.teacher == "scripted" else {}
     fingerprint = hashlib.sha256(
-        json.dumps({**asdict(settings), "tasks": sorted(task_ids)}, sort_keys=True).encode()
+        json.dumps({**asdict(settings), "tasks": sorted(task_ids), "teacher": teacher}, sort_keys=True).encode()
     ).hexdigest()
     work_file = layout.work_dir("teacher_trajectories", dataset) / f"{fingerprint[:16]}.jsonl"
     work_file.parent.mkdir(parents=True, exist_ok=True)

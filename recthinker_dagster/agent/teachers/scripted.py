@@ -160,13 +160,15 @@ class Investigator:
                              [("get_user_profile", {})])
         if self.turn == 1:  # two turns: fetch both at once
             weights = self._weights("short")
-            return self._act(self._assessment(), f"Read the profile, and score the candidates with "
-                             f"{self._mix(weights)}.", [("get_user_profile", {}), self._score_call(weights)])
+            return self._act(self._assessment(), "Read the profile, and score the candidates with the "
+                             "short-history weights.", [("get_user_profile", {}), self._score_call(weights)])
         n = self.box.profile()["n_items"]
         regime = fusion.regime(n)
         weights = self._weights(regime)
         analysis = f"The history has {n} items, a {regime} one: {WHY[regime]}."
-        return self._act(analysis, f"Score the candidates with {self._mix(weights)}.", [self._score_call(weights)])
+        # the plan names the regime; the call carries its weights (written once: short conversations)
+        return self._act(analysis, f"Score the candidates with the {regime}-history weights.",
+                         [self._score_call(weights)])
 
     # ---------------------------------------------------------------- turns
     def _assessment(self) -> str:
