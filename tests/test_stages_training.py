@@ -242,7 +242,7 @@ def test_progress_callback_logs_lines_with_its_key():
     timed._started -= 20.0  # two steps took 20 s
     timed.on_log(None, state, None, logs={"reward": 0.5, "frac_reward_zero_std": 0.25, "learning_rate": 1e-5})
     assert lines[-1].startswith("step 3/5: reward 0.5000, frac_reward_zero_std 0.250, lr 1.00e-05, 10 s/step")
-    assert lines[-1].endswith("ETA 0 min")
+    assert lines[-1].endswith("ETA 0.3 min")  # two steps left at 10 s each
 
 
 def test_learning_curve_table_json_and_plot(tmp_path):
