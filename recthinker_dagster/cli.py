@@ -4,6 +4,8 @@
     recthinker config demo --set teacher.samples_per_task=4 --json
     recthinker versions interactions/ml-1m      # every logged version (MLflow) of an artifact
     recthinker restore interactions/ml-1m MD5   # bring an earlier version back from DVC
+    recthinker report                           # rebuild every evaluation's results.md from its rankings
+    recthinker report ml-1m --check             # ...and fail if it differs from the saved results.md
 """
 
 from __future__ import annotations
@@ -140,6 +142,44 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluation_folders(paths: ProjectPaths, datasets: list[str]) -> list[Path]:
+    """The evaluation folders of ``datasets`` (default: every one with saved rankings)."""
+    root = paths.asset_dir("evaluation", "any").parent
+    if datasets:
+        return [root / dataset for dataset in datasets]
+    folders = sorted(p.parent for p in root.glob("*/rankings.parquet"))
+    if not folders:
+        raise SystemExit(f"no evaluation under {root}: materialize the evaluation assets first")
+    return folders
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from recthinker_dagster.evaluation.results import rebuild_report
+
+    paths = ProjectPaths(root=str(args.root)) if args.root else ProjectPaths()
+    reports, differs = [], []
+    for folder in evaluation_folders(paths, args.datasets):
+        try:
+            report = rebuild_report(folder)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"recthinker report: {error}", file=sys.stderr)
+            return 2
+        saved = folder / "results.md"
+        if args.check and (not saved.exists() or saved.read_text() != report):
+            differs.append(str(saved))
+        reports.append(report)
+    text = "\n".join(reports)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    if differs:
+        print(f"recthinker report: rebuilt from the rankings, these differ from the saved report: {differs}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recthinker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     restore.add_argument("artifact")
     restore.add_argument("md5", help="the DVC md5 (ends in .dir for folders)")
     restore.set_defaults(func=cmd_restore)
+    report = sub.add_parser("report", help="rebuild the evaluation tables from the saved per-task rankings alone")
+    report.add_argument("datasets", nargs="*", help="datasets to report (default: every evaluated one)")
+    report.add_argument("--root", type=Path, default=None, help="project root (default: this project)")
+    report.add_argument("--check", action="store_true", help="exit 1 if a rebuilt report differs from its results.md")
+    report.add_argument("--out", type=Path, default=None, help="write the reports to this file instead of printing")
+    report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return args.func(args)
 

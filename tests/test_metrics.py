@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from recthinker_dagster.metrics import bootstrap_ci, mean_metrics, task_metrics
@@ -46,3 +47,43 @@ def test_mean_and_bootstrap_interval_contains_mean():
     low, high = bootstrap_ci([0.0, 1.0] * 50, seed=1)
     assert low < 0.5 < high and high - low < 0.3
     assert bootstrap_ci([0.25] * 10) == (0.25, 0.25)
+
+
+def test_paired_test_finds_a_consistent_win_significant():
+    from recthinker_dagster.metrics import paired_bootstrap_test
+
+    rng = np.random.default_rng(1)
+    base = rng.random(100)
+    result = paired_bootstrap_test(base + 0.08 + rng.normal(0, 0.1, 100), base, seed=0)
+    assert result.p_value < 0.01 and result.ci_low > 0 and 0.05 < result.effect < 0.11
+    assert result.n_tasks == 100
+
+
+def test_paired_test_calls_noise_and_losses_not_significant():
+    from recthinker_dagster.metrics import paired_bootstrap_test
+
+    rng = np.random.default_rng(2)
+    a, b = rng.random(60), rng.random(60)  # two unrelated systems of equal quality
+    noise = paired_bootstrap_test(a, b, seed=0)
+    assert noise.p_value > 0.05 and noise.ci_low < 0 < noise.ci_high
+    assert paired_bootstrap_test(b - 0.1, b, seed=0).p_value == 1.0  # a sure loss
+    assert paired_bootstrap_test(b, b, seed=0).p_value == 1.0  # a tie is no win
+    small_win = paired_bootstrap_test([1.0, 0.0, 0.5], [0.0, 0.5, 0.5], seed=0)  # three tasks: a win, a loss, a tie
+    assert small_win.p_value > 0.05
+
+
+def test_paired_test_strata_keep_their_size_and_weigh_the_same():
+    from recthinker_dagster.metrics import paired_bootstrap_test
+
+    a = [1.0] * 10 + [0.0] * 2
+    b = [0.0] * 10 + [0.0] * 2
+    strata = ["dense"] * 10 + ["sparse"] * 2
+    result = paired_bootstrap_test(a, b, strata, seed=0)
+    assert result.effect == pytest.approx(0.5)  # the unweighted mean of +1 (dense) and 0 (sparse), not 10/12
+    assert result.ci_low == pytest.approx(0.5) and result.ci_high == pytest.approx(0.5)  # no stratum changes size
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap_test([1.0, 0.0], [1.0], seed=0)
+    with pytest.raises(ValueError, match="at least one task"):
+        paired_bootstrap_test([], [], seed=0)
+    with pytest.raises(ValueError, match="label every task"):
+        paired_bootstrap_test([1.0, 0.0], [0.0, 0.0], ["a"], seed=0)

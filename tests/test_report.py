@@ -92,3 +92,28 @@ def test_plot_writes_a_valid_png(summaries, tmp_path):
     assert np.ptp(image) > 0  # not blank
     again = plot_ndcg_by_system(combine_summaries(summaries), tmp_path / "combined.png", n_candidates=10)
     assert again.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_headline_compares_the_best_agent_with_the_strongest_baseline_task_by_task():
+    from recthinker_dagster.evaluation.headline import comparisons_markdown, cost_markdown, headline_comparisons
+
+    rng = np.random.default_rng(0)
+    n = 80
+    baseline = rng.random(n) * 0.8
+    systems = {"popularity": baseline * 0.5, "bprmf": baseline, "sft": baseline + 0.1, "zero_shot": baseline - 0.2,
+               "teacher": baseline + 0.1}
+    rows = pl.concat([pl.DataFrame({"system": s, "group": "sparse", "task_id": [f"t{i}" for i in range(n)],
+                                    "ndcg@10": values}) for s, values in systems.items()])
+    rows = rows.sample(fraction=1.0, shuffle=True, seed=1)  # pairing is by task id, not by row order
+    found = headline_comparisons(rows, agents=("zero_shot", "sft"), baselines=("popularity", "bprmf"),
+                                 reference="teacher", n_resamples=2000)
+    by_label = {c.label: c for c in found}
+    best = by_label["best agent vs strongest baseline"]
+    assert (best.system, best.other, best.test.n_tasks) == ("sft", "bprmf", n)
+    assert best.relative == pytest.approx(0.1 / baseline.mean()) and best.test.p_value < 0.001
+    assert best.test.effect == pytest.approx(0.1)
+    versus_teacher = by_label["best agent vs teacher"]
+    assert versus_teacher.test.effect == pytest.approx(0.0) and versus_teacher.test.p_value == 1.0
+    table = comparisons_markdown(found)
+    assert f"| sparse | best agent vs strongest baseline | sft | {baseline.mean() + 0.1:.3f} | bprmf |" in table
+    assert cost_markdown(rows) == ""  # no agent columns, no cost table

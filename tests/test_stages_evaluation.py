@@ -198,3 +198,39 @@ def test_a_malformed_dvc_pointer_of_a_referenced_folder_is_a_clear_error(tmp_pat
         resolve_reference(ref, "profiles", "include_tool_indexes")
     assert "recthinker restore user_profiles/ml-1m ab.dir" in str(caught.value)
     assert resolve_reference({**ref, "md5": ""}, "profiles", "include_tool_indexes") == folder  # nothing to check
+
+
+def test_the_report_is_rebuilt_exactly_from_the_saved_rankings(evaluated):
+    from recthinker_dagster.evaluation.results import read_rankings, rebuild_report
+
+    layout, result, _ = evaluated
+    folder = layout.asset_dir("evaluation", DATASET)
+    _, saved = read_rankings(folder / "rankings.parquet")
+    assert (saved.dataset, saved.n_candidates, saved.n_bootstrap, saved.seed) == (DATASET, 10, 50, SETTINGS.seed)
+    assert rebuild_report(folder) == (folder / "results.md").read_text() == result.report
+    assert "| sparse | teacher vs strongest baseline | teacher |" in result.report  # no LLM system: the teacher's row
+    assert "### Cost per task" in result.report and "| teacher | 4 |" in result.report
+
+def test_recthinker_report_checks_the_saved_report_against_the_rankings(evaluated, tmp_path, capsys):
+    import shutil
+
+    from recthinker_dagster.cli import main
+    from recthinker_dagster.evaluation.results import read_rankings, write_rankings
+
+    layout, result, _ = evaluated
+    copy = ArtifactLayout(tmp_path)
+    shutil.copytree(layout.asset_dir("evaluation", DATASET), copy.asset_dir("evaluation", DATASET))
+    assert main(["report", "--root", str(tmp_path), "--check"]) == 0
+    assert capsys.readouterr().out == result.report + "\n"
+
+    rankings_path = copy.asset_dir("evaluation", DATASET) / "rankings.parquet"
+    rankings, saved = read_rankings(rankings_path)
+    first = pl.col("system").eq("bprmf") & pl.col("in_llm_subset") & (pl.int_range(pl.len()) == 0).over("system")
+    write_rankings(rankings.with_columns(pl.when(first).then(1.0 - pl.col("ndcg@10")).otherwise(pl.col("ndcg@10"))
+                                         .alias("ndcg@10")), rankings_path, saved)
+    assert main(["report", DATASET, "--root", str(tmp_path), "--check"]) == 1  # the table follows the rankings
+    assert "differ from the saved report" in capsys.readouterr().err
+
+    pl.read_parquet(rankings_path).write_parquet(rankings_path)  # rankings without the report settings
+    assert main(["report", "--root", str(tmp_path)]) == 2
+    assert "carries no report settings" in capsys.readouterr().err

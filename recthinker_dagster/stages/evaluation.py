@@ -43,13 +43,16 @@ from recthinker_dagster.artifacts import (
     read_train_interactions,
 )
 from recthinker_dagster.evaluation.agents import agent_summary, trajectories_per_task
-from recthinker_dagster.evaluation.baselines import METRICS, evaluate_recommender, summarize
+from recthinker_dagster.evaluation.baselines import evaluate_recommender
 from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
-from recthinker_dagster.evaluation.report import (
-    candidates_per_task,
-    plot_ndcg_by_system,
-    plot_tool_use,
-    results_table_markdown,
+from recthinker_dagster.evaluation.report import candidates_per_task, plot_ndcg_by_system, plot_tool_use
+from recthinker_dagster.evaluation.results import (
+    RANKINGS,
+    ReportSettings,
+    rankings_frame,
+    results_report,
+    split_summaries,
+    write_rankings,
 )
 from recthinker_dagster.recommenders.base import Recommender
 from recthinker_dagster.recommenders.registry import make_recommender
@@ -61,7 +64,6 @@ from recthinker_dagster.training.validation import validation_slice
 
 ASSET = "evaluation"
 TEACHER = "teacher"
-RANKING_COLUMNS = ["task_id", "split", "group", "user_id", "ranking", "target_item_id", *METRICS]
 SUMMARY_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "mrr")  # logged per scope, system and group
 NDCG_PLOT = "ndcg10_by_system.png"
 TOOL_USE_PLOT = "tool_calls_histogram.png"
@@ -147,25 +149,6 @@ def llm_per_task(systems: list[str], subset: pl.DataFrame, indexes: ToolIndexes,
     return {system: trajectories_per_task(found) for system, found in trajectories.items()}
 
 
-def summarize_systems(per_task: Mapping[str, pl.DataFrame], subset_ids: set[str], settings: EvaluationSettings
-                      ) -> tuple[dict[str, pl.DataFrame], dict[str, pl.DataFrame]]:
-    """Per-group summaries on all eval tasks (non-LLM systems) and on the LLM subset (every system)."""
-    def summary(frame: pl.DataFrame) -> pl.DataFrame:
-        return summarize(frame, by=("group",), n_resamples=settings.n_bootstrap, seed=settings.seed)
-
-    summaries = {s: summary(f) for s, f in per_task.items() if s not in LLM_SYSTEMS}
-    subset = {s: summary(f.filter(pl.col("task_id").is_in(subset_ids))) for s, f in per_task.items()}
-    return summaries, subset
-
-
-def results_markdown(dataset: str, n_eval: int, n_subset: int, summaries: Mapping[str, pl.DataFrame],
-                     subset_summaries: Mapping[str, pl.DataFrame], *, n_candidates: int) -> str:
-    table = results_table_markdown(summaries, n_candidates=n_candidates) if summaries else "(no classical system)"
-    return (f"# {dataset}: eval tasks, N = {n_candidates} candidates per task\n\n## All {n_eval} eval tasks\n\n{table}\n\n"
-            f"## Every system on the same {n_subset} eval tasks (the LLM subset)\n\n"
-            f"{results_table_markdown(subset_summaries, n_candidates=n_candidates)}\n")
-
-
 def evaluation_metrics(seconds: Mapping[str, float], summaries: Mapping[str, pl.DataFrame],
                        subset_summaries: Mapping[str, pl.DataFrame], agent_figures: Mapping[str, Mapping]) -> dict:
     """``seconds_<system>``, ``<all|subset>_<system>_<group>_<metric>`` and ``<system>_<agent figure>``."""
@@ -180,15 +163,12 @@ def evaluation_metrics(seconds: Mapping[str, float], summaries: Mapping[str, pl.
     return metrics
 
 
-def write_evaluation(staging: Path, dataset: str, per_task: Mapping[str, pl.DataFrame], subset: pl.DataFrame,
+def write_evaluation(staging: Path, rankings: pl.DataFrame, report_settings: ReportSettings,
                      summaries: Mapping[str, pl.DataFrame], subset_summaries: Mapping[str, pl.DataFrame],
-                     report: str, agent_figures: Mapping[str, Mapping], *, n_candidates: int) -> None:
+                     report: str, agent_figures: Mapping[str, Mapping], per_task: Mapping[str, pl.DataFrame]) -> None:
     """The evaluation folder's files (see the module docstring)."""
-    subset_ids = set(subset["task_id"].to_list())
-    pl.concat(
-        [f.select(RANKING_COLUMNS).with_columns(system=pl.lit(s), in_llm_subset=pl.col("task_id").is_in(subset_ids))
-         for s, f in per_task.items()], how="vertical",
-    ).write_parquet(staging / "rankings.parquet")
+    write_rankings(rankings, staging / RANKINGS, report_settings)
+    n_candidates = report_settings.n_candidates
     pl.concat(
         [s.with_columns(system=pl.lit(n), tasks=pl.lit("all")) for n, s in summaries.items()]
         + [s.with_columns(system=pl.lit(n), tasks=pl.lit("llm_subset")) for n, s in subset_summaries.items()],
@@ -196,11 +176,12 @@ def write_evaluation(staging: Path, dataset: str, per_task: Mapping[str, pl.Data
     ).with_columns(n_candidates=pl.lit(n_candidates)).write_parquet(staging / "summary.parquet")
     (staging / "results.md").write_text(report)
     (staging / "agents.json").write_text(json.dumps(agent_figures, indent=2))
+    n_subset = rankings.filter(pl.col("in_llm_subset"))["task_id"].n_unique()
     plot_ndcg_by_system(subset_summaries, staging / NDCG_PLOT,
-                        title=f"{dataset}: NDCG@10 by system and group ({subset.height} eval tasks)",
+                        title=f"{report_settings.dataset}: NDCG@10 by system and group ({n_subset} eval tasks)",
                         n_candidates=n_candidates)
     if agent_figures:
-        plot_tool_use(per_task, staging / TOOL_USE_PLOT, title=f"{dataset}: tool calls per task")
+        plot_tool_use(per_task, staging / TOOL_USE_PLOT, title=f"{report_settings.dataset}: tool calls per task")
 
 
 def score_systems(settings: EvaluationSettings, layout: ArtifactLayout, dataset: str, eval_tasks: pl.DataFrame,
@@ -239,17 +220,17 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
     eval_tasks = read_table(layout, "task_splits", dataset, "tasks_eval.parquet")
     subset = validation_slice(eval_tasks, settings.llm_tasks)
     per_task, seconds = score_systems(settings, layout, dataset, eval_tasks, subset, log)
-    subset_ids = set(subset["task_id"].to_list())
-    summaries, subset_summaries = summarize_systems(per_task, subset_ids, settings)
     n_candidates = candidates_per_task(eval_tasks)
-    report = results_markdown(dataset, eval_tasks.height, subset.height, summaries, subset_summaries,
-                              n_candidates=n_candidates)
+    rankings = rankings_frame(per_task, set(subset["task_id"].to_list()))
+    report_settings = ReportSettings(dataset, n_candidates, settings.n_bootstrap, settings.seed)
+    summaries, subset_summaries = split_summaries(rankings, report_settings)
+    report = results_report(rankings, report_settings)
     agent_figures = {s: figures for s, f in per_task.items() if (figures := agent_summary(f))}
     folder = layout.asset_dir(ASSET, dataset)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
-        write_evaluation(staging, dataset, per_task, subset, summaries, subset_summaries, report, agent_figures,
-                         n_candidates=n_candidates)
+        write_evaluation(staging, rankings, report_settings, summaries, subset_summaries, report, agent_figures,
+                         per_task)
     artifact = StageArtifact(
         folder=folder,
         params={"dataset": dataset, "systems": ",".join(settings.systems), "profile": profile,
