@@ -109,6 +109,10 @@ def test_evaluation_figures_for_the_publisher(evaluated):
     assert isinstance(artifact.metadata["agents"], Json) and artifact.metadata["agents"].value == result.agent_figures
     assert artifact.metadata["plot"] == artifact.folder / "ndcg10_by_system.png"
     assert artifact.metadata["llm_subset_tasks"] == 4 and artifact.texts == {"results.md": result.report}
+    headline = artifact.metadata["headline"].value  # the teacher's rows (no LLM system here)
+    assert [(row["group"], row["comparison"]) for row in headline] == [
+        ("sparse", "teacher vs strongest baseline"), ("dense", "teacher vs strongest baseline")]
+    assert artifact.metrics["headline_dense_teacher_p_value"] == headline[1]["test"]["p_value"]
 
 
 def test_llm_settings_are_the_budgets_the_llm_systems_run_with():

@@ -21,7 +21,12 @@ import polars as pl
 
 from recthinker_dagster.evaluation.agents import AGENT_COLUMNS
 from recthinker_dagster.evaluation.baselines import METRICS, summarize
-from recthinker_dagster.evaluation.headline import comparisons_markdown, cost_markdown, headline_comparisons
+from recthinker_dagster.evaluation.headline import (
+    Comparison,
+    comparisons_markdown,
+    cost_markdown,
+    headline_comparisons,
+)
 from recthinker_dagster.evaluation.report import results_table_markdown
 from recthinker_dagster.settings import CLASSICAL_SYSTEMS, LLM_SYSTEMS
 
@@ -85,16 +90,34 @@ def split_summaries(rankings: pl.DataFrame, settings: ReportSettings
     return every_task, summaries_by_system(rankings.filter(pl.col("in_llm_subset")), settings)
 
 
-def results_report(rankings: pl.DataFrame, settings: ReportSettings, *,
-                   agents: Sequence[str] = LLM_SYSTEMS, baselines: Sequence[str] = CLASSICAL_SYSTEMS) -> str:
+def subset_comparisons(rankings: pl.DataFrame, settings: ReportSettings) -> list[Comparison]:
+    """The headline comparisons on the LLM subset (the LLM systems are the agents, the classical
+    systems the baselines, the teacher the reference)."""
+    return headline_comparisons(rankings.filter(pl.col("in_llm_subset")), agents=LLM_SYSTEMS,
+                                baselines=CLASSICAL_SYSTEMS, reference=TEACHER, seed=settings.seed)
+
+
+def comparison_metrics(comparisons: Sequence[Comparison]) -> dict[str, float]:
+    """``headline_<group>_<agent|teacher>_<figure>``: relative improvement, effect and p-value of
+    the best agent's and the teacher's rows against the strongest baseline (MLflow metrics)."""
+    names = {"best agent vs strongest baseline": "agent", "teacher vs strongest baseline": "teacher"}
+    metrics: dict[str, float] = {}
+    for c in comparisons:
+        if c.label in names:
+            prefix = f"headline_{c.group}_{names[c.label]}"
+            metrics |= {f"{prefix}_relative": c.relative, f"{prefix}_effect": c.test.effect,
+                        f"{prefix}_p_value": c.test.p_value}
+    return metrics
+
+
+def results_report(rankings: pl.DataFrame, settings: ReportSettings) -> str:
     """``results.md``: the headline (every system on the LLM subset, the comparisons, the cost per
     task), then the systems that ran on every eval task."""
     every_task, subset = split_summaries(rankings, settings)
     n_eval = rankings["task_id"].n_unique()
     subset_rows = rankings.filter(pl.col("in_llm_subset"))
     n_subset = subset_rows["task_id"].n_unique()
-    comparisons = headline_comparisons(subset_rows, agents=agents, baselines=baselines, reference=TEACHER,
-                                       seed=settings.seed)
+    comparisons = subset_comparisons(rankings, settings)
     n = settings.n_candidates
     sections = [
         f"# {settings.dataset}: eval tasks, N = {n} candidates per task\n",

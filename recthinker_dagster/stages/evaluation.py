@@ -49,9 +49,11 @@ from recthinker_dagster.evaluation.report import candidates_per_task, plot_ndcg_
 from recthinker_dagster.evaluation.results import (
     RANKINGS,
     ReportSettings,
+    comparison_metrics,
     rankings_frame,
     results_report,
     split_summaries,
+    subset_comparisons,
     write_rankings,
 )
 from recthinker_dagster.recommenders.base import Recommender
@@ -225,6 +227,7 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
     report_settings = ReportSettings(dataset, n_candidates, settings.n_bootstrap, settings.seed)
     summaries, subset_summaries = split_summaries(rankings, report_settings)
     report = results_report(rankings, report_settings)
+    comparisons = subset_comparisons(rankings, report_settings)
     agent_figures = {s: figures for s, f in per_task.items() if (figures := agent_summary(f))}
     folder = layout.asset_dir(ASSET, dataset)
     remove_stale_staging(folder.parent)
@@ -236,10 +239,13 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
         params={"dataset": dataset, "systems": ",".join(settings.systems), "profile": profile,
                 "eval_tasks": eval_tasks.height, "n_candidates": n_candidates,
                 **{f"llm_{k}": v for k, v in llm_settings(settings).items()}},
-        metrics=evaluation_metrics(seconds, summaries, subset_summaries, agent_figures),
+        metrics=evaluation_metrics(seconds, summaries, subset_summaries, agent_figures) | comparison_metrics(comparisons),
         metadata={
             "results": Markdown(report),
             "agents": Json(agent_figures),
+            "headline": Json([{"group": c.group, "comparison": c.label, "system": c.system, "other": c.other,
+                               "value": c.value, "other_value": c.other_value, "relative": c.relative,
+                               "test": c.test.to_dict()} for c in comparisons]),
             "eval_tasks": eval_tasks.height,
             "llm_subset_tasks": subset.height,
             "plot": folder / NDCG_PLOT,
