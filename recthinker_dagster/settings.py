@@ -180,6 +180,7 @@ class RegistrySettings:
     baseline_system: str = "base_tools"  # the untrained system the candidate must beat
     metric: str = "ndcg@10"
     margin: float = 0.0
+    significance_level: float = 0.05  # beating the champion needs the paired test's p below it
     include_base_model: bool = False  # copy the base model into the MLflow model (else a DVC reference)
     llm_max_turns: int = 6  # the served agent's budgets
     max_tool_calls: int = 8

@@ -154,6 +154,63 @@ def test_the_decision_serializes():
     assert decision.to_dict()["promote"] is True and decision.to_dict()["reasons"] == decision.reasons
 
 
+# -- significance: the paired test against the champion --------------------------------------------
+
+
+def _test(effect: float, p_value: float, n: int = 200):
+    from recthinker_dagster.metrics import PairedTest
+
+    return PairedTest(effect=effect, ci_low=effect - 0.02, ci_high=effect + 0.02, p_value=p_value, n_tasks=n,
+                      n_resamples=10_000)
+
+
+def test_a_significant_win_over_the_champion_promotes_and_records_the_test():
+    decision = decide_promotion({"ndcg@10": 0.46}, {"ndcg@10": 0.43}, BASE, champion_version=2, level=0.05,
+                                test=_test(0.03, 0.004))
+    assert decision.promote and decision.beats_champion
+    assert decision.reasons[0].startswith("ndcg@10 0.460 >= champion v2 0.430 + margin 0.000, significantly ")
+    assert "p = 0.0040, 200 tasks" in decision.reasons[0]
+    assert decision.level == 0.05 and decision.test["p_value"] == 0.004 and decision.test["n_tasks"] == 200
+
+
+def test_a_better_but_not_significant_candidate_is_the_challenger_with_that_reason():
+    decision = decide_promotion({"ndcg@10": 0.46}, {"ndcg@10": 0.43}, BASE, level=0.05, test=_test(0.03, 0.12))
+    assert not decision.promote and decision.alias == "challenger" and decision.beats_champion is False
+    assert "but not significantly" in decision.reasons[0] and "p = 0.1200" in decision.reasons[0]
+
+
+def test_a_loss_is_the_challenger_whatever_the_test():
+    decision = decide_promotion({"ndcg@10": 0.40}, {"ndcg@10": 0.43}, BASE, level=0.05, test=_test(-0.03, 0.99))
+    assert not decision.promote and decision.reasons[0] == "ndcg@10 0.400 <= champion 0.430 + margin 0.000"
+
+
+def test_without_a_champion_the_level_asks_for_no_test():
+    decision = decide_promotion({"ndcg@10": 0.35}, None, BASE, level=0.05)
+    assert decision.promote and decision.test is None
+
+
+def test_a_test_that_could_not_run_never_promotes():
+    decision = decide_promotion({"ndcg@10": 0.46}, {"ndcg@10": 0.43}, BASE, level=0.05,
+                                untested="the champion was scored on other eval tasks")
+    assert not decision.promote
+    assert "could not run: the champion was scored on other eval tasks" in decision.reasons[0]
+    with pytest.raises(ValueError, match="level must be in"):
+        decide_promotion({"ndcg@10": 0.46}, None, BASE, level=1.5)
+
+
+def test_the_gate_pairs_the_champion_task_by_task():
+    from recthinker_dagster.serving.registry import paired_test
+
+    rng = __import__("numpy").random.default_rng(0)
+    champion = {f"ml-1m/{g}/t{i}": float(rng.random()) for g in ("sparse", "dense") for i in range(60)}
+    better = {key: value + 0.1 for key, value in champion.items()}
+    test, why = paired_test(better, champion)
+    assert why == "" and test.p_value < 0.001 and test.effect == pytest.approx(0.1) and test.n_tasks == 120
+    test, why = paired_test(better, {**champion, "ml-1m/dense/extra": 0.5})
+    assert test is None and "scored on other eval tasks (120 shared of 120)" in why
+    assert paired_test(better, None)[1].startswith("the champion has no per-task scores")
+
+
 # -- the registered_model asset and the promotion_gate check --------------------------------------
 
 
@@ -171,12 +228,25 @@ def _fake_trained_project(project):
         folder.mkdir(parents=True)
     (layout.asset_dir("rl_model") / "lineage.json").write_text(json.dumps(
         {"base_model": "assets/base_model", "adapters": ["assets/sft_model/adapter", "assets/rl_model/adapter"]}))
-    evaluation = layout.asset_dir("evaluation", "synthetic")
-    evaluation.mkdir(parents=True)
-    pl.DataFrame([{"group": g, "ndcg@10": v, "system": s, "tasks": "llm_subset"}
-                  for s, v in (("sft_rl", 0.5), ("base_tools", 0.3)) for g in ("sparse", "dense")]
-                 ).write_parquet(evaluation / "summary.parquet")
+    _write_evaluation(layout, SCORES)
     return project
+
+
+SCORES = [0.2 + 0.6 * ((7 * i) % 10) / 10 for i in range(40)]  # sft_rl's NDCG@10 on 40 tasks per group
+
+
+def _write_evaluation(layout, sft_rl_scores, base_shift=-0.2):
+    """An evaluation folder whose summary and per-task rankings agree: sft_rl scores ``sft_rl_scores``
+    on the same 40 tasks per group, base_tools ``base_shift`` below it."""
+    evaluation = layout.asset_dir("evaluation", "synthetic")
+    evaluation.mkdir(parents=True, exist_ok=True)
+    rows = [{"system": system, "group": group, "task_id": f"{group}-{i}", "in_llm_subset": True,
+             "ndcg@10": score + (base_shift if system == "base_tools" else 0.0)}
+            for system in ("sft_rl", "base_tools") for group in ("sparse", "dense") for i, score in enumerate(sft_rl_scores)]
+    rankings = pl.DataFrame(rows)
+    rankings.write_parquet(evaluation / "rankings.parquet")
+    rankings.group_by("system", "group").agg(pl.col("ndcg@10").mean()).with_columns(
+        tasks=pl.lit("llm_subset")).write_parquet(evaluation / "summary.parquet")
 
 
 def test_registered_model_and_promotion_gate(project):
@@ -199,7 +269,8 @@ def test_registered_model_and_promotion_gate(project):
     result, gate = materialize()
     metadata = result.asset_materializations_for_node("registered_model")[0].metadata
     assert metadata["model_uri"].value == "models:/recthinker-agent/1"
-    assert metadata["candidate"].value == {"synthetic": {"sparse": {"ndcg@10": 0.5}, "dense": {"ndcg@10": 0.5}}}
+    mean = pytest.approx(sum(SCORES) / len(SCORES))
+    assert metadata["candidate"].value == {"synthetic": {"sparse": {"ndcg@10": mean}, "dense": {"ndcg@10": mean}}}
     assert gate.passed and gate.metadata["alias"].value == "champion"
     record = json.loads((project.paths.asset_dir("registered_model") / "registration.json").read_text())
     assert record["version"] == "1" and record["adapters"] == ["assets/sft_model/adapter", "assets/rl_model/adapter"]
@@ -215,3 +286,21 @@ def test_registered_model_and_promotion_gate(project):
     client = MlflowClient(tracking_uri=project.tracking_uri)
     assert str(client.get_model_version_by_alias("recthinker-agent", "champion").version) == "1"
     assert client.get_model_version("recthinker-agent", "2").tags["promotion_decision"] == "rejected"
+
+    # a third, better on one task per group and worse on another: better on average, but not significantly
+    _write_evaluation(project.paths.layout, [SCORES[0] + 0.3, SCORES[1] - 0.2, *SCORES[2:]])
+    _, gate = materialize()
+    assert not gate.passed and gate.metadata["alias"].value == "challenger"
+    assert "but not significantly" in gate.description
+    tags = client.get_model_version("recthinker-agent", "3").tags
+    assert tags["promotion_test"].startswith("paired bootstrap") and tags["promotion_tasks"] == "80"
+    assert float(tags["promotion_p_value"]) >= 0.05 and float(tags["promotion_effect"]) == pytest.approx(0.1 / 40)
+
+    # a fourth, 0.1 better on every task: a significant win over the champion's own per-task scores
+    _write_evaluation(project.paths.layout, [score + 0.1 for score in SCORES])
+    _, gate = materialize()
+    assert gate.passed and gate.metadata["alias"].value == "champion" and "significantly (" in gate.description
+    tags = client.get_model_version("recthinker-agent", "4").tags
+    assert tags["promotion_decision"] == "promoted" and tags["compared_champion_version"] == "1"
+    assert float(tags["promotion_p_value"]) < 0.05 and float(tags["promotion_effect"]) == pytest.approx(0.1)
+    assert str(client.get_model_version_by_alias("recthinker-agent", "champion").version) == "4"

@@ -194,6 +194,9 @@ class RegistryConfig(StageConfig):
     baseline_system: str | None = Field(default=None, description="The untrained system the candidate must beat.")
     metric: str | None = Field(default=None, description="Promotion metric (mean over datasets and groups).")
     margin: float | None = Field(default=None, description="How much the candidate must beat the champion by.")
+    significance_level: float | None = Field(
+        default=None, description="The paired test's level: beating the champion needs p below it (same eval tasks)."
+    )
     include_base_model: bool | None = Field(
         default=None, description="Copy the base model into the MLflow model (else a DVC-versioned reference)."
     )

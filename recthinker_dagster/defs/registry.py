@@ -3,8 +3,9 @@
 
 The figures compared are the evaluation's: NDCG@10 (by default) of each system on the LLM
 subset of the frozen eval tasks, per dataset and group, averaged over the groups. The gate
-promotes when the candidate beats the current champion by ``margin`` and beats the untrained
-base model with tools; otherwise the version gets the ``challenger`` alias and the reasons as
+promotes when the candidate beats the current champion by ``margin``, significantly (a paired
+test on the same eval tasks, ``p < significance_level``), and beats the untrained base model
+with tools; otherwise the version gets the ``challenger`` alias and the reasons as
 tags. The check warns (it never blocks): a challenger is a normal outcome.
 
 What is registered and the ``registration.json`` record come from ``stages/registration.py``;
@@ -75,7 +76,8 @@ def build_registry_assets(datasets: list[str]) -> list:
         asset=keys.REGISTERED_MODEL,
         name="promotion_gate",
         blocking=False,
-        description="Moves the 'champion' alias to the new version only if it beats the current champion by the margin "
+        description="Moves the 'champion' alias to the new version only if it beats the current champion by the margin, "
+        "significantly (paired test on the same eval tasks), "
         "and beats the untrained base model; else 'challenger', with the reasons as version tags. Warns, never blocks.",
     )
     def promotion_gate(paths: ProjectPaths, mlflow: MLflowTracking) -> dg.AssetCheckResult:
@@ -98,6 +100,8 @@ def build_registry_assets(datasets: list[str]) -> list:
                 "candidate_value": decision.candidate_value,
                 "champion_value": decision.champion_value if decision.champion_value is not None else "none",
                 "base_value": decision.base_value,
+                "p_value": decision.test["p_value"] if decision.test else "none",
+                "paired_tasks": decision.test["n_tasks"] if decision.test else 0,
                 "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
             },
             description=f"version {gate.version} -> {gate.alias}: " + "; ".join(decision.reasons),

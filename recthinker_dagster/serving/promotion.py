@@ -17,6 +17,12 @@ Rule: promote only if the candidate beats the champion by at least ``margin`` (a
 Without a champion the candidate must still beat the base model. Differences within 1e-9 count
 as ties (float noise).
 
+With a significance ``level`` (the pipeline's default, 0.05), beating the champion also needs
+the paired test of the candidate against the champion on the same eval tasks
+(``test``: :func:`recthinker_dagster.metrics.paired_bootstrap_test`) to give ``p < level``. A
+candidate that is better but not significantly so stays ``challenger``, and so does one whose
+test could not be run (``untested``: why, e.g. the champion was scored on other tasks).
+
 What is compared: one figure per metrics dict (each dict on its own):
 
 - a flat dict (``{"ndcg@10": 0.41, "hr@10": ...}``) gives its ``metric`` value: the overall
@@ -37,6 +43,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+
+from recthinker_dagster.metrics import PairedTest
 
 DEFAULT_METRIC = "ndcg@10"
 TOLERANCE = 1e-9
@@ -68,6 +76,8 @@ class PromotionDecision:
     beats_base: bool = False
     beats_champion: bool | None = None  # None: there was no champion
     groups: list[str] = field(default_factory=list)  # the groups averaged (empty: overall figures)
+    level: float | None = None  # the significance level (None: means only)
+    test: dict | None = None  # the paired test against the champion (PairedTest.to_dict())
 
     @property
     def alias(self) -> str:
@@ -137,6 +147,9 @@ def decide_promotion(
     metric: str = DEFAULT_METRIC,
     margin: float = 0.0,
     champion_version: str | int | None = None,
+    level: float | None = None,
+    test: PairedTest | None = None,
+    untested: str = "",
 ) -> PromotionDecision:
     """Promote ``candidate`` over ``champion`` (``None``: no champion yet)? See the module docstring.
 
@@ -144,6 +157,8 @@ def decide_promotion(
     margin = _number(margin, "margin")
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    if level is not None and not 0 < _number(level, "level") < 1:
+        raise ValueError(f"the significance level must be in (0, 1), got {level}")
     cand = metric_figure(candidate, metric, role="candidate metrics")
     base_fig = metric_figure(base, metric, role="base model metrics")
     _check_same_groups(cand, base_fig, "base model", metric)
@@ -159,7 +174,10 @@ def decide_promotion(
         _check_same_groups(cand, champ_fig, "champion", metric)
         delta = cand.value - champ_fig.value
         beats_champion = delta > TOLERANCE and delta >= margin - TOLERANCE
-        if beats_champion:
+        if beats_champion and level is not None:
+            beats_champion, reason = _significant(test, level, untested, name)
+            reasons.append(f"{metric} {cand.value:.3f} >= {name} {champ_fig.value:.3f} + margin {margin:.3f}, {reason}")
+        elif beats_champion:
             reasons.append(f"{metric} {cand.value:.3f} >= {name} {champ_fig.value:.3f} + margin {margin:.3f}")
         elif abs(delta) <= TOLERANCE:
             reasons.append(f"{metric} {cand.value:.3f} ties {name} {champ_fig.value:.3f}: a tie keeps the champion")
@@ -188,4 +206,17 @@ def decide_promotion(
         beats_base=beats_base,
         beats_champion=beats_champion,
         groups=list(cand.groups),
+        level=level,
+        test=test.to_dict() if test is not None else None,
     )
+
+
+def _significant(test: PairedTest | None, level: float, untested: str, name: str) -> tuple[bool, str]:
+    """Is the paired test a significant win at ``level``? With the reason's second half."""
+    if test is None:
+        return False, f"but the paired test against the {name} could not run: {untested or 'no per-task figures'}"
+    figures = (f"paired bootstrap effect {test.effect:+.3f} [{test.ci_low:+.3f}, {test.ci_high:+.3f}], "
+               f"p = {test.p_value:.4f}, {test.n_tasks} tasks")
+    if test.p_value < level:
+        return True, f"significantly ({figures}; p below the level {level})"
+    return False, f"but not significantly ({figures}; p not below the level {level})"

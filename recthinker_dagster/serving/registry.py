@@ -23,6 +23,11 @@ Tags written on the candidate version (always):
 ``compared_champion_version``   the champion it was compared with (``none`` without one);
                                 ``compared_champion_value`` likewise
 ``promotion_metrics``           the full metrics dict as JSON (``champion_metrics`` reads it)
+``promotion_test``              the paired test against the champion (``paired bootstrap,
+                                one-sided, stratified by group`` or ``none``); with it
+                                ``promotion_level``, ``promotion_p_value``,
+                                ``promotion_effect``, ``promotion_effect_ci`` and
+                                ``promotion_tasks`` (the task count)
 ``metric.<name>``               every numeric metric, nested keys joined with ``/``, ``@``
                                 written ``_at_`` (``metric.ml-1m/dense/ndcg_at_10``)
 ==============================  ===========================================================
@@ -33,7 +38,9 @@ removed when it pointed at the version just promoted).
 
 :func:`promote_registered_version` is the pipeline's promotion gate: it applies the rule to
 the version described by ``assets/registered_model/registration.json``
-(``stages/registration.py``).
+(``stages/registration.py``). It keeps the candidate's per-task scores with its run
+(``promotion/per_task.json``: ``{"<dataset>/<group>/<task_id>": value}``), so that a later
+candidate can be tested against this one, task by task, once it is the champion.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
+from recthinker_dagster.metrics import PairedTest, paired_bootstrap_test
 from recthinker_dagster.serving.promotion import (
     PromotionDecision,
     decide_promotion,
@@ -54,6 +62,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRICS_TAG = "promotion_metrics"
 METRIC_TAG_PREFIX = "metric."
+PER_TASK_ARTIFACT = "promotion/per_task.json"
+TEST_NAME = "paired bootstrap, one-sided, stratified by group"
 
 
 def _metric_tag(name: str) -> str:
@@ -120,6 +130,7 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
         "compared_champion_version": previous_version or "none",
         "compared_champion_value": repr(decision.champion_value) if decision.champion_value is not None else "none",
         METRICS_TAG: json.dumps(dict(metrics), sort_keys=True),
+        **test_tags(decision),
     }
     for key, value in flatten_metrics(metrics).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -139,6 +150,47 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
     return {"alias": decision.alias, "version": version, "previous_champion": previous_version}
 
 
+def test_tags(decision: PromotionDecision) -> dict[str, str]:
+    """The paired test's version tags (``promotion_test`` is ``none`` when no test ran)."""
+    test = decision.test
+    if test is None:
+        return {"promotion_test": "none"}
+    return {"promotion_test": TEST_NAME, "promotion_level": repr(decision.level),
+            "promotion_p_value": repr(test["p_value"]), "promotion_effect": repr(test["effect"]),
+            "promotion_effect_ci": f"[{test['ci_low']!r}, {test['ci_high']!r}]",
+            "promotion_tasks": str(test["n_tasks"])}
+
+
+def champion_per_task(client, version) -> dict[str, float] | None:
+    """The per-task scores kept with a version's run (None when it has none: registered before
+    per-task scores were kept, or by hand)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(version.run_id, PER_TASK_ARTIFACT, folder)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def paired_test(candidate: Mapping[str, float], champion: Mapping[str, float] | None
+                ) -> tuple[PairedTest | None, str]:
+    """The candidate against the champion on the same tasks, or None and why not."""
+    if not candidate:
+        return None, "the candidate has no per-task scores"
+    if champion is None:
+        return None, "the champion has no per-task scores (promotion/per_task.json)"
+    if set(candidate) != set(champion):
+        shared = len(set(candidate) & set(champion))
+        return None, (f"the champion was scored on other eval tasks ({shared} shared of {len(candidate)}); "
+                      "remove the champion alias to start over on the new tasks")
+    keys = sorted(candidate)
+    strata = [key.rsplit("/", 1)[0] for key in keys]  # <dataset>/<group>
+    return paired_bootstrap_test([candidate[k] for k in keys], [champion[k] for k in keys], strata), ""
+
+
 @dataclass(frozen=True)
 class GateOutcome:
     """What the promotion gate did to a registered version."""
@@ -151,15 +203,21 @@ class GateOutcome:
 
 def promote_registered_version(client, registration: Mapping) -> GateOutcome:
     """Compare a registered version (a ``registration.json`` record: ``model_name``, ``version``,
-    ``candidate``, ``base``, ``metric``, ``margin``) with the champion and move the aliases."""
+    ``run_id``, ``candidate``, ``base``, ``metric``, ``margin``, ``significance_level`` and
+    ``candidate_per_task``) with the champion and move the aliases."""
     name, version = registration["model_name"], str(registration["version"])
+    per_task = registration.get("candidate_per_task") or {}
+    if per_task and registration.get("run_id"):
+        client.log_dict(registration["run_id"], per_task, PER_TASK_ARTIFACT)
     current = champion_version(client, name)
     if current is not None and str(current.version) == version:
         return GateOutcome(version, CHAMPION, None, version)
+    test, untested = (None, "") if current is None else paired_test(per_task, champion_per_task(client, current))
     decision = decide_promotion(
         registration["candidate"], champion_metrics(client, name), registration["base"],
         metric=registration["metric"], margin=registration["margin"],
         champion_version=str(current.version) if current is not None else None,
+        level=registration.get("significance_level"), test=test, untested=untested,
     )
     outcome = apply_promotion(client, name, version, decision, registration["candidate"])
     return GateOutcome(version, outcome["alias"], decision, outcome["previous_champion"])

@@ -54,6 +54,7 @@ class RegistrationPlan:
     serving: dict  # the served agent's budgets (serving.agent.ServingConfig keys)
     input_example: list[dict]  # one request for a real eval user
     metrics: dict[str, float]  # {"<dataset>/<group>/<metric>": candidate value}
+    candidate_per_task: dict[str, float]  # {"<dataset>/<group>/<task_id>": candidate value}: the paired test's input
 
 
 def system_figures(layout: ArtifactLayout, datasets: Sequence[str], system: str, metric: str) -> dict:
@@ -68,6 +69,20 @@ def system_figures(layout: ArtifactLayout, datasets: Sequence[str], system: str,
             raise ValueError(f"{path} has no figures for system {system!r}: add it to the evaluation's systems")
         figures[dataset] = {row["group"]: {metric: float(row[metric])} for row in rows.iter_rows(named=True)}
     return figures
+
+
+def system_per_task(layout: ArtifactLayout, datasets: Sequence[str], system: str, metric: str) -> dict[str, float]:
+    """``{"<dataset>/<group>/<task_id>": value}`` of ``system`` on the LLM subset of the eval tasks
+    (from ``rankings.parquet``; empty when a dataset has no saved rankings)."""
+    scores: dict[str, float] = {}
+    for dataset in datasets:
+        path = layout.asset_dir("evaluation", dataset) / "rankings.parquet"
+        if not path.exists():
+            return {}
+        rows = pl.read_parquet(path).filter((pl.col("system") == system) & pl.col("in_llm_subset"))
+        scores |= {f"{dataset}/{row['group']}/{row['task_id']}": float(row[metric])
+                   for row in rows.iter_rows(named=True)}
+    return scores
 
 
 def artifact_reference(folder: Path) -> dict:
@@ -122,6 +137,7 @@ def plan_registration(settings: RegistrySettings, layout: ArtifactLayout, datase
         input_example=[{"dataset": datasets[0], "user_id": str(example["user_id"]),
                         "candidate_item_ids": [str(i) for i in example["candidate_item_ids"][:5]]}],
         metrics=flat_metrics(candidate, settings.metric),
+        candidate_per_task=system_per_task(layout, datasets, settings.candidate_system, settings.metric),
     )
 
 
@@ -131,8 +147,9 @@ def write_registration(settings: RegistrySettings, layout: ArtifactLayout, plan:
     registration = {
         "model_name": settings.model_name, "version": version, "run_id": run_id,
         "candidate_system": settings.candidate_system, "baseline_system": settings.baseline_system,
-        "metric": settings.metric, "margin": settings.margin, "candidate": plan.candidate, "base": plan.base,
-        "policy_md5": plan.policy_md5, "adapters": plan.lineage["adapters"],
+        "metric": settings.metric, "margin": settings.margin, "significance_level": settings.significance_level,
+        "candidate": plan.candidate, "base": plan.base, "policy_md5": plan.policy_md5,
+        "adapters": plan.lineage["adapters"], "candidate_per_task": plan.candidate_per_task,
     }
     text = json.dumps(registration, indent=2)
     folder = layout.asset_dir(ASSET)
