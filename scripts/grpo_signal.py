@@ -1,13 +1,14 @@
 """Does GRPO have signal? A GRPO run on an SFT adapter, with its health figures per step.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/grpo_signal.py --root DIR \\
-        --sft-adapter DIR/adapter [--recipe demo] [--set FIELD=VALUE ...] [--datasets ml-1m amazon-cds] \\
+        [--sft-adapter DIR/adapter] [--recipe demo] [--set FIELD=VALUE ...] [--datasets ml-1m amazon-cds] \\
         [--answer-mode generate] [--out DIR]
 
 Reads the published tasks, tool indexes and ``assets/base_model`` under ``--root`` (build them
 with the pipeline or ``scripts/sft_learning_curve.py``), takes the recipe's ``n_train_tasks``
 train tasks per dataset (group-balanced, as the ``rl_model`` stage does) and trains the RL
-adapter on top of ``--sft-adapter`` with ``training.grpo.train_grpo``. ``--set`` overrides recipe
+adapter on top of ``--sft-adapter`` (without one: on the base model, as ``--recipe reczero``
+does) with ``training.grpo.train_grpo``. ``--set`` overrides recipe
 fields (``--set max_steps=16 --set learning_rate=1e-4``). Prints per step: reward (mean, std),
 ``frac_reward_zero_std``, the reward components, tool calls, valid rate, completion length,
 the sampler-trainer log-prob gap and seconds; then the mean reward of the first and last
@@ -49,7 +50,7 @@ def quarter_summary(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--sft-adapter", type=Path, required=True)
+    parser.add_argument("--sft-adapter", type=Path, default=None, help="default: none, GRPO from the base model")
     parser.add_argument("--recipe", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
@@ -71,7 +72,8 @@ def main() -> None:
     out = args.out or layout.root / "grpo_signal"
     print(f"GRPO {recipe.name} ({recipe.digest}) on {len(tasks)} train tasks, {recipe.num_generations} rollouts "
           f"each, {recipe.max_steps} steps; overrides {overrides}", flush=True)
-    result = train_grpo(tasks, toolboxes, layout.asset_dir("base_model"), [args.sft_adapter], out / "run", recipe,
+    result = train_grpo(tasks, toolboxes, layout.asset_dir("base_model"),
+                        [args.sft_adapter] if args.sft_adapter else [], out / "run", recipe,
                         answer_mode=args.answer_mode,
                         callbacks=[LogProgress(lambda line: print(line, flush=True), "reward", HEALTH_IN_PROGRESS)])
     steps = result.metrics["steps"]
@@ -87,7 +89,7 @@ def main() -> None:
                "seconds_per_step": result.metrics["seconds_per_step"],
                "time_split_per_step": result.metrics["time_split_per_step"],
                "recipe": recipe.to_dict(), "answer_mode": args.answer_mode, "n_tasks": len(tasks),
-               "sft_adapter": str(args.sft_adapter), "steps": steps}
+               "sft_adapter": str(args.sft_adapter or ""), "steps": steps}
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo_signal.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("reward", "mean_frac_reward_zero_std", "seconds_per_step",

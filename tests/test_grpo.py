@@ -111,8 +111,35 @@ def test_grpo_logs_health_figures_and_time_split(grpo_runs):
 
 
 def test_rl_recipes_load_and_hold_no_validation_settings():
-    for name in ("smoke", "demo", "full"):
+    for name in ("smoke", "demo", "full", "reczero", "recone"):
         recipe = load_rl_recipe(name)
         assert recipe.name == name and "eval" not in recipe.to_dict()  # validation: the profile's rl.validation
+        assert recipe.conversation == ("think" if name in ("reczero", "recone") else "tools")
     with pytest.raises(ValueError, match="unknown RL recipe keys"):
         load_rl_recipe("smoke").with_overrides(eval={"n_tasks": 2})
+
+
+@pytest.mark.slow
+def test_grpo_think_rollouts_train_without_tools(tmp_path, prepared_base_model):
+    """The RecZero recipe's conversation: GRPO from the base model on tool-free think rollouts."""
+    recipe = load_rl_recipe("smoke").with_overrides(
+        name="test-think", conversation="think", max_steps=1, num_generations=2, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, max_new_tokens=24, learning_rate=5e-3,
+        reward_weights={"ranking": 1.0, "reasoning": 0.1})
+    result = train_grpo(agent_tasks("train", 1), toolbox_factory, prepared_base_model[0], [], tmp_path, recipe,
+                        extra_reward_funcs=[_length_reward])
+    step = result.metrics["steps"][-1]
+    assert result.global_step == 1 and step["tools/call_frequency"] == 0.0  # no tool was offered
+    assert "rewards/reasoning/mean" in step
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="conversation must be one of"):
+        recipe.with_overrides(conversation="chat")
+
+
+def test_think_rollouts_open_with_the_think_prompt_and_no_tools(tokenizer):
+    from recthinker_dagster.agent.think import THINK_PROMPT, think_config, without_tools
+
+    rollout = ToolRollout(agent_tasks("train", 1), without_tools(toolbox_factory), think_config(), tokenizer)
+    [row] = rollout.dataset_rows()
+    system = row["prompt"][0]["content"]
+    assert system.startswith(THINK_PROMPT.split("\n")[0]) and "<tool_call>" not in system

@@ -12,6 +12,7 @@ from recthinker_dagster.training.rewards import (
     check_weights,
     format_reward,
     ranking_reward,
+    reasoning_reward,
     register,
     repeated_calls,
     tool_efficiency_reward,
@@ -21,10 +22,10 @@ from recthinker_dagster.training.rewards import (
 
 
 def outcome(rank=1, valid=True, answered=True, calls=2, invalid=0, parse=0, budget=8, n=20,
-            repeated=0) -> RolloutOutcome:
+            repeated=0, sections=0) -> RolloutOutcome:
     return RolloutOutcome(valid=valid, answered=answered, target_rank=rank, n_candidates=n, n_tool_calls=calls,
                           n_invalid_calls=invalid, n_parse_issues=parse, max_tool_calls=budget,
-                          n_repeated_calls=repeated)
+                          n_repeated_calls=repeated, n_sections=sections)
 
 
 def test_ranking_reward_is_ndcg_at_10_and_zero_for_invalid_answers():
@@ -69,15 +70,32 @@ def test_repeated_calls_count_same_tool_and_arguments():
     assert repeated_calls(records) == 2  # failed calls are counted as invalid, not as repeats
 
 
+def test_reasoning_reward_needs_every_think_section_and_a_useful_ranking():
+    from types import SimpleNamespace
+
+    assert reasoning_reward(outcome(rank=2, sections=3)) == 1.0
+    assert reasoning_reward(outcome(rank=2, sections=2)) == 0.0  # <match> missing
+    assert reasoning_reward(outcome(rank=6, sections=3)) == 0.0  # right shape, useless ranking
+    assert reasoning_reward(outcome(rank=1, valid=False, sections=3)) == 0.0
+    reply = "<user>horror</user><candidates>G: a slasher</candidates><match>G fits</match><answer>G, A</answer>"
+    trajectory = SimpleNamespace(final_ranking=["g", "a"], target_item_id="g", valid=True, finish="answer",
+                                 n_tool_calls=0, n_invalid_calls=0, n_parse_issues=0, tool_calls=[],
+                                 messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "y"},
+                                           {"role": "assistant", "content": reply}])
+    assert RolloutOutcome.from_trajectory(trajectory, max_tool_calls=0).n_sections == 3
+
+
 @pytest.mark.parametrize("weights", [{"ranking": 1.0, "format": 0.1, "tool_efficiency": 0.1},
                                      {"ranking": 1.0, "format": 5.0, "tool_efficiency": 5.0},
-                                     {"ranking": 0.2, "tool_efficiency": 3.0}])
+                                     {"ranking": 0.2, "tool_efficiency": 3.0},
+                                     {"ranking": 1.0, "format": 0.1, "reasoning": 2.0}])
 def test_no_incorrect_rollout_outscores_a_correct_one(weights):
     budget = 8
-    correct = [outcome(rank=r, calls=c, invalid=i, budget=budget, answered=a)
-               for r in range(1, 6) for c in range(13) for i in range(0, c + 1, 2) for a in (True, False)]
-    incorrect = [outcome(rank=r, calls=c, valid=v, budget=budget)
-                 for r in range(1, 22) for c in range(13) for v in (True, False) if not (v and r <= 5)]
+    correct = [outcome(rank=r, calls=c, invalid=i, budget=budget, answered=a, sections=s)
+               for r in range(1, 6) for c in range(13) for i in range(0, c + 1, 2) for a in (True, False)
+               for s in (0, 3)]
+    incorrect = [outcome(rank=r, calls=c, valid=v, budget=budget, sections=s)
+                 for r in range(1, 22) for c in range(13) for v in (True, False) if not (v and r <= 5) for s in (0, 3)]
     worst_correct = min(weighted_reward(o, weights) for o in correct)
     best_incorrect = max(weighted_reward(o, weights) for o in incorrect)
     assert worst_correct > best_incorrect

@@ -304,3 +304,37 @@ def test_llm_teacher_over_a_loopback_openai_server():
     assert all(t.valid and t.n_tool_calls == 1 and t.prompt_tokens == 80 for t in trajectories)
     first = httpd.bodies[0]
     assert first["model"] == "big-teacher" and first["tools"][0]["function"]["name"] == "get_item_info"
+
+
+# -- the thinking teacher (think before recommend: RecOne's SFT data) ---------------------------------
+
+
+def test_the_thinking_teacher_ranks_as_the_investigator_in_one_tool_free_turn(world):
+    from recthinker_dagster.agent.teachers.thinking import THINKER, ThinkingTeacher
+    from recthinker_dagster.agent.think import THINK_PROMPT, sections_written
+
+    sample = _sample(world, 30)
+    tasks, canonical = [t for t, _ in sample], [tr for _, tr in sample]
+    thought = ThinkingTeacher().run(tasks, world.factory)
+    assert [t.final_ranking for t in thought] == [t.final_ranking for t in canonical]  # the investigator's order
+    for trajectory in thought:
+        assert trajectory.producer == THINKER and trajectory.valid and trajectory.finish == "answer"
+        assert trajectory.n_tool_calls == 0 and [m["role"] for m in trajectory.messages] == ["system", "user", "assistant"]
+        assert trajectory.messages[0]["content"].startswith(THINK_PROMPT.split("\n")[0])
+        reply = trajectory.messages[-1]["content"]
+        assert sections_written(reply) == ("user", "candidates", "match")
+        leaders = re.search(r"So (.+) lead\.", reply).group(1).split(", ")
+        assert leaders == re.search(r"<answer>(.+)</answer>", reply).group(1).split(", ")[:3]  # it explains its head
+    perturbed = ThinkingTeacher().run(tasks, world.factory, sample_index=1, seed=3)
+    assert any(a.final_ranking != b.final_ranking for a, b in zip(perturbed, thought))  # samples try other weights
+
+
+def test_sections_written_needs_each_section_once_in_order_and_not_empty():
+    from recthinker_dagster.agent.think import sections_written
+
+    full = "<user>likes horror</user>\n<candidates>G is a slasher</candidates><match>G fits</match><answer>G, A</answer>"
+    assert sections_written(full) == ("user", "candidates", "match")
+    assert sections_written("<user>likes horror</user><match>G fits</match>") == ("user",)  # candidates missing
+    assert sections_written("<candidates>x</candidates><user>y</user>") == ("user",)  # no candidates after the user
+    assert sections_written("<user> </user><candidates>x</candidates>") == ()  # empty
+    assert sections_written("<user>unclosed<candidates>x</candidates>") == ()

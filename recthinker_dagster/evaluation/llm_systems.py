@@ -16,6 +16,7 @@ from pathlib import Path
 
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.agent.think import without_tools
 from recthinker_dagster.progress import ProgressLog
 
 ZERO_SHOT = "zero_shot"
@@ -25,19 +26,6 @@ ZERO_SHOT = "zero_shot"
 class Policy:
     base_model: Path
     adapters: tuple[Path, ...] = field(default_factory=tuple)
-
-
-class WithoutTools:
-    """A toolbox that offers no tools (the zero-shot ranker sees only history and candidates)."""
-
-    def __init__(self, toolbox):
-        self._toolbox = toolbox
-
-    def __getattr__(self, name):
-        return getattr(self._toolbox, name)
-
-    def schemas(self) -> list:
-        return []
 
 
 def agent_config_for(system: str, settings: dict) -> AgentConfig:
@@ -70,7 +58,7 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
         model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
         backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
         for system in systems:
-            factory = (lambda task: WithoutTools(toolbox_factory(task))) if system == ZERO_SHOT else toolbox_factory
+            factory = without_tools(toolbox_factory) if system == ZERO_SHOT else toolbox_factory
             config = agent_config_for(system, settings)
             # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
             chunk = CHUNK_BATCHES * batch_size

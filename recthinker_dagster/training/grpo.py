@@ -55,6 +55,7 @@ from typing import Any
 from recthinker_dagster.agent import prompts as agent_prompts
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.models.loading import adapter_list, load_agent_model
 from recthinker_dagster.training.data import IGNORE_INDEX, tokenize_conversation, training_chat_template
 from recthinker_dagster.training.device import resolve_precision, training_device
@@ -344,8 +345,13 @@ def train_grpo(
         tokenizer.pad_token = tokenizer.eos_token
     model = load_policy_start(base_model_dir, adapters, precision)
 
-    agent_config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
-                               sampling=SamplingParams(max_new_tokens=recipe.max_new_tokens), answer_mode=answer_mode)
+    sampling = SamplingParams(max_new_tokens=recipe.max_new_tokens)
+    if recipe.conversation == "think":  # one tool-free turn of tagged reasoning, then the answer
+        agent_config = think_config(sampling, answer_mode=answer_mode)
+        toolbox_factory = without_tools(toolbox_factory)
+    else:
+        agent_config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
+                                   sampling=sampling, answer_mode=answer_mode)
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
                           seed=recipe.seed, backend_factory=backend_factory)
     from datasets import Dataset

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from recthinker_dagster.agent.think import SECTIONS, sections_written
 from recthinker_dagster.agent.trajectory import count_repeated_calls
 from recthinker_dagster.metrics import ndcg_at_k
 
@@ -43,6 +44,7 @@ class RolloutOutcome:
     n_parse_issues: int
     max_tool_calls: int
     n_repeated_calls: int = 0  # valid calls that repeat an earlier call's tool and arguments
+    n_sections: int = 0  # think sections the first assistant turn wrote, in order (agent/think.py)
 
 
     @classmethod
@@ -59,10 +61,15 @@ class RolloutOutcome:
             n_parse_issues=trajectory.n_parse_issues,
             max_tool_calls=max_tool_calls,
             n_repeated_calls=repeated_calls(trajectory.tool_calls),
+            n_sections=len(sections_written(first_reply(trajectory.messages))),
         )
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def first_reply(messages) -> str:
+    return next((str(m.get("content") or "") for m in messages if m.get("role") == "assistant"), "")
 
 
 def repeated_calls(records) -> int:
@@ -123,6 +130,14 @@ def tool_efficiency_reward(outcome: RolloutOutcome, correct_k: int = DEFAULT_COR
         return 0.0
     useful = outcome.n_tool_calls - outcome.n_invalid_calls - outcome.n_repeated_calls
     return max(0.0, min(1.0, useful / outcome.n_tool_calls))
+
+
+@register("reasoning")
+def reasoning_reward(outcome: RolloutOutcome, correct_k: int = DEFAULT_CORRECT_K, **_) -> float:
+    """r_think = 1 if the rollout is correct and its first turn wrote every think section
+    (``<user>``, ``<candidates>``, ``<match>``, in order), else 0: the think-before-recommend
+    recipes' format term, paid like ``format`` only with a useful ranking."""
+    return 1.0 if outcome.n_sections == len(SECTIONS) and is_correct(outcome, correct_k) else 0.0
 
 
 def check_weights(weights: Mapping[str, float]) -> dict[str, float]:

@@ -3,7 +3,9 @@
     recipe = load_rl_recipe("smoke")                   # recipes/rl_smoke.yaml
     recipe = load_rl_recipe("my_rl.yaml").with_overrides(max_steps=2)
 
-Unknown keys are an error. ``reward_weights`` name rewards of ``training.rewards.REWARDS``;
+Unknown keys are an error. ``conversation`` picks the rollouts: ``tools`` (the agent's
+Analyze-Plan-Act loop with tools) or ``think`` (``agent/think.py``: one tool-free turn of tagged
+reasoning, then the answer; the RecZero and RecOne recipes). ``reward_weights`` name rewards of ``training.rewards.REWARDS``;
 ``reward_params`` go to every reward (``correct_k``: the rank a correct answer reaches).
 The validation run after training is a run setting (``rl.validation`` in ``profiles/<name>.yaml``).
 """
@@ -21,6 +23,8 @@ from recthinker_dagster.training.recipes import (
     recipe_path,
 )
 from recthinker_dagster.training.rewards import check_weights
+
+CONVERSATIONS = ("tools", "think")
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class RLRecipe(RecipeFields):
     scale_rewards: str = "group"
     temperature: float = 1.0
     top_p: float = 1.0
-    # rollouts: the agent's budgets and the tasks
+    # rollouts: the conversation, the agent's budgets and the tasks
+    conversation: str = "tools"  # "tools": the agent; "think": think before recommend, no tools (RecZero, RecOne)
     max_turns: int = 4
     max_tool_calls: int = 4
     max_new_tokens: int = 192  # per assistant turn
@@ -80,6 +85,8 @@ class RLRecipe(RecipeFields):
         if self.max_steps < 1 or self.max_turns < 1 or self.max_tool_calls < 0:
             raise ValueError("max_steps and max_turns must be >= 1, max_tool_calls >= 0")
         check_weights(self.reward_weights)
+        if self.conversation not in CONVERSATIONS:
+            raise ValueError(f"conversation must be one of {CONVERSATIONS}, got {self.conversation!r}")
 
 
 def load_rl_recipe(name_or_path: str | os.PathLike | RLRecipe) -> RLRecipe:

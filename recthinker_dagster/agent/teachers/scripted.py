@@ -69,6 +69,7 @@ class ScriptedTeacher:
     name = PRODUCER
 
     def __init__(self, config: AgentConfig | None = None, settings: InvestigatorSettings | None = None):
+        self.policy: type[Investigator] = Investigator  # the per-task policy (the thinking teacher swaps it)
         self.config = config or AgentConfig()
         self.settings = settings or InvestigatorSettings()
 
@@ -97,8 +98,8 @@ class InvestigatorBackend:
         def factory(task: AgentTask):
             box = toolbox_factory(task)
             key = prompts.user_prompt(task.history_lines, box.candidate_lines(), task.user_id)
-            investigator = Investigator(task, box, self.teacher.settings, self.config,
-                                        sample_index=self.sample_index, seed=self.seed)
+            investigator = self.teacher.policy(task, box, self.teacher.settings, self.config,
+                                               sample_index=self.sample_index, seed=self.seed)
             self.waiting.setdefault(key, []).append(investigator)
             return box
         return factory
