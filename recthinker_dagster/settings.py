@@ -37,7 +37,7 @@ DEFAULT_PROFILE = "demo"
 PROFILE_NAMES = ("smoke", "demo", "full")
 SHARED_KEYS = ("seed", "prompt_history_len", "max_turns", "max_tool_calls")
 
-CLASSICAL_SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "sasrec")
+CLASSICAL_SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "sasrec", "fusion")  # fusion: their tuned blend
 LLM_SYSTEMS = ("zero_shot", "base_tools", "sft", "sft_rl")  # base model without / with tools, then trained
 ANSWER_MODES = ("generate", "logits")  # who orders the answer: the model's tokens, or the label head
 

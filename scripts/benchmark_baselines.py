@@ -56,7 +56,7 @@ from recthinker_dagster.stages.evaluation import fitted_recommender
 from recthinker_dagster.stages.inputs import ensure_tasks
 from recthinker_dagster.tools import index_interactions
 
-SYSTEMS = (*CLASSICAL_SYSTEMS, "bprmf_untuned", *LIBRARY_BASELINES)
+SYSTEMS = (*(s for s in CLASSICAL_SYSTEMS if s != "fusion"), "bprmf_untuned", *LIBRARY_BASELINES)  # fusion: the tool suite's
 DEFAULT_SYSTEMS = ["random", "popularity", "itemknn", "bprmf_untuned", "bprmf", *LIBRARY_BASELINES]
 
 

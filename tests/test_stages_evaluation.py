@@ -29,7 +29,7 @@ from recthinker_dagster.stages.result import Json, Markdown
 from recthinker_dagster.tools import build_all, index_interactions
 
 DATASET = "synthetic"
-SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "teacher")
+SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "fusion", "teacher")
 SETTINGS = EvaluationSettings(systems=SYSTEMS, n_bootstrap=50, llm_tasks=4)
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -69,7 +69,7 @@ def test_evaluation_writes_rankings_summaries_report_and_plot(evaluated):
     rankings = pl.read_parquet(folder / "rankings.parquet")
     assert rankings.height == len(SYSTEMS) * eval_tasks.height
     assert rankings["system"].unique(maintain_order=True).to_list() == list(SYSTEMS)
-    assert rankings.group_by("system").agg(pl.col("in_llm_subset").sum())["in_llm_subset"].to_list() == [4] * 5
+    assert rankings.group_by("system").agg(pl.col("in_llm_subset").sum())["in_llm_subset"].to_list() == [4] * len(SYSTEMS)
     for row in rankings.head(10).iter_rows(named=True):  # the saved rankings reproduce the metrics
         assert task_metrics(row["ranking"], row["target_item_id"])["ndcg@10"] == row["ndcg@10"]
 
@@ -238,3 +238,12 @@ def test_recthinker_report_checks_the_saved_report_against_the_rankings(evaluate
     pl.read_parquet(rankings_path).write_parquet(rankings_path)  # rankings without the report settings
     assert main(["report", "--root", str(tmp_path)]) == 2
     assert "carries no report settings" in capsys.readouterr().err
+
+
+def test_the_fusion_baseline_ranks_as_the_teacher_without_the_loop(evaluated):
+    layout, result, _ = evaluated
+    fusion, teacher = result.per_task["fusion"], result.per_task["teacher"]
+    same = [a == b for a, b in zip(fusion["ranking"].to_list(), teacher["ranking"].to_list())]
+    assert fusion["task_id"].to_list() == teacher["task_id"].to_list()
+    assert sum(same) >= 0.8 * len(same)  # the same fused scores; only exact ties may break apart
+    assert "fusion" in result.report and result.summaries["fusion"].height == 2

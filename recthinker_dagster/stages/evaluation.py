@@ -44,6 +44,8 @@ from recthinker_dagster.artifacts import (
 )
 from recthinker_dagster.evaluation.agents import agent_summary, trajectories_per_task
 from recthinker_dagster.evaluation.baselines import evaluate_recommender
+from recthinker_dagster.evaluation.fusion_baseline import NAME as FUSION
+from recthinker_dagster.evaluation.fusion_baseline import FusionBaseline
 from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
 from recthinker_dagster.evaluation.report import candidates_per_task, plot_ndcg_by_system, plot_tool_use
 from recthinker_dagster.evaluation.results import (
@@ -118,11 +120,16 @@ def policy_for(system: str, layout: ArtifactLayout) -> Policy:
 
 
 def fitted_recommender(system: str, visible: pl.DataFrame, indexes: ToolIndexes | None,
-                       settings: EvaluationSettings) -> Recommender:
+                       settings: EvaluationSettings, dataset: str = "") -> Recommender:
     """A classical system fitted on the index interactions; BPR-MF, item-kNN and SASRec are the
     tools' own scorers (``score_candidates``), so the baselines and the agent's signals agree
     (without ``indexes``, or for a suite built before item-kNN and SASRec joined it, they are
-    fitted here with their defaults)."""
+    fitted here with their defaults). ``fusion`` fuses the tool suite's signals with the
+    teacher's tuned weights for ``dataset`` (``evaluation/fusion_baseline.py``)."""
+    if system == FUSION:
+        if indexes is None:
+            raise ValueError("the fusion baseline needs the tool indexes (it fuses their signals)")
+        return FusionBaseline(indexes, dataset)
     if system == "bprmf" and indexes is not None:
         return indexes.bprmf
     if system in ("itemknn", "sasrec") and getattr(indexes, system, None) is not None:
@@ -209,7 +216,7 @@ def score_systems(settings: EvaluationSettings, layout: ArtifactLayout, dataset:
         else:
             if visible is None:
                 visible = index_interactions(read_train_interactions(layout, dataset), read_tasks(layout, dataset))
-            recommender = fitted_recommender(system, visible, indexes, settings)
+            recommender = fitted_recommender(system, visible, indexes, settings, dataset)
             per_task[system] = evaluate_recommender(recommender, eval_tasks, seed=settings.seed)
         seconds[system] = time.perf_counter() - started
         log(f"{dataset}: {system} scored {eval_tasks.height} eval tasks in {seconds[system]:.1f}s")

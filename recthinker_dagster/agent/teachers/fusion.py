@@ -35,3 +35,16 @@ def weights_for(dataset: str, regime_name: str, table: Mapping[str, Mapping] | N
         if found:
             return {name: float(w) for name, w in found.items() if w}
     return dict(DEFAULT_WEIGHTS)
+
+
+def rounded(weights: Mapping[str, float]) -> dict[str, float]:
+    """Weights as the teacher writes them: one decimal, zeros dropped."""
+    return {name: round(w, 1) for name, w in weights.items() if round(w, 1) != 0}
+
+
+def teacher_weights(dataset: str, regime_name: str, available: tuple[str, ...] | list[str],
+                    table: Mapping[str, Mapping] | None = None) -> dict[str, float]:
+    """The weights the teacher asks ``score_candidates`` for: the tuned ones (:func:`weights_for`)
+    over the signals the tool suite has, as the teacher writes them (BPR-MF alone when none is left)."""
+    tuned = weights_for(dataset, regime_name, table)
+    return rounded({name: w for name, w in tuned.items() if name in available}) or {"bprmf": 1.0}

@@ -128,13 +128,8 @@ def task_rng(seed: int, task_id: str, sample_index: int) -> np.random.Generator:
 
 
 def perturbed(weights: Mapping[str, float], rng: np.random.Generator, sigma: float) -> dict[str, float]:
-    """Every weight times ``exp(N(0, sigma))`` (same sign), as :func:`rounded` writes it."""
-    return rounded({name: w * math.exp(rng.normal(0.0, sigma)) for name, w in weights.items()})
-
-
-def rounded(weights: Mapping[str, float]) -> dict[str, float]:
-    """Weights as the teacher writes them: one decimal, zeros dropped."""
-    return {name: round(w, 1) for name, w in weights.items() if round(w, 1) != 0}
+    """Every weight times ``exp(N(0, sigma))`` (same sign), as :func:`fusion.rounded` writes it."""
+    return fusion.rounded({name: w * math.exp(rng.normal(0.0, sigma)) for name, w in weights.items()})
 
 
 class Investigator:
@@ -181,9 +176,8 @@ class Investigator:
         return taste + "The history length is unknown, and it decides how far to trust the recent sequence."
 
     def _weights(self, regime: str) -> dict[str, float]:
-        available = available_signals(self.box.indexes)
-        tuned = fusion.weights_for(self.task.dataset, regime, self.settings.weights_table)
-        weights = rounded({name: w for name, w in tuned.items() if name in available}) or {"bprmf": 1.0}
+        weights = fusion.teacher_weights(self.task.dataset, regime, available_signals(self.box.indexes),
+                                         self.settings.weights_table)
         if self.sample_index > 0:
             weights = perturbed(weights, self.rng, self.settings.perturb)
         self.weights = weights
