@@ -3,14 +3,15 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/compare_policies.py --root DIR \\
         --policy sft=DIR/sft/adapter --policy sft+rl=DIR/sft/adapter,DIR/rl/adapter \\
         [--datasets ml-1m amazon-cds] [--n-tasks 50] [--max-turns 4] [--max-tool-calls 4] \\
-        [--max-new-tokens 192] [--batch-size 16] [--answer-mode generate] [--json-out FILE]
+        [--max-new-tokens 192] [--batch-size 16] [--answer-mode generate] [--teacher] [--json-out FILE]
 
 Each policy is the base model under ``--root`` (``assets/base_model``) with its adapters merged
 in order (none: ``--policy base=``). All run the real agent loop and tools on the same
 validation slice (``--n-tasks`` valid tasks per dataset, group-balanced; never eval tasks).
 Prints the validation table (own answers, valid tool calls, NDCG, tool calls per task) and,
 for every policy after the first, the paired NDCG@10 and tool-call differences against the
-first with 95% bootstrap intervals.
+first with 95% bootstrap intervals. ``--teacher`` adds the scripted teacher on the same tasks
+(with the teacher's own budgets: 6 turns, 8 tool calls), the bar an SFT agent is held to.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from recthinker_dagster.artifacts import ArtifactLayout
 from recthinker_dagster.settings import ValidationSettings
-from recthinker_dagster.stages.validation import validate_policies, validation_table
-from recthinker_dagster.training.validation import paired_difference
+from recthinker_dagster.stages.validation import validate_policies, validation_suites, validation_table
+from recthinker_dagster.training.validation import paired_difference, teacher_report
 
 
 def parse_policy(text: str) -> tuple[str, list[Path]]:
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--answer-mode", default="generate", choices=["generate", "logits"])
+    parser.add_argument("--teacher", action="store_true", help="also score the scripted teacher on the same tasks")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     layout = ArtifactLayout(args.root.resolve())
@@ -50,8 +52,12 @@ def main() -> None:
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   answer_mode=args.answer_mode)
     policies = dict(args.policy)
-    reports = validate_policies(layout, args.datasets, settings, layout.asset_dir("base_model"), policies,
-                                log=lambda line: print(line, flush=True))
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    reports = validate_policies(layout, args.datasets, settings, layout.asset_dir("base_model"), policies, log=log)
+    if args.teacher:
+        reports["teacher"] = teacher_report(validation_suites(layout, args.datasets, settings), progress=log)
     print(validation_table(reports))
     first = next(iter(reports))
     differences = {name: {"ndcg@10": paired_difference(report, reports[first]),

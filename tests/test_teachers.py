@@ -338,3 +338,15 @@ def test_sections_written_needs_each_section_once_in_order_and_not_empty():
     assert sections_written("<candidates>x</candidates><user>y</user>") == ("user",)  # no candidates after the user
     assert sections_written("<user> </user><candidates>x</candidates>") == ()  # empty
     assert sections_written("<user>unclosed<candidates>x</candidates>") == ()
+
+
+def test_the_teacher_reports_on_validation_slices_like_a_policy(world):
+    from recthinker_dagster.training.validation import ValidationSuite, paired_difference, teacher_report
+
+    tasks = [t for t, _ in _sample(world, 20)]
+    canonical = [tr for _, tr in _sample(world, 20)]
+    report = teacher_report([ValidationSuite("ml-1m", tasks, world.factory)])
+    assert report["producer"] == "teacher" and report["overall"]["n_tasks"] == len(tasks)
+    assert report["overall"]["ndcg@10"] == pytest.approx(np.mean([t.metrics["ndcg@10"] for t in canonical]), abs=1e-4)
+    assert report["overall"]["answered_rate"] == 1.0 and report["by_dataset"]["ml-1m"]["tool_calls_per_task"] == 2.0
+    assert paired_difference(report, report) == {"n_tasks": len(tasks), "mean": 0.0, "ci95": [0.0, 0.0]}

@@ -94,15 +94,33 @@ def evaluate_policy(
         TransformersBackend,
     )
 
-    started = time.perf_counter()
     model, tokenizer = load_agent_model(base_model_dir, adapter_dirs, dtype=dtype, device=device)
     adapters = adapter_list(adapter_dirs)
     producer = "+".join(a.parent.name for a in adapters) if adapters else "base_model"
     backend = TransformersBackend(model, tokenizer, name=producer, batch_size=batch_size)
+    config = agent_config or AgentConfig()
+    return suite_report(producer, suites, lambda suite: run_agent(suite.tasks, backend, suite.toolbox_factory, config),
+                        progress)
+
+
+def teacher_report(suites: Sequence[ValidationSuite], agent_config=None,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """The scripted teacher on the same slices, as :func:`evaluate_policy` reports a policy (the
+    bar a trained agent is held to: within a few points of the teacher it learned from)."""
+    from recthinker_dagster.agent.teachers import ScriptedTeacher
+
+    teacher = ScriptedTeacher(agent_config)
+    return suite_report("teacher", suites, lambda suite: teacher.run(suite.tasks, suite.toolbox_factory), progress)
+
+
+def suite_report(producer: str, suites: Sequence[ValidationSuite], run: Callable[[ValidationSuite], list],
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """The report of ``run`` (a suite to its trajectories) over every suite: per dataset, overall, per task."""
+    started = time.perf_counter()
     everything, by_dataset = [], {}
     for suite in suites:
         suite_started = time.perf_counter()
-        trajectories = run_agent(suite.tasks, backend, suite.toolbox_factory, agent_config or AgentConfig())
+        trajectories = run(suite)
         by_dataset[suite.dataset] = {**summarize_trajectories(trajectories),
                                      "seconds": round(time.perf_counter() - suite_started, 2)}
         everything.extend(trajectories)
