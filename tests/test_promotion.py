@@ -202,10 +202,11 @@ def test_the_gate_pairs_the_champion_task_by_task():
     from recthinker_dagster.serving.registry import paired_test
 
     rng = __import__("numpy").random.default_rng(0)
-    champion = {f"ml-1m/{g}/t{i}": float(rng.random()) for g in ("sparse", "dense") for i in range(60)}
-    better = {key: value + 0.1 for key, value in champion.items()}
+    champion = {f"ml-1m/{g}/ml-1m/eval/{i}": float(rng.random()) for g in ("sparse", "dense") for i in range(60)}
+    better = {key: value + 0.1 + float(rng.normal(0, 0.05)) for key, value in champion.items()}
     test, why = paired_test(better, champion)
-    assert why == "" and test.p_value < 0.001 and test.effect == pytest.approx(0.1) and test.n_tasks == 120
+    assert why == "" and test.p_value < 0.001 and test.effect == pytest.approx(0.1, abs=0.02) and test.n_tasks == 120
+    assert test.ci_low < test.effect < test.ci_high  # resampled within the two groups, not per task
     test, why = paired_test(better, {**champion, "ml-1m/dense/extra": 0.5})
     assert test is None and "scored on other eval tasks (120 shared of 120)" in why
     assert paired_test(better, None)[1].startswith("the champion has no per-task scores")

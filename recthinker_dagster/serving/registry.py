@@ -130,7 +130,7 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
         "compared_champion_version": previous_version or "none",
         "compared_champion_value": repr(decision.champion_value) if decision.champion_value is not None else "none",
         METRICS_TAG: json.dumps(dict(metrics), sort_keys=True),
-        **test_tags(decision),
+        **paired_test_tags(decision),
     }
     for key, value in flatten_metrics(metrics).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -150,7 +150,7 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
     return {"alias": decision.alias, "version": version, "previous_champion": previous_version}
 
 
-def test_tags(decision: PromotionDecision) -> dict[str, str]:
+def paired_test_tags(decision: PromotionDecision) -> dict[str, str]:
     """The paired test's version tags (``promotion_test`` is ``none`` when no test ran)."""
     test = decision.test
     if test is None:
@@ -187,7 +187,7 @@ def paired_test(candidate: Mapping[str, float], champion: Mapping[str, float] | 
         return None, (f"the champion was scored on other eval tasks ({shared} shared of {len(candidate)}); "
                       "remove the champion alias to start over on the new tasks")
     keys = sorted(candidate)
-    strata = [key.rsplit("/", 1)[0] for key in keys]  # <dataset>/<group>
+    strata = ["/".join(key.split("/", 2)[:2]) for key in keys]  # <dataset>/<group> (task ids may hold "/")
     return paired_bootstrap_test([candidate[k] for k in keys], [champion[k] for k in keys], strata), ""
 
 
