@@ -12,12 +12,15 @@ cost far more per task, so they run on a fixed, group-balanced subset of the eva
 (``llm_tasks`` per dataset; 0: all), and a second table scores every system on exactly that
 subset. The folder holds:
 
-- ``rankings.parquet``: one row per system and task (ranking, target, metrics, ``in_llm_subset``),
-  so anyone can recompute every number;
+- ``rankings.parquet``: one row per system and task (ranking, target, metrics, the agent columns,
+  ``in_llm_subset``) with the report settings as parquet metadata: ``results.md`` is a function
+  of this file alone (``evaluation/results.py``, ``recthinker report``);
 - ``summary.parquet``: per system and group, means and 95% bootstrap intervals, on all eval
   tasks (``tasks == "all"``, systems other than the LLM ones) and on the LLM subset
   (``tasks == "llm_subset"``, every system);
-- ``results.md`` (both tables), ``agents.json`` (tool calls, validity, tokens and latency of
+- ``results.md`` (the headline: every system on the LLM subset, the best agent against the
+  strongest baseline per group with a paired test, the cost per task; then every eval task),
+  ``agents.json`` (tool calls, validity, tokens and latency of
   the agent systems), ``ndcg10_by_system.png`` and, with agents, ``tool_calls_histogram.png``.
 """
 
