@@ -9,7 +9,7 @@ import dagster as dg
 from recthinker_dagster.defs.automation import build_automation
 from recthinker_dagster.defs.datasets import build_dataset_assets
 from recthinker_dagster.defs.evaluation import build_evaluation_assets
-from recthinker_dagster.defs.jobs import pipeline_jobs
+from recthinker_dagster.defs.jobs import pipeline_jobs, think_jobs
 from recthinker_dagster.defs.model import base_model
 from recthinker_dagster.defs.registry import build_registry_assets
 from recthinker_dagster.defs.resources import (
@@ -18,6 +18,7 @@ from recthinker_dagster.defs.resources import (
     ProjectPaths,
 )
 from recthinker_dagster.defs.rl import build_rl_assets
+from recthinker_dagster.defs.think import build_think_assets
 from recthinker_dagster.defs.tools import build_tool_assets
 from recthinker_dagster.defs.training import build_training_assets
 from recthinker_dagster.defs.trajectories import build_trajectory_assets
@@ -41,14 +42,16 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
     assets_and_checks.extend(build_training_assets(datasets))
     assets_and_checks.extend(build_rl_assets(datasets))
     assets_and_checks.extend(build_registry_assets(datasets))
+    assets_and_checks.extend(build_think_assets(datasets))
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     jobs = pipeline_jobs(datasets)
+    think = think_jobs(datasets)
     automation = build_automation(jobs)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=jobs,
+        jobs=[*jobs, *think],
         schedules=automation["schedules"],
         sensors=automation["sensors"],
         resources=resources or {"paths": ProjectPaths(), "dvc": DVCVersioning(), "mlflow": MLflowTracking()},

@@ -38,14 +38,16 @@ PROFILE_NAMES = ("smoke", "demo", "full")
 SHARED_KEYS = ("seed", "prompt_history_len", "max_turns", "max_tool_calls")
 
 CLASSICAL_SYSTEMS = ("random", "popularity", "itemknn", "bprmf", "sasrec", "fusion")  # fusion: their tuned blend
-LLM_SYSTEMS = ("zero_shot", "base_tools", "sft", "sft_rl")  # base model without / with tools, then trained
+THINK_SYSTEMS = ("reczero", "recone")  # think before recommend, no tools (stages/think.py): opt-in
+LLM_SYSTEMS = ("zero_shot", "base_tools", "sft", "sft_rl", *THINK_SYSTEMS)  # base model without / with tools, trained
 ANSWER_MODES = ("generate", "logits")  # who orders the answer: the model's tokens, or the label head
 
 
 def check_answer_mode(value: str) -> None:
     if value not in ANSWER_MODES:
         raise ValueError(f"answer_mode must be one of {list(ANSWER_MODES)}, got {value!r}")
-EVALUATED_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS)
+EVALUATED_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS)  # every known system
+DEFAULT_SYSTEMS = tuple(s for s in EVALUATED_SYSTEMS if s not in THINK_SYSTEMS)  # the agent's pipeline
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class ToolIndexSettings:
 
 @dataclass(frozen=True)
 class TeacherSettings:
-    teacher: str = "scripted"  # 'scripted' (offline investigator over the real tools) or 'llm'
+    teacher: str = "scripted"  # 'scripted' (offline investigator over the real tools), 'thinking' or 'llm'
     samples_per_task: int = 1
     max_turns: int = 6
     max_tool_calls: int = 8
@@ -118,9 +120,12 @@ class ValidationSettings:
     batch_size: int = 8
     prompt_history_len: int = 10
     answer_mode: str = "generate"  # "generate" or "logits" (the label head ranks; agent/loop.py)
+    conversation: str = "tools"  # "tools": the agent; "think": think before recommend, no tools (agent/think.py)
 
     def __post_init__(self) -> None:
         check_answer_mode(self.answer_mode)
+        if self.conversation not in ("tools", "think"):
+            raise ValueError(f"conversation must be 'tools' or 'think', got {self.conversation!r}")
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,24 @@ class RLSettings:
 
 
 @dataclass(frozen=True)
+class ThinkSettings:
+    """Think before recommend (RecZero, RecOne): the tool-free recipes, trained beside the agent
+    (``stages/think.py``). The validation always runs the think conversation."""
+
+    samples_per_task: int = 1  # thinking-teacher samples per train task (RecOne's SFT data)
+    keep_top_k: int = 3  # an SFT example is kept when its target ranks within the top k
+    sft_recipe: str = "demo"  # RecOne's cold start (recipes/sft_<name>.yaml)
+    sft_max_steps: int | None = None  # None: the recipe's
+    reczero_recipe: str = "reczero"  # RL recipes with conversation: think (recipes/rl_<name>.yaml)
+    recone_recipe: str = "recone"
+    rl_max_steps: int | None = None  # None: the recipe's
+    resume: bool = True
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+
+@dataclass(frozen=True)
 class EvaluationSettings:
-    systems: tuple[str, ...] = EVALUATED_SYSTEMS
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS  # add "reczero", "recone" once the think assets exist
     n_bootstrap: int = 1000
     llm_tasks: int = 0  # eval tasks per dataset (spread over the groups) the LLM systems run on; 0: all
     llm_max_turns: int = 6
@@ -208,6 +229,7 @@ SECTIONS: dict[str, type] = {
     "filtering": FilterSettings,
     "sft": SFTSettings,
     "rl": RLSettings,
+    "think": ThinkSettings,
     "evaluation": EvaluationSettings,
     "registry": RegistrySettings,
 }
@@ -227,6 +249,7 @@ class Profile:
     filtering: FilterSettings
     sft: SFTSettings
     rl: RLSettings
+    think: ThinkSettings
     evaluation: EvaluationSettings
     registry: RegistrySettings
     sources: dict[str, str] = field(default_factory=dict, compare=False)

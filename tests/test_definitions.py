@@ -37,12 +37,27 @@ def test_every_table_and_the_protocol_has_a_blocking_check():
             assert spec.blocking == (spec.name != "promotion_gate"), spec.key
 
 
-def test_one_job_per_profile_selects_the_whole_graph():
-    all_keys = defs.resolve_asset_graph().get_all_asset_keys()
+def test_one_job_per_profile_selects_the_whole_graph_and_one_the_think_branch():
+    all_keys = set(defs.resolve_asset_graph().get_all_asset_keys())
+    think = {dg.AssetKey(["ml_1m", "think_trajectories"]), dg.AssetKey(["amazon_cds", "think_trajectories"]),
+             dg.AssetKey("recone_sft_model"), dg.AssetKey("recone_model"), dg.AssetKey("reczero_model")}
+    assert think <= all_keys
     for profile in PROFILE_NAMES:
         job = defs.resolve_job_def(f"pipeline_{profile}")
-        assert job.asset_layer.selected_asset_keys == set(all_keys)
+        assert job.asset_layer.selected_asset_keys == all_keys - think  # the agent never waits for RecZero/RecOne
         assert job.tags.get("profile") == profile
+        assert defs.resolve_job_def(f"think_{profile}").asset_layer.selected_asset_keys == think
+
+
+def test_the_think_branch_follows_recone_and_reczero():
+    graph = defs.resolve_asset_graph()
+
+    def parents_of(*key):
+        return {k.to_user_string() for k in graph.get(dg.AssetKey(list(key))).parent_keys}
+
+    assert {"ml_1m/think_trajectories", "amazon_cds/think_trajectories"} <= parents_of("recone_sft_model")
+    assert "recone_sft_model" in parents_of("recone_model")
+    assert "base_model" in parents_of("reczero_model") and "recone_sft_model" not in parents_of("reczero_model")
 
 
 def test_datasets_are_configurable():

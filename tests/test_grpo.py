@@ -143,3 +143,9 @@ def test_think_rollouts_open_with_the_think_prompt_and_no_tools(tokenizer):
     [row] = rollout.dataset_rows()
     system = row["prompt"][0]["content"]
     assert system.startswith(THINK_PROMPT.split("\n")[0]) and "<tool_call>" not in system
+
+
+def test_a_recipe_that_needs_more_tasks_per_step_than_there_are_is_refused(tmp_path):
+    recipe = load_rl_recipe("smoke")  # 2 x 4 rollouts per step / 4 per group: two tasks per step
+    with pytest.raises(ValueError, match="takes 2 tasks per step .* only 1 train tasks"):
+        train_grpo(agent_tasks("train", 1), toolbox_factory, tmp_path / "no-model", [], tmp_path / "out", recipe)

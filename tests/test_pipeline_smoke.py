@@ -24,7 +24,7 @@ from recthinker_dagster.defs.config import (
     ToolIndexesConfig,
 )
 from recthinker_dagster.defs.jobs import profile_run_config
-from recthinker_dagster.settings import EVALUATED_SYSTEMS
+from recthinker_dagster.settings import DEFAULT_SYSTEMS
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_evaluation_scores_classical_teacher_and_llm_systems(smoke_run):
     project, _ = smoke_run
     folder = project.paths.asset_dir("evaluation", "synthetic")
     rankings = pl.read_parquet(folder / "rankings.parquet")
-    assert set(rankings["system"]) == set(EVALUATED_SYSTEMS)
+    assert set(rankings["system"]) == set(DEFAULT_SYSTEMS)
     subset = rankings.filter(pl.col("in_llm_subset"))
     per_system = subset.group_by("system").agg(pl.col("task_id").sort())
     assert per_system["task_id"].n_unique() == 1  # every system on exactly the same subset

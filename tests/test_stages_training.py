@@ -162,7 +162,7 @@ def test_validation_table_metrics_and_document():
     document = validation_document(settings, validation)
     assert list(document) == ["settings", "base_model", "sft_model"]
     assert document["settings"] == {"n_tasks": 2, "max_turns": 2, "max_tool_calls": 2, "max_new_tokens": 96,
-                                    "batch_size": 4, "answer_mode": "generate"}
+                                    "batch_size": 4, "answer_mode": "generate", "conversation": "tools"}
 
 
 # -- SFT and RL -----------------------------------------------------------------------------------

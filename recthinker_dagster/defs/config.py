@@ -25,6 +25,7 @@ from recthinker_dagster.settings import (
     RLSettings,
     SFTSettings,
     TeacherSettings,
+    ThinkSettings,
     ToolIndexSettings,
     default_profile_name,
     load_profile,
@@ -108,7 +109,8 @@ class TeacherConfig(StageConfig):
     section: ClassVar[str] = "teacher"
     teacher: str | None = Field(
         default=None,
-        description="'scripted' (offline investigator over the real tools) or 'llm' (any OpenAI-compatible server).",
+        description="'scripted' (offline investigator over the real tools), 'thinking' (its ranking as tool-free "
+        "think-before-recommend reasoning) or 'llm' (any OpenAI-compatible server).",
     )
     samples_per_task: int | None = Field(default=None, description="Trajectories per train task.")
     max_turns: int | None = None
@@ -185,6 +187,26 @@ class RLStageConfig(StageConfig):
 
     def settings(self) -> RLSettings:
         return super().settings()
+
+
+class ThinkConfig(StageConfig):
+    section: ClassVar[str] = "think"
+    renamed: ClassVar[dict[str, str]] = {"eval_tasks_per_dataset": "validation.n_tasks"}
+    samples_per_task: int | None = Field(default=None, description="Thinking-teacher samples per train task.")
+    keep_top_k: int | None = Field(default=None, description="Keep an SFT sample when its target ranks within the top k.")
+    sft_recipe: str | None = Field(default=None, description="RecOne's cold-start SFT recipe (recipes/sft_<name>.yaml).")
+    sft_max_steps: int | None = Field(default=None, description="Override the SFT recipe's steps.")
+    reczero_recipe: str | None = Field(default=None, description="RecZero's RL recipe (conversation: think).")
+    recone_recipe: str | None = Field(default=None, description="RecOne's RL recipe (conversation: think).")
+    rl_max_steps: int | None = Field(default=None, description="Override the RL recipes' GRPO steps.")
+    eval_tasks_per_dataset: int | None = Field(default=None, description="Validation tasks per dataset (0: all).")
+
+    def settings(self) -> ThinkSettings:
+        return super().settings()
+
+    def teacher_settings(self) -> TeacherSettings:
+        """The profile's teacher section (batch size, seed, prompt history of the thinking teacher's run)."""
+        return load_profile(self.profile).teacher
 
 
 class RegistryConfig(StageConfig):

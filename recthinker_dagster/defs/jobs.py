@@ -1,4 +1,5 @@
-"""Jobs: the whole pipeline once per named profile.
+"""Jobs: the whole pipeline once per named profile, and the think-before-recommend branch
+(RecZero, RecOne: the ``think`` group) once per profile.
 
 Selections are asset *objects*, never selection strings: DVC pins an antlr runtime that
 breaks Dagster's string selection parser.
@@ -19,8 +20,10 @@ from recthinker_dagster.defs.config import (
     SFTTrainingConfig,
     TaskSplitConfig,
     TeacherConfig,
+    ThinkConfig,
     ToolIndexesConfig,
 )
+from recthinker_dagster.defs.think import GROUP as THINK_GROUP
 from recthinker_dagster.settings import PROFILE_NAMES
 
 
@@ -48,9 +51,31 @@ def pipeline_jobs(datasets: list[str]) -> list:
     return [
         dg.define_asset_job(
             f"pipeline_{name}",
-            selection=dg.AssetSelection.all(),
+            selection=dg.AssetSelection.all() - dg.AssetSelection.groups(THINK_GROUP),
             config=profile_run_config(name, datasets),
             description=f"The whole RecThinker pipeline with the '{name}' profile.",
+            tags={"profile": name},
+        )
+        for name in PROFILE_NAMES
+    ]
+
+
+def think_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
+    """The think assets' config naming ``profile``."""
+    names = ["recone_sft_model", "recone_model", "reczero_model",
+             *(f"{key_prefix(dataset)}__think_trajectories" for dataset in datasets)]
+    return dg.RunConfig(ops={name: ThinkConfig(profile=profile) for name in names})
+
+
+def think_jobs(datasets: list[str]) -> list:
+    """``think_<profile>``: the thinking teacher's trajectories, RecOne (SFT, then GRPO) and RecZero
+    (GRPO from the base model). Score them with the evaluation's systems ``reczero`` and ``recone``."""
+    return [
+        dg.define_asset_job(
+            f"think_{name}",
+            selection=dg.AssetSelection.groups(THINK_GROUP),
+            config=think_run_config(name, datasets),
+            description=f"Think before recommend (RecZero, RecOne) with the '{name}' profile.",
             tags={"profile": name},
         )
         for name in PROFILE_NAMES

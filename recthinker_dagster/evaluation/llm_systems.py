@@ -1,5 +1,6 @@
 """The LLM systems of the evaluation: the base model as a zero-shot ranker (no tools), the base
-model with tools, and trained policies (SFT, SFT+RL), all through the real agent loop.
+model with tools, trained policies (SFT, SFT+RL), and the think-before-recommend policies
+(RecZero, RecOne: tool-free, ``agent/think.py``), all through the real agent loop.
 
     policies = {"zero_shot": Policy(base, []), "sft": Policy(base, [sft_adapter]), ...}
     trajectories = run_llm_systems(policies, tasks, toolbox_factory, settings)
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
-from recthinker_dagster.agent.think import without_tools
+from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.progress import ProgressLog
+from recthinker_dagster.settings import THINK_SYSTEMS
 
 ZERO_SHOT = "zero_shot"
 
@@ -35,6 +37,8 @@ def agent_config_for(system: str, settings: dict) -> AgentConfig:
     answer_mode = settings.get("answer_mode", "generate")
     if system == ZERO_SHOT:
         return AgentConfig(max_turns=1, max_tool_calls=0, sampling=sampling, producer=system, answer_mode=answer_mode)
+    if system in THINK_SYSTEMS:
+        return think_config(sampling, producer=system, answer_mode=answer_mode)
     return AgentConfig(max_turns=settings["max_turns"], max_tool_calls=settings["max_tool_calls"], sampling=sampling,
                        producer=system, answer_mode=answer_mode)
 
@@ -58,7 +62,7 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
         model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
         backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
         for system in systems:
-            factory = without_tools(toolbox_factory) if system == ZERO_SHOT else toolbox_factory
+            factory = without_tools(toolbox_factory) if system in (ZERO_SHOT, *THINK_SYSTEMS) else toolbox_factory
             config = agent_config_for(system, settings)
             # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
             chunk = CHUNK_BATCHES * batch_size

@@ -75,7 +75,8 @@ SUMMARY_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "mrr")  # logged per scope, sy
 NDCG_PLOT = "ndcg10_by_system.png"
 TOOL_USE_PLOT = "tool_calls_histogram.png"
 # the trained assets whose adapters each LLM system merges into the base model, in order
-POLICY_ADAPTERS = {"zero_shot": (), "base_tools": (), "sft": ("sft_model",), "sft_rl": ("sft_model", "rl_model")}
+POLICY_ADAPTERS = {"zero_shot": (), "base_tools": (), "sft": ("sft_model",), "sft_rl": ("sft_model", "rl_model"),
+                   "reczero": ("reczero_model",), "recone": ("recone_sft_model", "recone_model")}
 
 
 @dataclass
@@ -105,7 +106,7 @@ def llm_settings(settings: EvaluationSettings) -> dict:
 def policy_for(system: str, layout: ArtifactLayout) -> Policy:
     """The model behind an LLM system; a missing trained adapter is an error that says what to run.
 
-    Trained systems run on the backbone their adapters were trained on (the SFT lineage)."""
+    Trained systems run on the backbone their adapters were trained on (their last asset's lineage)."""
     folders = []
     for asset in POLICY_ADAPTERS[system]:
         folder = layout.asset_dir(asset) / "adapter"
@@ -116,7 +117,7 @@ def policy_for(system: str, layout: ArtifactLayout) -> Policy:
     base = layout.asset_dir("base_model")
     if folders:
         try:
-            base = layout.resolve(read_lineage(layout, "sft_model")["base_model"])
+            base = layout.resolve(read_lineage(layout, POLICY_ADAPTERS[system][-1])["base_model"])
         except FileNotFoundError:
             pass  # an adapter without lineage: assume the published base model
     return Policy(base, tuple(folders))

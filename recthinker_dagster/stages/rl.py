@@ -16,7 +16,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
@@ -51,10 +51,14 @@ class RLModelResult:
 
 @dataclass(frozen=True)
 class PolicyLineage:
-    """The published SFT policy: its base model folder and adapter folder."""
+    """The policy RL starts from: its base model folder and its adapter folder (None: the base model)."""
 
     base_model: Path
-    sft_adapter: Path
+    sft_adapter: Path | None
+
+    @property
+    def adapters(self) -> list[Path]:
+        return [self.sft_adapter] if self.sft_adapter is not None else []
 
 
 class DatasetToolboxes:
@@ -67,10 +71,13 @@ class DatasetToolboxes:
         return self.factories[task.dataset](task)
 
 
-def policy_lineage(layout: ArtifactLayout) -> PolicyLineage:
-    """Where the published SFT policy's base model and adapter are (from its ``lineage.json``)."""
-    lineage = read_lineage(layout, "sft_model")
-    return PolicyLineage(layout.resolve(lineage["base_model"]), layout.asset_dir("sft_model") / "adapter")
+def policy_lineage(layout: ArtifactLayout, start: str | None = "sft_model") -> PolicyLineage:
+    """Where the published SFT policy ``start`` has its base model and adapter (from its
+    ``lineage.json``); ``start=None``: the published base model itself (RecZero)."""
+    if start is None:
+        return PolicyLineage(layout.asset_dir("base_model"), None)
+    lineage = read_lineage(layout, start)
+    return PolicyLineage(layout.resolve(lineage["base_model"]), layout.asset_dir(start) / "adapter")
 
 
 def rl_recipe(settings: RLSettings) -> RLRecipe:
@@ -91,22 +98,27 @@ def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int
 
 
 def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets: Sequence[str],
-                         log: Callable[[str], None] = print) -> RLModelResult:
-    """Train (or resume) the RL adapter, validate SFT and SFT+RL, write ``assets/rl_model``."""
+                         log: Callable[[str], None] = print, *, asset: str = ASSET,
+                         start: str | None = "sft_model") -> RLModelResult:
+    """Train (or resume) the RL adapter on the ``start`` policy (an SFT asset; None: the base
+    model), validate the start and the trained policy, write ``assets/<asset>``. The recipe's
+    ``conversation`` decides the rollouts and the validation (``think``: RecZero, RecOne)."""
     from recthinker_dagster.training.callbacks import LogProgress
     from recthinker_dagster.training.grpo import train_grpo
 
     recipe = rl_recipe(settings)
-    policy = policy_lineage(layout)
-    sft_md5 = tracked_md5(layout.asset_dir("sft_model")) or "untracked"
+    policy = policy_lineage(layout, start)
+    start_name = start or "base_model"
+    sft_md5 = tracked_md5(layout.asset_dir(start_name)) or "untracked"
+    validation_settings = replace(settings.validation, conversation=recipe.conversation)
     # the prompts show as much history as the validation (and the evaluation) prompts
     tasks, toolboxes = rl_tasks(layout, datasets, recipe.n_train_tasks, settings.validation.prompt_history_len)
     mode = "" if settings.answer_mode == "generate" else f"|{settings.answer_mode}"  # a logits run never resumes a generate one
     fingerprint = hashlib.sha256(f"{recipe.digest}|{sft_md5}|{','.join(datasets)}{mode}".encode()).hexdigest()[:16]
-    work_dir = layout.work_dir(ASSET, fingerprint)
+    work_dir = layout.work_dir(asset, fingerprint)
     log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
         f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
-    result = train_grpo(tasks, toolboxes, policy.base_model, [policy.sft_adapter], work_dir, recipe,
+    result = train_grpo(tasks, toolboxes, policy.base_model, policy.adapters, work_dir, recipe,
                         resume=settings.resume, callbacks=[LogProgress(log, "reward", HEALTH_IN_PROGRESS)],
                         answer_mode=settings.answer_mode)
     m = result.metrics
@@ -114,19 +126,20 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")
     refuse_no_op(m["steps"], work_dir)
 
-    policies = {"sft_model": [policy.sft_adapter], "rl_model": [policy.sft_adapter, result.adapter_dir]}
-    validation = validate_policies(layout, datasets, settings.validation, policy.base_model, policies, log)
-    versus_sft = paired_difference(validation["rl_model"], validation["sft_model"])
-    log(f"SFT+RL minus SFT, NDCG@10 on the same {versus_sft.get('n_tasks', 0)} validation tasks: {versus_sft}")
-    folder = layout.asset_dir(ASSET)
+    policies = {start_name: policy.adapters, asset: [*policy.adapters, result.adapter_dir]}
+    validation = validate_policies(layout, datasets, validation_settings, policy.base_model, policies, log)
+    versus_sft = paired_difference(validation[asset], validation[start_name])
+    log(f"{asset} minus {start_name}, NDCG@10 on the same {versus_sft.get('n_tasks', 0)} validation tasks: {versus_sft}")
+    gain_key = "rl_minus_sft_ndcg@10" if asset == ASSET else f"{asset}_minus_{start_name}_ndcg@10"
+    folder = layout.asset_dir(asset)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
         shutil.copytree(result.adapter_dir, staging / "adapter")
         (staging / "metrics.json").write_text(json.dumps(m, indent=2))
-        (staging / "validation.json").write_text(json.dumps(validation_document(settings.validation, validation), indent=2))
+        (staging / "validation.json").write_text(json.dumps(validation_document(validation_settings, validation), indent=2))
         (staging / "lineage.json").write_text(json.dumps({
             "base_model": layout.relative(policy.base_model), "sft_model_md5": sft_md5,
-            "adapters": [layout.relative(policy.sft_adapter), layout.relative(folder / "adapter")],
+            "adapters": [*(layout.relative(a) for a in policy.adapters), layout.relative(folder / "adapter")],
             "recipe": recipe.to_dict(), "recipe_digest": recipe.digest,
         }, indent=2))
     steps = m["steps"]
@@ -136,7 +149,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
         params={**recipe.to_dict(), "recipe_digest": recipe.digest, "sft_model_md5": sft_md5,
                 "precision": m["precision"], "device": m["device"]},
         metrics={**rl_metrics(m, validation),
-                 **({"rl_minus_sft_ndcg@10": versus_sft["mean"]} if versus_sft.get("n_tasks") else {})},
+                 **({gain_key: versus_sft["mean"]} if versus_sft.get("n_tasks") else {})},
         metadata={
             "global_step": result.global_step,
             "resumed_from": result.resumed_from or "none",
@@ -147,7 +160,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
                                   for s in steps]),
             "health": Json(last),
             "validation": Markdown(validation_table(validation)),
-            "rl_minus_sft_ndcg@10": Json(versus_sft),
+            gain_key: Json(versus_sft),
         },
         texts={"validation.json": json.dumps(validation, indent=2), "metrics.json": json.dumps(m, indent=2)},
         series=rl_series(steps),

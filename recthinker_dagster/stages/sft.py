@@ -56,19 +56,24 @@ def file_md5(path: Path) -> str:
 
 
 def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, datasets: Sequence[str],
-                          log: Callable[[str], None] = print) -> SFTModelResult:
-    """Train (or resume) the SFT adapter, validate the base model and the adapter, write ``assets/sft_model``."""
+                          log: Callable[[str], None] = print, *, asset: str = ASSET,
+                          data: tuple[list[dict], str] | None = None) -> SFTModelResult:
+    """Train (or resume) the SFT adapter, validate the base model and the adapter, write ``assets/<asset>``.
+
+    ``data``: the training records and their version (an md5); default the published
+    ``filtered_trajectories`` (RecOne's cold start passes the thinking teacher's, ``stages/think.py``)."""
     from recthinker_dagster.training.callbacks import LogProgress
     from recthinker_dagster.training.sft import train_sft
 
     recipe = sft_recipe(settings)
     base_dir = base_model_folder(layout, recipe)
-    records = read_kept_trajectories(layout)
-    data_dir = layout.asset_dir("filtered_trajectories")
-    data_md5 = tracked_md5(data_dir) or file_md5(data_dir / "trajectories.jsonl")
+    if data is None:
+        data_dir = layout.asset_dir("filtered_trajectories")
+        data = read_kept_trajectories(layout), tracked_md5(data_dir) or file_md5(data_dir / "trajectories.jsonl")
+    records, data_md5 = data
     base_md5 = tracked_md5(base_dir) or str(base_dir)
     fingerprint = hashlib.sha256(f"{recipe.digest}|{data_md5}|{base_md5}".encode()).hexdigest()[:16]
-    work_dir = layout.work_dir(ASSET, fingerprint)
+    work_dir = layout.work_dir(asset, fingerprint)
     log(f"SFT recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(records)} trajectories "
         f"in {layout.relative(work_dir)}")
     result = train_sft(records, base_dir, work_dir, recipe, resume=settings.resume, callbacks=[LogProgress(log, "loss")])
@@ -77,7 +82,7 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
         f"{m['final_loss']}, {m['seconds_per_step']} s/step, {m['tokens_per_second']} tokens/s")
 
     policies: dict[str, list[Path]] = {"base_model": []} if settings.validate_base else {}
-    policies["sft_model"] = [result.adapter_dir]
+    policies[asset] = [result.adapter_dir]
     validation = validate_policies(layout, datasets, settings.validation, base_dir, policies, log)
     curve = None
     if settings.learning_curve_sizes:
@@ -85,7 +90,7 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
 
         curve = sft_learning_curve(settings, layout, datasets, settings.learning_curve_sizes, log)
 
-    folder = layout.asset_dir(ASSET)
+    folder = layout.asset_dir(asset)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
         shutil.copytree(result.adapter_dir, staging / "adapter")
@@ -93,7 +98,7 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
         (staging / "validation.json").write_text(json.dumps(validation_document(settings.validation, validation), indent=2))
         (staging / "lineage.json").write_text(json.dumps({
             "base_model": layout.relative(base_dir), "base_model_md5": base_md5,
-            "filtered_trajectories_md5": data_md5, "recipe": recipe.to_dict(), "recipe_digest": recipe.digest,
+            "training_data_md5": data_md5, "recipe": recipe.to_dict(), "recipe_digest": recipe.digest,
             "adapters": ["adapter"],
         }, indent=2))
         if curve is not None:
@@ -107,7 +112,7 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
     artifact = StageArtifact(
         folder,
         params={**{k: v for k, v in recipe.to_dict().items() if k != "filter"}, "recipe_digest": recipe.digest,
-                "filtered_trajectories_md5": data_md5, "base_model_md5": base_md5,
+                "training_data_md5": data_md5, "base_model_md5": base_md5,
                 "precision": m["precision"], "device": m["device"]},
         metrics={**{k: m[k] for k in LOGGED_METRICS if m.get(k) is not None}, **validation_metrics(validation),
                  **extra_metrics},

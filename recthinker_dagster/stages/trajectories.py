@@ -29,6 +29,7 @@ from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig
 from recthinker_dagster.agent.teachers import PRODUCER, LLMTeacher, ScriptedTeacher
 from recthinker_dagster.agent.teachers.scripted import last_score_table
+from recthinker_dagster.agent.teachers.thinking import THINKER, ThinkingTeacher
 from recthinker_dagster.agent.teachers.tuned_weights import TUNED
 from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_table
@@ -39,6 +40,8 @@ from recthinker_dagster.storage import remove_stale_staging, staged_directory
 from recthinker_dagster.training.filtering import conversation_length
 
 PROGRESS_EVERY_SECONDS = 5.0
+ASSET = "teacher_trajectories"
+THINK_ASSET = "think_trajectories"  # the thinking teacher's (RecOne's SFT data)
 
 
 @dataclass
@@ -50,16 +53,17 @@ class TrajectoriesResult:
 
 def build_teacher_trajectories_stage(
     settings: TeacherSettings, layout: ArtifactLayout, dataset: str, log: Callable[[str], None] = print,
-    *, tokenizer=None,
+    *, tokenizer=None, asset: str = ASSET,
 ) -> TrajectoriesResult:
-    """Generate (or resume) the teacher's trajectories on the train tasks and stage them for publishing.
+    """Generate (or resume) the teacher's trajectories on the train tasks and stage them for publishing
+    as ``asset`` (``think_trajectories`` for the thinking teacher's).
 
     ``tokenizer`` counts each conversation's tokens in the chat template (the token histogram);
     None loads the published ``base_model``'s, and skips the counts when there is none."""
     tasks_frame = read_table(layout, "task_splits", dataset, "tasks_train.parquet")
     indexes = load_tool_indexes(layout, dataset)
     tasks = agent_tasks(tasks_frame, indexes, prompt_history_len=settings.prompt_history_len)
-    work_file = work_file_for(layout, dataset, settings, tasks_frame["task_id"].to_list())
+    work_file = work_file_for(layout, dataset, settings, tasks_frame["task_id"].to_list(), asset)
     log(f"generating {len(tasks) * settings.samples_per_task} trajectories with teacher "
         f"'{settings.teacher}' into {work_file.name}")
     summary = generate_trajectories(
@@ -77,7 +81,7 @@ def build_teacher_trajectories_stage(
     records, _ = read_records(work_file)
     summary_dict = summary.to_dict()
     summary_dict.pop("out_path", None)  # a work file's path: machine-specific, never published
-    folder = layout.asset_dir("teacher_trajectories", dataset)
+    folder = layout.asset_dir(asset, dataset)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
         shutil.copyfile(work_file, staging / "trajectories.jsonl")
@@ -156,27 +160,31 @@ def token_histogram_markdown(lengths: list[int], width: int = 250) -> str:
 
 
 def make_teacher(settings: TeacherSettings):
-    """The scripted investigator, or an LLM teacher on any OpenAI-compatible server."""
+    """The scripted investigator, the thinking teacher, or an LLM teacher on any OpenAI-compatible server."""
     config = AgentConfig(max_turns=settings.max_turns, max_tool_calls=settings.max_tool_calls)
     if settings.teacher == "scripted":
         return ScriptedTeacher(config=config)
+    if settings.teacher == "thinking":
+        return ThinkingTeacher()
     if settings.teacher == "llm":
         from recthinker_dagster.agent.backends.openai_backend import OpenAICompatibleBackend
 
         backend = OpenAICompatibleBackend(settings.llm_base_url or None, settings.llm_model or None)
         config.sampling = SamplingParams(temperature=settings.temperature, seed=settings.seed)
         return LLMTeacher(backend, config, sample_temperature=settings.temperature)
-    raise ValueError(f"unknown teacher {settings.teacher!r}: use 'scripted' or 'llm'")
+    raise ValueError(f"unknown teacher {settings.teacher!r}: use 'scripted', 'thinking' or 'llm'")
 
 
-def work_file_for(layout: ArtifactLayout, dataset: str, settings: TeacherSettings, task_ids: list[str]) -> Path:
+def work_file_for(layout: ArtifactLayout, dataset: str, settings: TeacherSettings, task_ids: list[str],
+                  asset: str = ASSET) -> Path:
     """Where an unfinished generation with these settings, tasks and teacher keeps its records
     (a new scripted-teacher version or weights table starts a new file: never resumed from the old)."""
-    teacher = {"producer": PRODUCER, "weights": TUNED} if settings.teacher == "scripted" else {}
+    producers = {"scripted": PRODUCER, "thinking": THINKER}
+    teacher = {"producer": producers[settings.teacher], "weights": TUNED} if settings.teacher in producers else {}
     fingerprint = hashlib.sha256(
         json.dumps({**asdict(settings), "tasks": sorted(task_ids), "teacher": teacher}, sort_keys=True).encode()
     ).hexdigest()
-    work_file = layout.work_dir("teacher_trajectories", dataset) / f"{fingerprint[:16]}.jsonl"
+    work_file = layout.work_dir(asset, dataset) / f"{fingerprint[:16]}.jsonl"
     work_file.parent.mkdir(parents=True, exist_ok=True)
     return work_file
 

@@ -6,7 +6,8 @@
     validation_metrics(reports)   # {"valid_sft_model_overall_ndcg@10": ...}
 
 Every policy runs the real agent loop and tools on ``validation_slice`` of each dataset's
-``tasks_valid`` table, with the budgets of :class:`ValidationSettings`; ``validation.json``
+``tasks_valid`` table, with the budgets of :class:`ValidationSettings` (``conversation="think"``:
+the tool-free think-before-recommend conversation of RecZero and RecOne, ``agent/think.py``); ``validation.json``
 records those settings next to the reports (:func:`validation_document`).
 """
 
@@ -18,13 +19,15 @@ from pathlib import Path
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig
+from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_table
 from recthinker_dagster.settings import ValidationSettings
 from recthinker_dagster.training.validation import ValidationSuite, evaluate_policy, validation_slice
 
 VALIDATION_COLUMNS = ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "answered_rate", "valid_tool_call_rate", "tool_calls_per_task",
                       "completion_tokens_per_task")
-RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "answer_mode")
+RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "answer_mode",
+                     "conversation")
 
 
 def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings: ValidationSettings) -> list[ValidationSuite]:
@@ -34,11 +37,14 @@ def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings:
         frame = validation_slice(read_table(layout, "task_splits", dataset, "tasks_valid.parquet"), settings.n_tasks)
         indexes = load_tool_indexes(layout, dataset)
         tasks = agent_tasks(frame, indexes, settings.prompt_history_len)
-        suites.append(ValidationSuite(dataset, tasks, Toolboxes(indexes)))
+        factory = without_tools(Toolboxes(indexes)) if settings.conversation == "think" else Toolboxes(indexes)
+        suites.append(ValidationSuite(dataset, tasks, factory))
     return suites
 
 
 def validation_agent(settings: ValidationSettings) -> AgentConfig:
+    if settings.conversation == "think":
+        return think_config(SamplingParams(max_new_tokens=settings.max_new_tokens), answer_mode=settings.answer_mode)
     return AgentConfig(max_turns=settings.max_turns, max_tool_calls=settings.max_tool_calls,
                        sampling=SamplingParams(max_new_tokens=settings.max_new_tokens), answer_mode=settings.answer_mode)
 

@@ -334,6 +334,11 @@ def train_grpo(
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     recipe = load_rl_recipe(recipe)
+    prompts_per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps // recipe.num_generations
+    if len(tasks) < prompts_per_step:  # TRL would stop at step 0 without a word
+        raise ValueError(f"RL recipe {recipe.name!r} takes {prompts_per_step} tasks per step (per_device_train_batch_size "
+                         f"x gradient_accumulation_steps / num_generations), but there are only {len(tasks)} train "
+                         "tasks: raise n_train_tasks or lower gradient_accumulation_steps")
     output_dir = Path(output_dir)
     checkpoint_dir = output_dir / CHECKPOINTS
     set_seed(recipe.seed)
