@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from recthinker_dagster.agent.think import SECTIONS, sections_written
 from recthinker_dagster.artifacts import ArtifactLayout, asset_label, read_published_jsonl, tracked_md5
-from recthinker_dagster.settings import RLSettings, SFTSettings, TeacherSettings, ThinkSettings
+from recthinker_dagster.settings import RLSettings, SFTSettings, TeacherSettings, ThinkSettings, ValidationSettings
 from recthinker_dagster.stages.rl import RLModelResult, build_rl_model_stage
 from recthinker_dagster.stages.sft import SFTModelResult, build_sft_model_stage
 from recthinker_dagster.stages.trajectories import THINK_ASSET, TrajectoriesResult, build_teacher_trajectories_stage
@@ -32,7 +32,8 @@ RECZERO = "reczero_model"
 START = {RECONE: RECONE_SFT, RECZERO: None}  # the policy each RL asset starts from (None: the base model)
 
 
-def think_validation(settings: ThinkSettings):
+def think_validation(settings: ThinkSettings) -> ValidationSettings:
+    """The section's validation slice, always in the think conversation."""
     return replace(settings.validation, conversation="think")
 
 
@@ -66,6 +67,7 @@ def think_sft_records(layout: ArtifactLayout, datasets: Sequence[str], keep_top_
 
 
 def usable(record: dict, keep_top_k: int) -> bool:
+    """A valid answer of the model's own, with every reasoning section, and the target within the top k."""
     reply = next((m.get("content") or "" for m in record["messages"] if m.get("role") == "assistant"), "")
     ranking = record.get("final_ranking") or []
     target = record.get("target_item_id")
