@@ -7,8 +7,9 @@ Per task, one turn: the teacher takes the weights the investigator would ask ``s
 for (the user's history regime, the tuned table; perturbed for samples k > 0), ranks the
 candidates by their fused score, and explains the head of that order from what the prompt
 shows: the categories of the recent items, the leading candidates' titles and categories, and
-which of them share the user's categories. The ranking is the tool-using teacher's; the
-reasoning only cites what the student can read.
+which of them share the user's categories. A leader that shares none is credited to "users with
+similar histories": the collaborative signals, which the student cannot see but must learn to
+stand in for. The ranking is the tool-using teacher's.
 """
 
 from __future__ import annotations
