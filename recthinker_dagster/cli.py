@@ -169,8 +169,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             differs.append(str(saved))
         reports.append(report)
     text = "\n".join(reports)
-    if args.out:
-        Path(args.out).write_text(text)
+    if args.out:  # a document (docs/results.md): say what produced it, and when
+        import datetime
+
+        names = ", ".join(folder.name for folder in evaluation_folders(paths, args.datasets))
+        header = (f"Rebuilt on {datetime.date.today().isoformat()} by `recthinker report --out {args.out}` from the "
+                  f"saved per-task rankings of: {names} (assets/evaluation/<dataset>/rankings.parquet).\n\n")
+        Path(args.out).write_text(header + text)
         print(f"wrote {args.out}")
     else:
         print(text)

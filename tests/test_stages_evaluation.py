@@ -226,6 +226,9 @@ def test_recthinker_report_checks_the_saved_report_against_the_rankings(evaluate
     shutil.copytree(layout.asset_dir("evaluation", DATASET), copy.asset_dir("evaluation", DATASET))
     assert main(["report", "--root", str(tmp_path), "--check"]) == 0
     assert capsys.readouterr().out == result.report + "\n"
+    assert main(["report", "--root", str(tmp_path), "--out", str(tmp_path / "results.md")]) == 0
+    document = (tmp_path / "results.md").read_text()
+    assert document.startswith("Rebuilt on ") and "rankings of: synthetic" in document and document.endswith(result.report)
 
     rankings_path = copy.asset_dir("evaluation", DATASET) / "rankings.parquet"
     rankings, saved = read_rankings(rankings_path)
