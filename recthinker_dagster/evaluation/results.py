@@ -2,7 +2,7 @@
 
     rankings = rankings_frame(per_task, subset_ids)          # one row per system and task
     write_rankings(rankings, folder / "rankings.parquet", ReportSettings("ml-1m", 10, 1000, 2026))
-    report = results_report(rankings, settings)              # what results.md holds
+    report = build_report(rankings, settings)                # report.text: what results.md holds
     rebuild_report(folder) == (folder / "results.md").read_text()   # `recthinker report` checks this
 
 The settings the tables need beyond the rows (dataset, candidates per task, bootstrap resamples
@@ -110,7 +110,17 @@ def comparison_metrics(comparisons: Sequence[Comparison]) -> dict[str, float]:
     return metrics
 
 
-def results_report(rankings: pl.DataFrame, settings: ReportSettings) -> str:
+@dataclass(frozen=True)
+class Report:
+    """Everything ``results.md`` is made of, computed once: the stage also logs and plots it."""
+
+    summaries: dict[str, pl.DataFrame]  # every eval task, systems other than the LLM ones
+    subset_summaries: dict[str, pl.DataFrame]  # the LLM subset, every system
+    comparisons: list[Comparison]
+    text: str  # results.md
+
+
+def build_report(rankings: pl.DataFrame, settings: ReportSettings) -> Report:
     """``results.md``: the headline (every system on the LLM subset, the comparisons, the cost per
     task), then the systems that ran on every eval task."""
     every_task, subset = split_summaries(rankings, settings)
@@ -131,10 +141,10 @@ def results_report(rankings: pl.DataFrame, settings: ReportSettings) -> str:
         sections += ["### Cost per task\n", cost]
     table = results_table_markdown(every_task, n_candidates=n) if every_task else "(no classical system)\n"
     sections += [f"## All {n_eval} eval tasks\n", table]
-    return "\n".join(sections)
+    return Report(every_task, subset, comparisons, "\n".join(sections))
 
 
 def rebuild_report(folder: Path) -> str:
     """``results.md`` of an evaluation folder, recomputed from its ``rankings.parquet`` alone."""
     rankings, settings = read_rankings(Path(folder) / RANKINGS)
-    return results_report(rankings, settings)
+    return build_report(rankings, settings).text

@@ -54,11 +54,9 @@ from recthinker_dagster.evaluation.report import candidates_per_task, plot_ndcg_
 from recthinker_dagster.evaluation.results import (
     RANKINGS,
     ReportSettings,
+    build_report,
     comparison_metrics,
     rankings_frame,
-    results_report,
-    split_summaries,
-    subset_comparisons,
     write_rankings,
 )
 from recthinker_dagster.recommenders.base import Recommender
@@ -236,27 +234,27 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
     n_candidates = candidates_per_task(eval_tasks)
     rankings = rankings_frame(per_task, set(subset["task_id"].to_list()))
     report_settings = ReportSettings(dataset, n_candidates, settings.n_bootstrap, settings.seed)
-    summaries, subset_summaries = split_summaries(rankings, report_settings)
-    report = results_report(rankings, report_settings)
-    comparisons = subset_comparisons(rankings, report_settings)
+    built = build_report(rankings, report_settings)
+    report = built.text
     agent_figures = {s: figures for s, f in per_task.items() if (figures := agent_summary(f))}
     folder = layout.asset_dir(ASSET, dataset)
     remove_stale_staging(folder.parent)
     with staged_directory(folder) as staging:
-        write_evaluation(staging, rankings, report_settings, summaries, subset_summaries, report, agent_figures,
+        write_evaluation(staging, rankings, report_settings, built.summaries, built.subset_summaries, report, agent_figures,
                          per_task)
     artifact = StageArtifact(
         folder=folder,
         params={"dataset": dataset, "systems": ",".join(settings.systems), "profile": profile,
                 "eval_tasks": eval_tasks.height, "n_candidates": n_candidates,
                 **{f"llm_{k}": v for k, v in llm_settings(settings).items()}},
-        metrics=evaluation_metrics(seconds, summaries, subset_summaries, agent_figures) | comparison_metrics(comparisons),
+        metrics=evaluation_metrics(seconds, built.summaries, built.subset_summaries, agent_figures)
+                | comparison_metrics(built.comparisons),
         metadata={
             "results": Markdown(report),
             "agents": Json(agent_figures),
             "headline": Json([{"group": c.group, "comparison": c.label, "system": c.system, "other": c.other,
                                "value": c.value, "other_value": c.other_value, "relative": c.relative,
-                               "test": c.test.to_dict()} for c in comparisons]),
+                               "test": c.test.to_dict()} for c in built.comparisons]),
             "eval_tasks": eval_tasks.height,
             "llm_subset_tasks": subset.height,
             "plot": folder / NDCG_PLOT,
@@ -264,6 +262,6 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
         texts={"results.md": report},
         artifacts={ASSET: folder},
     )
-    return EvaluationResult(artifact, eval_tasks.height, subset.height, per_task, summaries, subset_summaries,
+    return EvaluationResult(artifact, eval_tasks.height, subset.height, per_task, built.summaries, built.subset_summaries,
                             agent_figures, report)
 
