@@ -158,7 +158,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     paths = ProjectPaths(root=str(args.root)) if args.root else ProjectPaths()
     reports, differs = [], []
-    for folder in evaluation_folders(paths, args.datasets):
+    folders = evaluation_folders(paths, args.datasets)
+    for folder in folders:
         try:
             report = rebuild_report(folder)
         except (FileNotFoundError, ValueError) as error:
@@ -172,7 +173,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:  # a document (docs/results.md): say what produced it, and when
         import datetime
 
-        names = ", ".join(folder.name for folder in evaluation_folders(paths, args.datasets))
+        names = ", ".join(folder.name for folder in folders)
         header = (f"Rebuilt on {datetime.date.today().isoformat()} by `recthinker report --out {args.out}` from the "
                   f"saved per-task rankings of: {names} (assets/evaluation/<dataset>/rankings.parquet).\n\n")
         Path(args.out).write_text(header + text)

@@ -100,9 +100,10 @@ def paired_bootstrap_test(
     stratum keeps its size and the effect stays the unweighted mean over strata). The p-value is
     the share of resampled effects of the *null-centred* differences at or above the observed
     effect, with the usual +1 correction, so it is never 0."""
-    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diffs.ndim != 1 or len(np.asarray(b)) != len(np.asarray(a)):
-        raise ValueError(f"paired scores must be two equal-length lists, got {len(np.asarray(a))} and {len(np.asarray(b))}")
+    first, second = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if first.ndim != 1 or first.shape != second.shape:  # before subtracting: numpy would broadcast [x, y] - [z]
+        raise ValueError(f"paired scores must be two equal-length lists, got {first.size} and {second.size}")
+    diffs = first - second
     if diffs.size == 0:
         raise ValueError("a paired test needs at least one task")
     labels = np.asarray(strata if strata is not None else [""] * diffs.size)

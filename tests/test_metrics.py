@@ -83,6 +83,8 @@ def test_paired_test_strata_keep_their_size_and_weigh_the_same():
     assert result.ci_low == pytest.approx(0.5) and result.ci_high == pytest.approx(0.5)  # no stratum changes size
     with pytest.raises(ValueError, match="equal-length"):
         paired_bootstrap_test([1.0, 0.0], [1.0], seed=0)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap_test([1.0, 0.0, 1.0], [1.0, 0.0], seed=0)
     with pytest.raises(ValueError, match="at least one task"):
         paired_bootstrap_test([], [], seed=0)
     with pytest.raises(ValueError, match="label every task"):

@@ -54,6 +54,11 @@ def sections_written(text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def first_reply(messages) -> str:
+    """The text of a conversation's first assistant turn (the reasoning turn of a think conversation)."""
+    return next((str(m.get("content") or "") for m in messages if m.get("role") == "assistant"), "")
+
+
 def section(name: str, text: str) -> str:
     return f"<{name}>{text}</{name}>"
 

@@ -19,11 +19,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from recthinker_dagster.agent.think import SECTIONS, sections_written
+from recthinker_dagster.agent.think import SECTIONS, first_reply, sections_written
 from recthinker_dagster.artifacts import ArtifactLayout, asset_label, read_published_jsonl, tracked_md5
 from recthinker_dagster.settings import RLSettings, SFTSettings, TeacherSettings, ThinkSettings, ValidationSettings
 from recthinker_dagster.stages.rl import RLModelResult, build_rl_model_stage
-from recthinker_dagster.stages.sft import SFTModelResult, build_sft_model_stage
+from recthinker_dagster.stages.sft import SFTModelResult, build_sft_model_stage, file_md5
 from recthinker_dagster.stages.trajectories import THINK_ASSET, TrajectoriesResult, build_teacher_trajectories_stage
 
 RECONE_SFT = "recone_sft_model"
@@ -54,7 +54,7 @@ def think_sft_records(layout: ArtifactLayout, datasets: Sequence[str], keep_top_
     for dataset in datasets:
         path = layout.asset_dir(THINK_ASSET, dataset) / "trajectories.jsonl"
         records = read_published_jsonl(path, asset_label(THINK_ASSET, dataset))
-        versions.append(tracked_md5(path.parent) or hashlib.md5(path.read_bytes()).hexdigest())
+        versions.append(tracked_md5(path.parent) or file_md5(path))
         best: dict[str, dict] = {}
         for record in records:
             if not usable(record, keep_top_k):
@@ -68,7 +68,7 @@ def think_sft_records(layout: ArtifactLayout, datasets: Sequence[str], keep_top_
 
 def usable(record: dict, keep_top_k: int) -> bool:
     """A valid answer of the model's own, with every reasoning section, and the target within the top k."""
-    reply = next((m.get("content") or "" for m in record["messages"] if m.get("role") == "assistant"), "")
+    reply = first_reply(record["messages"])
     ranking = record.get("final_ranking") or []
     target = record.get("target_item_id")
     within = target in ranking[:keep_top_k]

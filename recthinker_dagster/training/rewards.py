@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from recthinker_dagster.agent.think import SECTIONS, sections_written
+from recthinker_dagster.agent.think import SECTIONS, first_reply, sections_written
 from recthinker_dagster.agent.trajectory import count_repeated_calls
 from recthinker_dagster.metrics import ndcg_at_k
 
@@ -66,10 +66,6 @@ class RolloutOutcome:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def first_reply(messages) -> str:
-    return next((str(m.get("content") or "") for m in messages if m.get("role") == "assistant"), "")
 
 
 def repeated_calls(records) -> int:

@@ -195,6 +195,11 @@ class Investigator:
         blocks = "\n".join(format_tool_call(name, args) for name, args in calls)
         return f"Analysis: {analysis}\nPlan: {plan}\n{blocks}"
 
+    def _fused_labels(self, weights: Mapping[str, float]) -> list[str]:
+        """The candidates' labels in the order of their fused score (what ``score_candidates`` would show)."""
+        labels = list(self.box.labels)
+        return [labels[k] for k in fused_order(self.box.fused_scores(weights))]
+
     def _read_scores(self, messages: list[dict]) -> None:
         self.table = last_score_table(messages) or None
 
@@ -207,7 +212,7 @@ class Investigator:
             plan = "Rank in the order of the score table."
         else:  # no usable table: the fused order of the weights it chose (or would choose)
             weights = self.weights or self._weights("short")
-            order = [labels[k] for k in fused_order(self.box.fused_scores(weights))]
+            order = self._fused_labels(weights)
             analysis = "There is no score table to read."
             plan = f"Rank by {self._mix(weights)}."
         return (f"Analysis: {analysis}\nPlan: {plan}\n"

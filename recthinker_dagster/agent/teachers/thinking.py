@@ -24,7 +24,6 @@ from recthinker_dagster.agent.teachers import fusion
 from recthinker_dagster.agent.teachers.scripted import Investigator, InvestigatorSettings, ScriptedTeacher
 from recthinker_dagster.agent.think import section, think_config, without_tools
 from recthinker_dagster.agent.trajectory import AgentTask, Trajectory
-from recthinker_dagster.tools.signals import fused_order
 
 THINKER = "scripted-thinker-v1"
 LEADERS = 3  # candidates the reasoning discusses
@@ -36,8 +35,7 @@ class Thinker(Investigator):
     def next_turn(self, messages: list[dict]) -> str:
         self.turn += 1
         weights = self._weights(fusion.regime(self.box.profile()["n_items"]))  # as the investigator reads it
-        labels = list(self.box.labels)
-        order = [labels[k] for k in fused_order(self.box.fused_scores(weights))]
+        order = self._fused_labels(weights)
         taste = self._recent_categories()
         leaders = order[:LEADERS]
         return "\n".join([
