@@ -48,6 +48,29 @@ def check_answer_mode(value: str) -> None:
         raise ValueError(f"answer_mode must be one of {list(ANSWER_MODES)}, got {value!r}")
 EVALUATED_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", *LLM_SYSTEMS)  # every known system
 DEFAULT_SYSTEMS = tuple(s for s in EVALUATED_SYSTEMS if s not in THINK_SYSTEMS)  # the agent's pipeline
+MODE_SEPARATOR = "@"  # "sft@logits": an LLM system in another answer mode than the evaluation's default
+
+
+def system_and_mode(name: str) -> tuple[str, str | None]:
+    """``"sft@logits"`` -> ``("sft", "logits")``; ``"sft"`` -> ``("sft", None)`` (the default mode)."""
+    system, separator, mode = name.partition(MODE_SEPARATOR)
+    return system, (mode if separator else None)
+
+
+def is_llm_system(name: str) -> bool:
+    return system_and_mode(name)[0] in LLM_SYSTEMS
+
+
+def check_system_name(name: str) -> None:
+    """A known system, optionally an LLM system with an answer mode: ``sft``, ``sft@logits``."""
+    system, mode = system_and_mode(name)
+    if system not in EVALUATED_SYSTEMS:
+        raise ValueError(f"unknown system {system!r}; known: {list(EVALUATED_SYSTEMS)}")
+    if mode is not None:
+        if system not in LLM_SYSTEMS:
+            raise ValueError(f"system {name!r}: only LLM systems {list(LLM_SYSTEMS)} take an answer mode")
+        if mode not in ANSWER_MODES:
+            raise ValueError(f"system {name!r}: answer mode must be one of {list(ANSWER_MODES)}, got {mode!r}")
 
 
 @dataclass(frozen=True)
@@ -185,12 +208,14 @@ class EvaluationSettings:
     llm_max_new_tokens: int = 384
     prompt_history_len: int = 10
     seed: int = 2026
-    answer_mode: str = "generate"  # the LLM systems' answers: "generate" or "logits" (the label head)
+    answer_mode: str = "generate"  # the LLM systems' answers: "generate" or "logits" (the label head); "sft@logits" in
+    # systems scores one system in the other mode as its own row
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.systems) - set(EVALUATED_SYSTEMS))
-        if unknown:
-            raise ValueError(f"unknown systems {unknown}; known: {list(EVALUATED_SYSTEMS)}")
+        for name in self.systems:
+            check_system_name(name)
+        if len(set(self.systems)) < len(self.systems):
+            raise ValueError(f"systems name one system twice: {list(self.systems)}")
         check_answer_mode(self.answer_mode)
 
 

@@ -250,3 +250,35 @@ def test_the_fusion_baseline_ranks_as_the_teacher_without_the_loop(evaluated):
     assert fusion["task_id"].to_list() == teacher["task_id"].to_list()
     assert sum(same) >= 0.8 * len(same)  # the same fused scores; only exact ties may break apart
     assert "fusion" in result.report and result.summaries["fusion"].height == 2
+
+
+def test_an_llm_system_in_the_other_answer_mode_is_its_own_system(tmp_path):
+    from recthinker_dagster.evaluation.llm_systems import agent_config_for, uses_tools
+
+    settings = EvaluationSettings(systems=("teacher", "sft", "sft@logits", "zero_shot@logits"), answer_mode="generate")
+    llm = llm_settings(settings)
+    assert agent_config_for("sft", llm).answer_mode == "generate"
+    config = agent_config_for("sft@logits", llm)
+    assert (config.answer_mode, config.producer, config.max_turns) == ("logits", "sft@logits", llm["max_turns"])
+    assert agent_config_for("zero_shot@logits", llm).max_turns == 1
+    assert uses_tools("sft@logits") and not uses_tools("zero_shot@logits") and not uses_tools("reczero@generate")
+    layout = ArtifactLayout(tmp_path)
+    (layout.asset_dir("sft_model") / "adapter").mkdir(parents=True)
+    assert policy_for("sft@logits", layout) == policy_for("sft", layout)  # one model serves both rows
+    for bad, message in [(("random@logits",), "only LLM systems"), (("sft@beam",), "answer mode must be one of"),
+                         (("sft_zero",), "unknown system 'sft_zero'"), (("sft", "sft"), "one system twice")]:
+        with pytest.raises(ValueError, match=message):
+            EvaluationSettings(systems=bad)
+
+
+def test_the_report_treats_answer_mode_rows_as_agents(evaluated):
+    from recthinker_dagster.evaluation.results import ReportSettings, build_report, read_rankings
+
+    layout, _, _ = evaluated
+    rankings, saved = read_rankings(layout.asset_dir("evaluation", DATASET) / "rankings.parquet")
+    agent = rankings.filter(pl.col("system").eq("itemknn") & pl.col("in_llm_subset")).with_columns(
+        system=pl.lit("sft@logits"))
+    report = build_report(pl.concat([rankings, agent]), ReportSettings(DATASET, 10, 50, saved.seed))
+    assert "sft@logits" not in report.summaries  # LLM systems run on the subset only
+    assert "sft@logits" in report.subset_summaries
+    assert {c.system for c in report.comparisons if c.label.startswith("best agent")} == {"sft@logits"}

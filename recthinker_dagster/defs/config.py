@@ -127,7 +127,8 @@ class TeacherConfig(StageConfig):
 class EvaluationConfig(StageConfig):
     section: ClassVar[str] = "evaluation"
     systems: list[str] | None = Field(
-        default=None, description=f"Systems scored on the frozen eval tasks; known: {list(EVALUATED_SYSTEMS)}."
+        default=None, description=f"Systems scored on the frozen eval tasks; known: {list(EVALUATED_SYSTEMS)}. An LLM system "
+                                 "in the other answer mode is its own row: 'sft@logits'."
     )
     n_bootstrap: int | None = Field(default=None, description="Bootstrap resamples for the 95% intervals.")
     llm_tasks: int | None = Field(

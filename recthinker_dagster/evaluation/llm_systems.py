@@ -2,11 +2,12 @@
 model with tools, trained policies (SFT, SFT+RL), and the think-before-recommend policies
 (RecZero, RecOne: tool-free, ``agent/think.py``), all through the real agent loop.
 
-    policies = {"zero_shot": Policy(base, []), "sft": Policy(base, [sft_adapter]), ...}
+    policies = {"zero_shot": Policy(base, []), "sft": Policy(base, [sft_adapter]), "sft@logits": ...}
     trajectories = run_llm_systems(policies, tasks, toolbox_factory, settings)
 
 Each distinct model (base folder plus adapters) is loaded once and serves every system that
-uses it; each system's tasks run as one batch.
+uses it (``sft`` and ``sft@logits``, the same policy in the other answer mode, share one); each
+system's tasks run as one batch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.progress import ProgressLog
-from recthinker_dagster.settings import THINK_SYSTEMS
+from recthinker_dagster.settings import THINK_SYSTEMS, system_and_mode
 
 ZERO_SHOT = "zero_shot"
 
@@ -30,17 +31,23 @@ class Policy:
     adapters: tuple[Path, ...] = field(default_factory=tuple)
 
 
-def agent_config_for(system: str, settings: dict) -> AgentConfig:
-    """The agent budgets of ``system``; ``settings["answer_mode"]`` (default ``generate``) picks
-    who orders the answer: the model's tokens, or the label head (``logits``)."""
+def agent_config_for(name: str, settings: dict) -> AgentConfig:
+    """The agent budgets of system ``name``. Who orders the answer, the model's tokens or the
+    label head (``logits``): the name's mode (``sft@logits``), else ``settings["answer_mode"]``
+    (default ``generate``)."""
+    system, mode = system_and_mode(name)
     sampling = SamplingParams(max_new_tokens=settings["max_new_tokens"])
-    answer_mode = settings.get("answer_mode", "generate")
+    answer_mode = mode or settings.get("answer_mode", "generate")
     if system == ZERO_SHOT:
-        return AgentConfig(max_turns=1, max_tool_calls=0, sampling=sampling, producer=system, answer_mode=answer_mode)
+        return AgentConfig(max_turns=1, max_tool_calls=0, sampling=sampling, producer=name, answer_mode=answer_mode)
     if system in THINK_SYSTEMS:
-        return think_config(sampling, producer=system, answer_mode=answer_mode)
+        return think_config(sampling, producer=name, answer_mode=answer_mode)
     return AgentConfig(max_turns=settings["max_turns"], max_tool_calls=settings["max_tool_calls"], sampling=sampling,
-                       producer=system, answer_mode=answer_mode)
+                       producer=name, answer_mode=answer_mode)
+
+
+def uses_tools(name: str) -> bool:
+    return system_and_mode(name)[0] not in (ZERO_SHOT, *THINK_SYSTEMS)
 
 
 CHUNK_BATCHES = 4  # tasks per progress line: this many backend batches
@@ -62,7 +69,7 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
         model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
         backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
         for system in systems:
-            factory = without_tools(toolbox_factory) if system in (ZERO_SHOT, *THINK_SYSTEMS) else toolbox_factory
+            factory = toolbox_factory if uses_tools(system) else without_tools(toolbox_factory)
             config = agent_config_for(system, settings)
             # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
             chunk = CHUNK_BATCHES * batch_size

@@ -28,7 +28,7 @@ from recthinker_dagster.evaluation.headline import (
     headline_comparisons,
 )
 from recthinker_dagster.evaluation.report import results_table_markdown
-from recthinker_dagster.settings import CLASSICAL_SYSTEMS, LLM_SYSTEMS
+from recthinker_dagster.settings import CLASSICAL_SYSTEMS, is_llm_system
 
 RANKINGS = "rankings.parquet"
 RANKING_COLUMNS = ["task_id", "split", "group", "user_id", "ranking", "target_item_id", *METRICS]
@@ -82,18 +82,23 @@ def summaries_by_system(rows: pl.DataFrame, settings: ReportSettings) -> dict[st
             for key, frame in rows.partition_by("system", maintain_order=True, as_dict=True).items()}
 
 
+def llm_systems(rankings: pl.DataFrame) -> list[str]:
+    """The LLM systems among the rankings' systems (``sft@logits`` included)."""
+    return [s for s in rankings["system"].unique(maintain_order=True).to_list() if is_llm_system(s)]
+
+
 def split_summaries(rankings: pl.DataFrame, settings: ReportSettings
                     ) -> tuple[dict[str, pl.DataFrame], dict[str, pl.DataFrame]]:
     """Per-group summaries on all eval tasks (systems other than the LLM ones, which only run on
     the subset) and on the LLM subset (every system)."""
-    every_task = summaries_by_system(rankings.filter(~pl.col("system").is_in(LLM_SYSTEMS)), settings)
+    every_task = summaries_by_system(rankings.filter(~pl.col("system").is_in(llm_systems(rankings))), settings)
     return every_task, summaries_by_system(rankings.filter(pl.col("in_llm_subset")), settings)
 
 
 def subset_comparisons(rankings: pl.DataFrame, settings: ReportSettings) -> list[Comparison]:
     """The headline comparisons on the LLM subset (the LLM systems are the agents, the classical
     systems the baselines, the teacher the reference)."""
-    return headline_comparisons(rankings.filter(pl.col("in_llm_subset")), agents=LLM_SYSTEMS,
+    return headline_comparisons(rankings.filter(pl.col("in_llm_subset")), agents=llm_systems(rankings),
                                 baselines=CLASSICAL_SYSTEMS, reference=TEACHER, seed=settings.seed)
 
 

@@ -61,7 +61,7 @@ from recthinker_dagster.evaluation.results import (
 )
 from recthinker_dagster.recommenders.base import Recommender
 from recthinker_dagster.recommenders.registry import make_recommender
-from recthinker_dagster.settings import LLM_SYSTEMS, EvaluationSettings
+from recthinker_dagster.settings import EvaluationSettings, is_llm_system, system_and_mode
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
 from recthinker_dagster.tools import ToolIndexes, index_interactions
@@ -101,10 +101,12 @@ def llm_settings(settings: EvaluationSettings) -> dict:
     }
 
 
-def policy_for(system: str, layout: ArtifactLayout) -> Policy:
-    """The model behind an LLM system; a missing trained adapter is an error that says what to run.
+def policy_for(name: str, layout: ArtifactLayout) -> Policy:
+    """The model behind an LLM system (``sft@logits`` is ``sft``'s); a missing trained adapter is
+    an error that says what to run.
 
     Trained systems run on the backbone their adapters were trained on (their last asset's lineage)."""
+    system = system_and_mode(name)[0]
     folders = []
     for asset in POLICY_ADAPTERS[system]:
         folder = layout.asset_dir(asset) / "adapter"
@@ -204,14 +206,14 @@ def score_systems(settings: EvaluationSettings, layout: ArtifactLayout, dataset:
     indexes = load_tool_indexes(layout, dataset)
     per_task: dict[str, pl.DataFrame] = {}
     seconds: dict[str, float] = {}
-    llm_systems = [s for s in settings.systems if s in LLM_SYSTEMS]
+    llm_systems = [s for s in settings.systems if is_llm_system(s)]
     if llm_systems:
         started = time.perf_counter()
         per_task.update(llm_per_task(llm_systems, subset, indexes, settings, layout, lambda m: log(f"{dataset}: {m}")))
         seconds["llm_systems"] = time.perf_counter() - started
         log(f"{dataset}: LLM systems {llm_systems} on {subset.height} tasks in {seconds['llm_systems']:.1f}s")
     visible = None
-    for system in [s for s in settings.systems if s not in LLM_SYSTEMS]:
+    for system in [s for s in settings.systems if not is_llm_system(s)]:
         started = time.perf_counter()
         if system == TEACHER:
             per_task[system] = teacher_per_task(eval_tasks, indexes, settings)
