@@ -173,10 +173,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:  # a document (docs/results.md): say what produced it, and when
         import datetime
 
+        from recthinker_dagster.artifacts import ArtifactLayout
+        from recthinker_dagster.stages.evaluation import training_cost_markdown
+
         names = ", ".join(folder.name for folder in folders)
-        header = (f"Rebuilt on {datetime.date.today().isoformat()} by `recthinker report --out {args.out}` from the "
-                  f"saved per-task rankings of: {names} (assets/evaluation/<dataset>/rankings.parquet).\n\n")
-        Path(args.out).write_text(header + text)
+        produced = f"The rankings were produced by `{args.produced_by}`. " if args.produced_by else ""
+        header = (f"{produced}Rebuilt on {datetime.date.today().isoformat()} by `recthinker report --out {args.out}` "
+                  f"from the saved per-task rankings of: {names} (assets/evaluation/<dataset>/rankings.parquet).\n\n")
+        cost = training_cost_markdown(ArtifactLayout(paths.root_path))
+        Path(args.out).write_text(header + (cost + "\n" if cost else "") + text)
         print(f"wrote {args.out}")
     else:
         print(text)
@@ -212,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("datasets", nargs="*", help="datasets to report (default: every evaluated one)")
     report.add_argument("--root", type=Path, default=None, help="project root (default: this project)")
     report.add_argument("--check", action="store_true", help="exit 1 if a rebuilt report differs from its results.md")
-    report.add_argument("--out", type=Path, default=None, help="write the reports to this file instead of printing")
+    report.add_argument("--out", type=Path, default=None,
+                        help="write a document to this file instead of printing: the reports, led by the training cost "
+                             "of the trained systems")
+    report.add_argument("--produced-by", default=None, metavar="COMMAND",
+                        help="with --out: the command that produced the rankings, named in the document")
     report.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -49,6 +49,20 @@ def test_one_job_per_profile_selects_the_whole_graph_and_one_the_think_branch():
         assert defs.resolve_job_def(f"think_{profile}").asset_layer.selected_asset_keys == think
 
 
+def test_the_headline_job_scores_every_system_on_the_evaluation_assets():
+    from recthinker_dagster.defs.config import EvaluationConfig
+    from recthinker_dagster.defs.jobs import HEADLINE_LLM_TASKS, HEADLINE_SYSTEMS
+
+    evaluations = {dg.AssetKey(["ml_1m", "evaluation"]), dg.AssetKey(["amazon_cds", "evaluation"])}
+    assert {"sft@logits", "sft_rl@logits", "reczero", "recone", "fusion", "sasrec", "teacher"} <= set(HEADLINE_SYSTEMS)
+    for profile in PROFILE_NAMES:
+        assert defs.resolve_job_def(f"headline_{profile}").asset_layer.selected_asset_keys == evaluations
+        settings = EvaluationConfig(profile=profile, systems=list(HEADLINE_SYSTEMS),
+                                    llm_tasks=HEADLINE_LLM_TASKS[profile]).settings()
+        assert settings.systems == HEADLINE_SYSTEMS and settings.llm_tasks == HEADLINE_LLM_TASKS[profile]
+    assert HEADLINE_LLM_TASKS["demo"] >= 100  # >= 50 per group: the paper's comparison needs that many
+
+
 def test_the_think_branch_follows_recone_and_reczero():
     graph = defs.resolve_asset_graph()
 

@@ -229,6 +229,18 @@ def test_recthinker_report_checks_the_saved_report_against_the_rankings(evaluate
     assert main(["report", "--root", str(tmp_path), "--out", str(tmp_path / "results.md")]) == 0
     document = (tmp_path / "results.md").read_text()
     assert document.startswith("Rebuilt on ") and "rankings of: synthetic" in document and document.endswith(result.report)
+    assert "## Training cost" not in document  # no trained system published here
+    for asset, metrics in [("sft_model", {"global_step": 64, "train_seconds": 1800.0, "n_examples": 256}),
+                           ("rl_model", {"global_step": 8, "train_seconds": 1500.0, "n_tasks": 4})]:
+        copy.asset_dir(asset).mkdir(parents=True)
+        (copy.asset_dir(asset) / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", "--root", str(tmp_path), "--out", str(tmp_path / "results.md"),
+                 "--produced-by", "bash scripts/headline_table.sh demo"]) == 0
+    document = (tmp_path / "results.md").read_text()
+    assert document.startswith("The rankings were produced by `bash scripts/headline_table.sh demo`. Rebuilt on ")
+    assert "| sft | sft_model | 64 | 30.0 | 256 examples |" in document
+    assert "| sft_rl | sft_model + rl_model | 64 + 8 | 55.0 | 256 examples + 4 tasks |" in document
+    assert document.endswith(result.report)
 
     rankings_path = copy.asset_dir("evaluation", DATASET) / "rankings.parquet"
     rankings, saved = read_rankings(rankings_path)

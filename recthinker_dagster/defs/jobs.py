@@ -1,5 +1,6 @@
-"""Jobs: the whole pipeline once per named profile, and the think-before-recommend branch
-(RecZero, RecOne: the ``think`` group) once per profile.
+"""Jobs, once per named profile: the whole pipeline, the think-before-recommend branch (RecZero,
+RecOne: the ``think`` group), and the headline evaluation (every system, both answer modes of
+the trained agents, on the paper's task counts).
 
 Selections are asset *objects*, never selection strings: DVC pins an antlr runtime that
 breaks Dagster's string selection parser.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dagster as dg
 
 from recthinker_dagster.artifacts import key_prefix
+from recthinker_dagster.defs import keys
 from recthinker_dagster.defs.config import (
     BaseModelConfig,
     EvaluationConfig,
@@ -24,7 +26,13 @@ from recthinker_dagster.defs.config import (
     ToolIndexesConfig,
 )
 from recthinker_dagster.defs.think import GROUP as THINK_GROUP
-from recthinker_dagster.settings import PROFILE_NAMES
+from recthinker_dagster.settings import CLASSICAL_SYSTEMS, PROFILE_NAMES, THINK_SYSTEMS
+
+# the headline table (docs/results.md): every system; the trained agents in both answer modes
+# (the untrained base model never answers on its own, so its two modes rank alike)
+HEADLINE_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", "zero_shot", "base_tools", "sft", "sft@logits", "sft_rl",
+                    "sft_rl@logits", *THINK_SYSTEMS)
+HEADLINE_LLM_TASKS = {"smoke": 4, "demo": 100, "full": 0}  # per dataset over both groups; 0: every eval task
 
 
 def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
@@ -76,6 +84,26 @@ def think_jobs(datasets: list[str]) -> list:
             selection=dg.AssetSelection.groups(THINK_GROUP),
             config=think_run_config(name, datasets),
             description=f"Think before recommend (RecZero, RecOne) with the '{name}' profile.",
+            tags={"profile": name},
+        )
+        for name in PROFILE_NAMES
+    ]
+
+
+def headline_jobs(datasets: list[str]) -> list:
+    """``headline_<profile>``: the evaluation of every system (``HEADLINE_SYSTEMS``) on
+    ``HEADLINE_LLM_TASKS`` LLM tasks per dataset. Needs the pipeline's and the think job's trained
+    policies (``scripts/headline_table.sh`` runs what is missing, then writes docs/results.md)."""
+    return [
+        dg.define_asset_job(
+            f"headline_{name}",
+            selection=dg.AssetSelection.assets(*(keys.dataset_key(dataset, "evaluation") for dataset in datasets)),
+            config=dg.RunConfig(ops={
+                f"{key_prefix(dataset)}__evaluation": EvaluationConfig(
+                    profile=name, systems=list(HEADLINE_SYSTEMS), llm_tasks=HEADLINE_LLM_TASKS[name])
+                for dataset in datasets}),
+            description=f"The headline table with the '{name}' profile: every system, the trained agents in both "
+                        f"answer modes, {HEADLINE_LLM_TASKS[name] or 'all'} LLM tasks per dataset.",
             tags={"profile": name},
         )
         for name in PROFILE_NAMES

@@ -123,6 +123,27 @@ def policy_for(name: str, layout: ArtifactLayout) -> Policy:
     return Policy(base, tuple(folders))
 
 
+def training_cost_markdown(layout: ArtifactLayout) -> str:
+    """What training each trained LLM system cost: its assets' optimizer steps, training minutes
+    and data (from their ``metrics.json``), summed over the assets; "" when none is published."""
+    rows = []
+    for system, assets in POLICY_ADAPTERS.items():
+        paths = [layout.asset_dir(asset) / "metrics.json" for asset in assets]
+        if not assets or not all(path.exists() for path in paths):
+            continue
+        metrics = [json.loads(path.read_text()) for path in paths]
+        steps = " + ".join(str(m.get("global_step", "?")) for m in metrics)
+        minutes = sum(float(m.get("train_seconds") or 0.0) for m in metrics) / 60
+        data = " + ".join(f"{m['n_examples']} examples" if "n_examples" in m else f"{m.get('n_tasks', '?')} tasks"
+                          for m in metrics)
+        rows.append(f"| {system} | {' + '.join(assets)} | {steps} | {minutes:.1f} | {data} |")
+    if not rows:
+        return ""
+    return "\n".join(["## Training cost", "",
+                      "Optimizer steps, training minutes (the last attempt of each asset) and training data.", "",
+                      "| system | trained assets | steps | train min | data |", "|---|---|---:|---:|---|", *rows, ""])
+
+
 def fitted_recommender(system: str, visible: pl.DataFrame, indexes: ToolIndexes | None,
                        settings: EvaluationSettings, dataset: str = "") -> Recommender:
     """A classical system fitted on the index interactions; BPR-MF, item-kNN and SASRec are the
