@@ -55,9 +55,11 @@ def main() -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    reports = validate_policies(layout, args.datasets, settings, layout.asset_dir("base_model"), policies, log=log)
+    suites = validation_suites(layout, args.datasets, settings)  # tasks and tool indexes, loaded once
+    reports = validate_policies(layout, args.datasets, settings, layout.asset_dir("base_model"), policies, log=log,
+                                suites=suites)
     if args.teacher:
-        reports["teacher"] = teacher_report(validation_suites(layout, args.datasets, settings), progress=log)
+        reports["teacher"] = teacher_report(suites, progress=log)
     print(validation_table(reports))
     first = next(iter(reports))
     differences = {name: {"ndcg@10": paired_difference(report, reports[first]),

@@ -50,9 +50,12 @@ def validation_agent(settings: ValidationSettings) -> AgentConfig:
 
 
 def validate_policies(layout: ArtifactLayout, datasets: Sequence[str], settings: ValidationSettings,
-                      base_dir: Path, policies: Mapping[str, list], log: Callable[[str], None] = print) -> dict:
-    """``{name: evaluate_policy report}`` of every policy (its adapter list) on the same slice."""
-    suites = validation_suites(layout, datasets, settings)
+                      base_dir: Path, policies: Mapping[str, list], log: Callable[[str], None] = print, *,
+                      suites: Sequence[ValidationSuite] | None = None) -> dict:
+    """``{name: evaluate_policy report}`` of every policy (its adapter list) on the same slice
+    (``suites``: the slice's ``validation_suites``, when the caller already loaded them)."""
+    if suites is None:
+        suites = validation_suites(layout, datasets, settings)
     agent = validation_agent(settings)
     return {name: evaluate_policy(base_dir, adapters, suites, agent, batch_size=settings.batch_size, progress=log)
             for name, adapters in policies.items()}
