@@ -37,6 +37,14 @@ if ! "$DVC" remote list | grep -q .; then
   "$DVC" remote add -d local dvc_remote
 fi
 mkdir -p dvc_remote
+# A shared remote (docs/deploy.md): RECTHINKER_DVC_REMOTE=s3://bucket/prefix becomes the default
+# remote "shared"; RECTHINKER_DVC_REMOTE_ENDPOINT points it at a non-AWS S3 API (MinIO, Ceph).
+if [ -n "${RECTHINKER_DVC_REMOTE:-}" ]; then
+  "$DVC" remote add -f -d shared "$RECTHINKER_DVC_REMOTE"
+  if [ -n "${RECTHINKER_DVC_REMOTE_ENDPOINT:-}" ]; then
+    "$DVC" remote modify shared endpointurl "$RECTHINKER_DVC_REMOTE_ENDPOINT"
+  fi
+fi
 
 # Raw data: copy the datasets we use into data/ (never symlink: DVC versions real files).
 SOURCE=${RECTHINKER_SOURCE_DATA:-$ROOT/../shared/data}
