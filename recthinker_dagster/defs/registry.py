@@ -12,7 +12,6 @@ What is registered and the ``registration.json`` record come from ``stages/regis
 the MLflow calls from ``serving/pyfunc.py`` (logging) and ``serving/registry.py`` (aliases).
 """
 
-from pathlib import Path
 
 import dagster as dg
 
@@ -29,12 +28,6 @@ from recthinker_dagster.stages.registration import (
     read_registration,
     write_registration,
 )
-
-
-def experiment_location(mlflow: MLflowTracking) -> str:
-    """The artifact location of a new experiment: an object-store URI as is, a folder as a file URI."""
-    root = mlflow.artifact_root
-    return root if "://" in root else Path(root).resolve().as_uri()
 
 
 def build_registry_assets(datasets: list[str]) -> list:
@@ -64,7 +57,7 @@ def build_registry_assets(datasets: list[str]) -> list:
             plan.base_model, plan.adapters, plan.tool_indexes, config=plan.serving,
             registered_model_name=settings.model_name, include_base_model=settings.include_base_model,
             input_example=plan.input_example, experiment_name=mlflow.experiment_name,
-            artifact_location=experiment_location(mlflow), run_name="registered_model",
+            artifact_location=mlflow.experiment_location(), run_name="registered_model",
             tags={"candidate_system": settings.candidate_system, "policy_md5": plan.policy_md5 or ""},
             metrics=plan.metrics,
         )

@@ -120,13 +120,30 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
 
 
+def is_tracking_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def default_artifact_root() -> str:
+    """``$RECTHINKER_MLFLOW_ARTIFACT_ROOT``; else, with a tracking server, "" (the server stores
+    the artifacts: ``mlflow server --artifacts-destination``); else ``<root>/mlflow/artifacts``."""
+    configured = os.environ.get("RECTHINKER_MLFLOW_ARTIFACT_ROOT")
+    if configured is not None:
+        return configured
+    if is_tracking_server(default_tracking_uri()):
+        return ""
+    return str(Path(default_project_root()).resolve() / "mlflow" / "artifacts")
+
+
 class MLflowTracking(dg.ConfigurableResource):
-    """Logs each materialization as an MLflow run (SQLite store by default)."""
+    """Logs each materialization as an MLflow run: a SQLite store under the project by default,
+    or a shared tracking server (``MLFLOW_TRACKING_URI=http://host:5000``)."""
 
     tracking_uri: str = Field(default_factory=default_tracking_uri)
     artifact_root: str = Field(
-        default_factory=lambda: str(Path(default_project_root()).resolve() / "mlflow" / "artifacts"),
-        description="Artifact location for new experiments (a folder or an object-store URI).",
+        default_factory=default_artifact_root,
+        description="Artifact location for new experiments (a folder or an object-store URI); empty: the tracking "
+                    "server's own store.",
     )
     experiment_name: str = "recthinker"
     enabled: bool = True
@@ -150,11 +167,18 @@ class MLflowTracking(dg.ConfigurableResource):
         experiment = mlflow.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
             return experiment.experiment_id
+        return mlflow.create_experiment(self.experiment_name, artifact_location=self.experiment_location())
+
+    def experiment_location(self) -> str | None:
+        """A new experiment's artifact location: an object-store URI as is, a folder (created) as
+        a file URI, or None when the tracking server keeps the artifacts (``artifact_root`` "")."""
         location = self.artifact_root
-        if "://" not in location:
-            Path(location).mkdir(parents=True, exist_ok=True)
-            location = Path(location).resolve().as_uri()
-        return mlflow.create_experiment(self.experiment_name, artifact_location=location)
+        if not location:
+            return None
+        if "://" in location:
+            return location
+        Path(location).mkdir(parents=True, exist_ok=True)
+        return Path(location).resolve().as_uri()
 
     def open_attempt(self, run_name: str, tags: dict[str, str] | None = None) -> str:
         """Start a RUNNING run for a long stage (its id; '' when disabled), after marking FAILED

@@ -5,6 +5,9 @@ Used by the serving tests and ``scripts/benchmark_serving.py``:
     with served_champion(world, root, config=SERVING_CONFIG) as server:   # log, promote, serve
         status, body = server.invoke([world.request(5)])                  # POST /invocations
 
+``tracking_server(root)`` runs a shared ``mlflow server`` (tracking, registry, artifacts) the
+same way.
+
 The server runs ``--env-manager local`` (this interpreter's environment) in its own process
 group, with its output in ``<root>/serve.log``; the whole group is killed on exit. Requests
 never go through a proxy.
@@ -128,9 +131,49 @@ def scoring_server(model_uri: str, tracking_uri: str, root: Path, *, request_tim
         _stop(process)
 
 
-def register_champion(world, root: Path, config: Mapping | None = None) -> str:
-    """Log ``world``'s agent (SFT adapter) in a fresh registry under ``root`` and promote it to
-    champion; the registry's tracking URI. The model holds a copy of the code as it is now."""
+@dataclass(frozen=True)
+class TrackingServer:
+    uri: str
+    artifacts: Path  # the server's artifact store (--artifacts-destination)
+    log_path: Path
+
+
+@contextmanager
+def tracking_server(root: Path, *, startup_s: float = STARTUP_S) -> Iterator[TrackingServer]:
+    """``mlflow server`` on a free loopback port until the block ends: a SQLite store and a
+    proxied artifact store under ``root`` (clients reach both over HTTP only)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [*_mlflow_command(), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+               "--artifacts-destination", str(root / "server-artifacts"), "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    log_path = root / "tracking-server.log"
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    server = TrackingServer(f"http://127.0.0.1:{port}", root / "server-artifacts", log_path)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            try:
+                if http(f"{server.uri}/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None:
+                raise ServerStartError(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"no /health answer within {startup_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield server
+    finally:
+        _stop(process)
+
+
+def register_champion(world, root: Path, config: Mapping | None = None, *, tracking_uri: str | None = None) -> str:
+    """Log ``world``'s agent (SFT adapter) in a registry and promote it to champion; the
+    registry's tracking URI: ``tracking_uri`` (a tracking server), else a fresh SQLite store
+    under ``root``. The model holds a copy of the code as it is now."""
     import mlflow
 
     from recthinker_dagster.serving.promotion import decide_promotion
@@ -138,7 +181,9 @@ def register_champion(world, root: Path, config: Mapping | None = None) -> str:
     from tests.support.registry import log_version, new_registry
 
     previous = mlflow.get_tracking_uri()
-    uri = new_registry(root)
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = tracking_uri or new_registry(root)
     try:
         version = str(log_version(world, **({"config": config} if config is not None else {})).version)
         decision = decide_promotion({"ndcg@10": 0.3}, None, {"ndcg@10": 0.2})
