@@ -26,9 +26,26 @@ from recthinker_dagster.defs.trajectories import build_trajectory_assets
 DEFAULT_DATASETS = ("ml-1m", "amazon-cds")
 
 
+EXECUTORS = ("in_process", "multiprocess")
+
+
 def configured_datasets() -> list[str]:
     raw = os.environ.get("RECTHINKER_DATASETS", ",".join(DEFAULT_DATASETS))
     return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def configured_executor() -> dg.ExecutorDefinition:
+    """``$RECTHINKER_EXECUTOR``: ``in_process`` (default: one process, steps share the imports
+    and the cores) or ``multiprocess`` (independent steps, such as the per-dataset branches, in
+    parallel, at most ``$RECTHINKER_MAX_CONCURRENT`` at once, default the core count; the heavy
+    stages share one concurrency pool, ``keys.HEAVY_POOL``, docs/deploy.md)."""
+    name = os.environ.get("RECTHINKER_EXECUTOR", "in_process")
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "multiprocess":
+        limit = int(os.environ.get("RECTHINKER_MAX_CONCURRENT") or os.cpu_count() or 1)
+        return dg.multiprocess_executor.configured({"max_concurrent": limit})
+    raise ValueError(f"RECTHINKER_EXECUTOR must be one of {list(EXECUTORS)}, got {name!r}")
 
 
 def build_definitions(datasets: list[str] | None = None, resources: dict | None = None) -> dg.Definitions:
@@ -55,8 +72,7 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
         schedules=automation["schedules"],
         sensors=automation["sensors"],
         resources=resources or {"paths": ProjectPaths(), "dvc": DVCVersioning(), "mlflow": MLflowTracking()},
-        # One process: steps share imports and the machine's two cores; DVC is locked anyway.
-        executor=dg.in_process_executor,
+        executor=configured_executor(),
     )
 
 

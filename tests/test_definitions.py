@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+import pytest
 
 from recthinker_dagster.definitions import build_definitions, defs
 from recthinker_dagster.settings import PROFILE_NAMES
@@ -95,3 +96,23 @@ def test_dependencies_follow_the_design_graph():
     assert parents == {"ml_1m/interactions", "ml_1m/items"}
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey(["ml_1m", "interactions"])).parent_keys}
     assert parents == {"ml_1m/raw_dataset"}
+
+
+def test_the_executor_is_one_switch_and_the_heavy_stages_share_a_pool(monkeypatch):
+    from recthinker_dagster.definitions import configured_executor
+    from recthinker_dagster.defs.keys import HEAVY_POOL
+
+    monkeypatch.delenv("RECTHINKER_EXECUTOR", raising=False)
+    assert configured_executor() is dg.in_process_executor
+    monkeypatch.setenv("RECTHINKER_EXECUTOR", "multiprocess")
+    monkeypatch.setenv("RECTHINKER_MAX_CONCURRENT", "3")
+    assert configured_executor().name == "multiprocess"
+    assert build_definitions(["ml-1m"]).executor.name == "multiprocess"
+    monkeypatch.setenv("RECTHINKER_EXECUTOR", "threads")
+    with pytest.raises(ValueError, match="RECTHINKER_EXECUTOR must be one of"):
+        configured_executor()
+
+    graph = defs.resolve_asset_graph()
+    heavy = {key.to_user_string() for key in graph.get_all_asset_keys() if HEAVY_POOL in graph.get(key).pools}
+    assert heavy == {"sft_model", "rl_model", "ml_1m/evaluation", "amazon_cds/evaluation", "recone_sft_model",
+                     "recone_model", "reczero_model"}

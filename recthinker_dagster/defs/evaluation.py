@@ -28,6 +28,7 @@ def build_evaluation_assets(dataset: str) -> list:
               keys.SFT_MODEL, keys.RL_MODEL],
         group_name=key_prefix(dataset),
         kinds={"dvc"},
+        pool=keys.HEAVY_POOL,  # the LLM systems
         description="NDCG@1/5/10, HR@1/5/10 and MRR with bootstrap 95% CIs for every system (classical, teacher, "
         "zero-shot LLM, LLM with tools, SFT, SFT+RL), per group.",
     )

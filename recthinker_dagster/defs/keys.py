@@ -12,6 +12,10 @@ SFT_MODEL = dg.AssetKey("sft_model")
 RL_MODEL = dg.AssetKey("rl_model")
 REGISTERED_MODEL = dg.AssetKey("registered_model")
 AGENT_GROUP = "agent"  # the cross-dataset training and registry assets
+# the concurrency pool of the CPU/GPU-heavy stages (training, the LLM evaluation): with the
+# instance's pool limit (dagster_home/dagster.yaml: concurrency.pools.default_limit: 1) they never
+# overlap, while the light per-dataset branches run in parallel (docs/deploy.md)
+HEAVY_POOL = "recthinker_heavy"
 
 
 def dataset_key(dataset: str, asset: str) -> dg.AssetKey:

@@ -23,6 +23,7 @@ def build_rl_assets(datasets: list[str]) -> list:
         key=keys.RL_MODEL,
         deps=[keys.SFT_MODEL, *keys.dataset_keys(datasets, "task_splits"), *keys.dataset_keys(datasets, "tool_suite")],
         group_name=keys.AGENT_GROUP,
+        pool=keys.HEAVY_POOL,
         kinds={"pytorch", "dvc"},
         description="A LoRA adapter trained with TRL's GRPOTrainer on top of the SFT policy, over multi-turn rollouts "
         "with the real tools; rewards: ranking (NDCG@10), format, tool efficiency. Resumable.",

@@ -61,7 +61,8 @@ def think_trajectories_asset(dataset: str):
 def trained_asset(name: str, deps: list, datasets: list[str], description: str):
     key = dg.AssetKey(name)
 
-    @dg.asset(key=key, deps=deps, group_name=GROUP, kinds={"pytorch", "dvc"}, description=description)
+    @dg.asset(key=key, deps=deps, group_name=GROUP, kinds={"pytorch", "dvc"}, description=description,
+              pool=keys.HEAVY_POOL)
     def trained(context: dg.AssetExecutionContext, config: ThinkConfig, paths: ProjectPaths, dvc: DVCVersioning,
                 mlflow: MLflowTracking) -> dg.MaterializeResult:
         with publication_lock(context, paths, [paths.asset_dir(name)]), \

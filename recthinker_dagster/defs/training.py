@@ -72,6 +72,7 @@ def build_training_assets(datasets: list[str]) -> list:
         key=keys.SFT_MODEL,
         deps=[keys.FILTERED_TRAJECTORIES, keys.BASE_MODEL, *split_keys, *suite_keys],
         group_name=keys.AGENT_GROUP,
+        pool=keys.HEAVY_POOL,
         kinds={"pytorch", "dvc"},
         description="A LoRA adapter trained with TRL's SFTTrainer on the filtered trajectories (assistant tokens only), "
         "validated before and after training; resumable.",
