@@ -63,6 +63,7 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
     ``data``: the training records and their version (an md5); default the published
     ``filtered_trajectories`` (RecOne's cold start passes the thinking teacher's, ``stages/think.py``)."""
     from recthinker_dagster.training.callbacks import LogProgress
+    from recthinker_dagster.training.distributed import launch_sft
     from recthinker_dagster.training.sft import train_sft
 
     recipe = sft_recipe(settings)
@@ -76,7 +77,11 @@ def build_sft_model_stage(settings: SFTSettings, layout: ArtifactLayout, dataset
     work_dir = layout.work_dir(asset, fingerprint)
     log(f"SFT recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(records)} trajectories "
         f"in {layout.relative(work_dir)}")
-    result = train_sft(records, base_dir, work_dir, recipe, resume=settings.resume, callbacks=[LogProgress(log, "loss")])
+    if recipe.num_processes > 1:
+        result = launch_sft(records, base_dir, work_dir, recipe, resume=settings.resume, log=log)
+    else:
+        result = train_sft(records, base_dir, work_dir, recipe, resume=settings.resume,
+                           callbacks=[LogProgress(log, "loss")])
     m = result.metrics
     log(f"trained to step {result.global_step} (resumed from {result.resumed_from}): final loss "
         f"{m['final_loss']}, {m['seconds_per_step']} s/step, {m['tokens_per_second']} tokens/s")

@@ -32,6 +32,9 @@ class RecipeFields:
 
     _KIND = "recipe"  # named in the unknown-keys error
     _MAPPINGS: tuple[str, ...] = ()  # sections kept as plain dicts
+    # where a run executes, not what it learns: left out of the digest (a 2-process run of a recipe
+    # keeps its global batch, so it resumes and compares with the 1-process run)
+    _PLACEMENT: tuple[str, ...] = ("num_processes",)
 
     @classmethod
     def from_dict(cls, values: Mapping):
@@ -58,8 +61,9 @@ class RecipeFields:
 
     @property
     def digest(self) -> str:
-        """A short hash of every field: two runs with the same digest used the same recipe."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """A short hash of every field but the placement ones: two runs with the same digest
+        used the same recipe."""
+        text = json.dumps({k: v for k, v in self.to_dict().items() if k not in self._PLACEMENT}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -94,6 +98,10 @@ class SFTRecipe(RecipeFields):
     gradient_checkpointing: bool = False
     device: str = "auto"
     num_threads: int | None = None  # CPU threads; None: every core this process may use
+    # data parallelism: this many processes under `accelerate launch` (DDP: gloo on CPU, NCCL on
+    # GPUs), each accumulating gradient_accumulation_steps / num_processes micro-batches, so the
+    # global batch stays per_device_train_batch_size x gradient_accumulation_steps
+    num_processes: int = 1
     # logging, checkpoints, reproducibility
     logging_steps: int = 1
     save_steps: int = 50
@@ -109,6 +117,10 @@ class SFTRecipe(RecipeFields):
             raise ValueError("lora_r, per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be >= 1")
+        if self.num_processes < 1 or self.gradient_accumulation_steps % self.num_processes:
+            raise ValueError(f"num_processes ({self.num_processes}) must be >= 1 and divide gradient_accumulation_steps "
+                             f"({self.gradient_accumulation_steps}): each process accumulates an equal share of the "
+                             "global batch")
 
     @property
     def filter_config(self) -> FilterConfig:

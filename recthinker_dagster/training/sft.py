@@ -57,17 +57,33 @@ class _CountingCollator:
         return batch
 
 
+def world_size() -> int:
+    """Processes in this training run (``accelerate launch`` sets ``WORLD_SIZE``; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def sft_config(recipe: SFTRecipe, checkpoint_dir: Path, precision: str, use_cpu: bool):
     """The TRL config for a recipe: bf16 / gradient checkpointing set explicitly (TRL defaults
-    both to True), labels precomputed (so no ``assistant_only_loss`` here), no reporting."""
+    both to True), labels precomputed (so no ``assistant_only_loss`` here), no reporting. Under
+    a data-parallel launch each process accumulates its share of the recipe's global batch."""
     from trl import SFTConfig
 
+    processes = world_size()
+    if recipe.gradient_accumulation_steps % processes:
+        raise ValueError(f"{processes} processes cannot share gradient_accumulation_steps="
+                         f"{recipe.gradient_accumulation_steps} equally")
     return SFTConfig(
+        ddp_backend=("gloo" if use_cpu else "nccl") if processes > 1 else None,
+        ddp_find_unused_parameters=False if processes > 1 else None,
         output_dir=str(checkpoint_dir),
         max_steps=recipe.max_steps,
         num_train_epochs=recipe.num_train_epochs,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps // processes,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_steps,
@@ -163,14 +179,16 @@ def train_sft(
     output = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - started
 
-    # save the adapter (not the base weights) with the tokenizer and its inference template
+    # save the adapter (not the base weights) with the tokenizer and its inference template;
+    # under a data-parallel launch every process holds the same weights, and the first writes
     adapter_dir = output_dir / ADAPTER
-    trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
     metrics = _run_metrics(trainer, output, clock, collator, train_seconds, recipe, precision, device,
                            data_stats, last)
     metrics_path = output_dir / METRICS
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        metrics_path.write_text(json.dumps(metrics, indent=2))
     return SFTResult(output_dir, adapter_dir, metrics_path, metrics, trainer.state.global_step,
                      Path(last).name if last else None)
 
@@ -190,6 +208,7 @@ def _run_metrics(trainer, output, clock, collator, train_seconds, recipe, precis
         "precision": precision,
         "device": str(device),
         "torch_threads": torch_threads(device),
+        "num_processes": world_size(),
         "global_step": trainer.state.global_step,
         "resumed_from": Path(resumed_from).name if resumed_from else None,
         "steps_this_run": n_steps,
@@ -199,7 +218,7 @@ def _run_metrics(trainer, output, clock, collator, train_seconds, recipe, precis
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(statistics.fmean(clock.step_seconds), 3) if n_steps else None,
         "step_seconds": [round(s, 3) for s in clock.step_seconds],
-        "tokens_seen": collator.tokens,
+        "tokens_seen": collator.tokens,  # this process's share under a data-parallel launch
         "trained_tokens_seen": collator.trained_tokens,
         "tokens_per_second": round(collator.tokens / train_seconds, 2) if train_seconds else None,
         "trained_tokens_per_second": round(collator.trained_tokens / train_seconds, 2) if train_seconds else None,
