@@ -27,7 +27,7 @@ def test_processes_share_the_global_batch_and_keep_the_digest():
     with pytest.raises(ValueError, match="must be >= 1 and divide gradient_accumulation_steps"):
         recipe.with_overrides(num_processes=3)
     command = launch_command(recipe.with_overrides(num_processes=2), ["--examples", "x"])
-    assert command[command.index("--num_processes") + 1] == "2" and "--cpu" in command
+    assert command[command.index("--num_processes") + 1] == "2" and "--cpu" not in command  # --cpu: one process
     assert command[-3:] == ["recthinker_dagster.training.distributed", "--examples", "x"]
 
 

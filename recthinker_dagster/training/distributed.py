@@ -52,11 +52,13 @@ def uses_gpu(device: str) -> bool:
 
 
 def launch_command(recipe: SFTRecipe, worker_args: list[str]) -> list[str]:
-    """``accelerate launch`` of this module on one machine with ``recipe.num_processes`` processes."""
-    placement = [] if uses_gpu(recipe.device) else ["--cpu"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(recipe.num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), *placement, "-m", __name__, *worker_args]
+    """``accelerate launch`` of this module on one machine with ``recipe.num_processes`` processes.
+
+    ``--multi_gpu`` selects accelerate's torchrun launcher on CPUs too (``--cpu`` would start a
+    single process); there the trainer's ``use_cpu`` makes each process a gloo DDP rank."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(recipe.num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", __name__, *worker_args]
 
 
 def launch_sft(trajectories_or_records: Iterable[Trajectory | Mapping], base_model_dir: str | os.PathLike,
