@@ -9,7 +9,7 @@ import dagster as dg
 from recthinker_dagster.defs.automation import build_automation
 from recthinker_dagster.defs.datasets import build_dataset_assets
 from recthinker_dagster.defs.evaluation import build_evaluation_assets
-from recthinker_dagster.defs.jobs import headline_jobs, pipeline_jobs, think_jobs
+from recthinker_dagster.defs.jobs import data_jobs, headline_jobs, pipeline_jobs, think_jobs
 from recthinker_dagster.defs.model import base_model
 from recthinker_dagster.defs.registry import build_registry_assets
 from recthinker_dagster.defs.resources import (
@@ -71,7 +71,7 @@ def build_definitions(datasets: list[str] | None = None, resources: dict | None 
     assets = [a for a in assets_and_checks if not isinstance(a, dg.AssetChecksDefinition)]
     checks = [a for a in assets_and_checks if isinstance(a, dg.AssetChecksDefinition)]
     jobs = pipeline_jobs(datasets)
-    side_jobs = think_jobs(datasets) + headline_jobs(datasets)  # beside the pipeline, on its assets
+    side_jobs = think_jobs(datasets) + headline_jobs(datasets) + data_jobs(datasets)  # parts of the pipeline
     automation = build_automation(jobs)
     return dg.Definitions(
         assets=assets,

@@ -116,3 +116,15 @@ def test_the_executor_is_one_switch_and_the_heavy_stages_share_a_pool(monkeypatc
     heavy = {key.to_user_string() for key in graph.get_all_asset_keys() if HEAVY_POOL in graph.get(key).pools}
     assert heavy == {"sft_model", "rl_model", "ml_1m/evaluation", "amazon_cds/evaluation", "recone_sft_model",
                      "recone_model", "reczero_model"}
+
+
+def test_the_data_job_selects_every_dataset_branch_without_training():
+    graph = defs.resolve_asset_graph()
+    selected = {k.to_user_string() for k in defs.resolve_job_def("data_demo").asset_layer.selected_asset_keys}
+    for prefix in ("ml_1m", "amazon_cds"):
+        assert {f"{prefix}/interactions", f"{prefix}/tool_suite", f"{prefix}/teacher_trajectories"} <= selected
+        assert f"{prefix}/evaluation" not in selected
+    assert "base_model" in selected  # the teacher trajectories count tokens with its tokenizer
+    assert not selected & {"sft_model", "rl_model", "filtered_trajectories", "registered_model"}
+    branches = selected - {"base_model"}
+    assert all(graph.get(dg.AssetKey(k.split("/"))).group_name in ("ml_1m", "amazon_cds") for k in branches)

@@ -108,3 +108,23 @@ def headline_jobs(datasets: list[str]) -> list:
         )
         for name in PROFILE_NAMES
     ]
+
+
+def data_jobs(datasets: list[str]) -> list:
+    """``data_<profile>``: every dataset's branch (raw data, quality gates, task splits, tool
+    indexes, teacher trajectories) and the base model (its tokenizer counts the trajectories'
+    tokens), without training or evaluation. The branches are independent: under
+    ``RECTHINKER_EXECUTOR=multiprocess`` they run side by side."""
+    branch = dg.AssetSelection.groups(*(key_prefix(dataset) for dataset in datasets)) | dg.AssetSelection.assets(
+        keys.BASE_MODEL)
+    evaluations = dg.AssetSelection.assets(*(keys.dataset_key(dataset, "evaluation") for dataset in datasets))
+    return [
+        dg.define_asset_job(
+            f"data_{name}",
+            selection=branch - evaluations,
+            config=profile_run_config(name, datasets),
+            description=f"Every dataset's data, tool indexes and teacher trajectories with the '{name}' profile.",
+            tags={"profile": name},
+        )
+        for name in PROFILE_NAMES
+    ]
