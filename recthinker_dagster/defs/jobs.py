@@ -1,6 +1,6 @@
 """Jobs, once per named profile: the whole pipeline, the think-before-recommend branch (RecZero,
-RecOne: the ``think`` group), and the headline evaluation (every system, both answer modes of
-the trained agents, on the paper's task counts).
+RecOne: the ``think`` group), the headline evaluation (every system, both answer modes of the
+trained agents, on the paper's task counts) and the data branches alone (``data_<profile>``).
 
 Selections are asset *objects*, never selection strings: DVC pins an antlr runtime that
 breaks Dagster's string selection parser.

@@ -13,8 +13,9 @@ RL_MODEL = dg.AssetKey("rl_model")
 REGISTERED_MODEL = dg.AssetKey("registered_model")
 AGENT_GROUP = "agent"  # the cross-dataset training and registry assets
 # the concurrency pool of the CPU/GPU-heavy stages (training, the LLM evaluation): with the
-# instance's pool limit (dagster_home/dagster.yaml: concurrency.pools.default_limit: 1) they never
-# overlap, while the light per-dataset branches run in parallel (docs/deploy.md)
+# instance's limit for it (`dagster instance concurrency set recthinker_heavy 1`, which
+# scripts/run_pipeline.sh sets for parallel executors) they never overlap, while the light
+# per-dataset branches run in parallel (docs/deploy.md)
 HEAVY_POOL = "recthinker_heavy"
 
 

@@ -93,7 +93,6 @@ def launch_sft(trajectories_or_records: Iterable[Trajectory | Mapping], base_mod
                      resumed)
 
 
-
 def worker_main(argv: list[str] | None = None) -> None:
     """One process of a data-parallel SFT run (started by ``launch_sft``)."""
     from recthinker_dagster.training.callbacks import LogProgress
