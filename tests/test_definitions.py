@@ -128,3 +128,10 @@ def test_the_data_job_selects_every_dataset_branch_without_training():
     assert not selected & {"sft_model", "rl_model", "filtered_trajectories", "registered_model"}
     branches = selected - {"base_model"}
     assert all(graph.get(dg.AssetKey(k.split("/"))).group_name in ("ml_1m", "amazon_cds") for k in branches)
+
+
+def test_every_jobs_config_is_valid_for_its_selection():
+    """A job's config naming an op it does not select is an error Dagster raises only at launch."""
+    for job in defs.resolve_all_job_defs():
+        if job.name.startswith(("pipeline_", "think_", "headline_", "data_")):
+            assert dg.validate_run_config(job).get("ops"), job.name

@@ -35,15 +35,17 @@ HEADLINE_SYSTEMS = (*CLASSICAL_SYSTEMS, "teacher", "zero_shot", "base_tools", "s
 HEADLINE_LLM_TASKS = {"smoke": 4, "demo": 100, "full": 0}  # per dataset over both groups; 0: every eval task
 
 
-def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
-    """Every asset's config naming ``profile`` (op names: ``<prefix>__<asset>`` per dataset)."""
-    ops: dict[str, dg.Config] = {
-        "base_model": BaseModelConfig(profile=profile),
-        "filtered_trajectories": FilterStageConfig(profile=profile),
-        "sft_model": SFTTrainingConfig(profile=profile),
-        "rl_model": RLStageConfig(profile=profile),
-        "registered_model": RegistryConfig(profile=profile),
-    }
+def profile_run_config(profile: str, datasets: list[str], *, data_only: bool = False) -> dg.RunConfig:
+    """Every asset's config naming ``profile`` (op names: ``<prefix>__<asset>`` per dataset);
+    ``data_only``: the base model and the per-dataset branches without the evaluation."""
+    ops: dict[str, dg.Config] = {"base_model": BaseModelConfig(profile=profile)}
+    if not data_only:
+        ops.update({
+            "filtered_trajectories": FilterStageConfig(profile=profile),
+            "sft_model": SFTTrainingConfig(profile=profile),
+            "rl_model": RLStageConfig(profile=profile),
+            "registered_model": RegistryConfig(profile=profile),
+        })
     for dataset in datasets:
         prefix = key_prefix(dataset)
         ops[f"{prefix}__raw_dataset"] = IngestConfig(profile=profile)
@@ -51,7 +53,8 @@ def profile_run_config(profile: str, datasets: list[str]) -> dg.RunConfig:
         ops[f"{prefix}__task_splits"] = TaskSplitConfig(profile=profile)
         ops[f"{prefix}__tool_indexes"] = ToolIndexesConfig(profile=profile)
         ops[f"{prefix}__teacher_trajectories"] = TeacherConfig(profile=profile)
-        ops[f"{prefix}__evaluation"] = EvaluationConfig(profile=profile)
+        if not data_only:
+            ops[f"{prefix}__evaluation"] = EvaluationConfig(profile=profile)
     return dg.RunConfig(ops=ops)
 
 
@@ -122,7 +125,7 @@ def data_jobs(datasets: list[str]) -> list:
         dg.define_asset_job(
             f"data_{name}",
             selection=branch - evaluations,
-            config=profile_run_config(name, datasets),
+            config=profile_run_config(name, datasets, data_only=True),
             description=f"Every dataset's data, tool indexes and teacher trajectories with the '{name}' profile.",
             tags={"profile": name},
         )
