@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 
 from recthinker_dagster.artifacts import INDEX_ASSETS
 from tests.support.celery_location import JOB
-from tests.support.scoring_server import free_port
+from tests.support.scoring_server import free_port, wait_until_ready
 
 pytestmark = pytest.mark.slow
 # CI sets RECTHINKER_REQUIRE_SERVICES=1: there a missing redis-server fails this test, never skips it
@@ -43,19 +42,23 @@ def broker(tmp_path):
         message = "redis-server is missing: scripts/setup.sh installs Debian's redis-server as root"
         pytest.fail(f"{message} (RECTHINKER_REQUIRE_SERVICES=1)") if REQUIRED else pytest.skip(message)
     port = free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "redis.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                    "no", "--dir", str(tmp_path)], stdout=log, stderr=subprocess.STDOUT)
     client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + STARTUP_S
-    while True:
+
+    def answers() -> bool:
         try:
-            if client.ping():
-                break
+            return bool(client.ping())
         except redis.ConnectionError:
-            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.2)
-    yield f"redis://127.0.0.1:{port}/0"
-    _stop(process)
+            return False
+
+    try:
+        wait_until_ready(process, answers, log_path, "redis-server", STARTUP_S)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(process)
 
 
 def test_two_celery_workers_materialize_a_dataset_branch(broker, tmp_path, make_project, repo_root):

@@ -9,12 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.support.project import make_project
-from tests.support.scoring_server import free_port, http
+from tests.support.scoring_server import free_port, http, wait_until_ready
 
 BUCKET = "recthinker"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -32,17 +31,15 @@ def s3_endpoint(tmp_path, monkeypatch):
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS})
     endpoint = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return http(f"{endpoint}/moto-api/", timeout=2)[0] < 500
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if http(f"{endpoint}/moto-api/", timeout=2)[0] < 500:
-                    break
-            except OSError:
-                pass
-            assert process.poll() is None, (tmp_path / "moto.log").read_text()
-            assert time.monotonic() < deadline, "moto did not start within 60 s"
-            time.sleep(0.5)
+        wait_until_ready(process, answers, tmp_path / "moto.log", "moto's S3 server", 60)
         s3_client(endpoint).create_bucket(Bucket=BUCKET)
         yield endpoint
     finally:

@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +91,19 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def wait_until_ready(process: subprocess.Popen, ready: Callable[[], bool], log_path: Path, what: str,
+                      startup_s: float) -> None:
+    """Poll ``ready`` every second until it holds; a ``ServerStartError`` with the log's end when
+    ``process`` exits first or ``startup_s`` passes."""
+    deadline = time.monotonic() + startup_s
+    while not ready():
+        if process.poll() is not None:
+            raise ServerStartError(f"{what} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"{what}: not ready within {startup_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+
+
 @contextmanager
 def scoring_server(model_uri: str, tracking_uri: str, root: Path, *, request_timeout_s: int = 60,
                    startup_s: float = STARTUP_S) -> Iterator[ScoringServer]:
@@ -118,14 +131,7 @@ def scoring_server(model_uri: str, tracking_uri: str, root: Path, *, request_tim
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = ScoringServer(f"http://127.0.0.1:{port}", log_path)
     try:
-        deadline = time.monotonic() + startup_s
-        while not server.ping():
-            if process.poll() is not None:
-                raise ServerStartError(f"mlflow models serve exited with {process.returncode}:\n"
-                                       f"{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"no /ping answer within {startup_s:.0f}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_until_ready(process, server.ping, log_path, "mlflow models serve (/ping)", startup_s)
         yield server
     finally:
         _stop(process)
@@ -152,19 +158,15 @@ def tracking_server(root: Path, *, startup_s: float = STARTUP_S) -> Iterator[Tra
         process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = TrackingServer(f"http://127.0.0.1:{port}", root / "server-artifacts", log_path)
+
+    def healthy() -> bool:
+        try:
+            return http(f"{server.uri}/health", timeout=5)[0] == 200
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            try:
-                if http(f"{server.uri}/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None:
-                raise ServerStartError(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"no /health answer within {startup_s:.0f}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_until_ready(process, healthy, log_path, "mlflow server (/health)", startup_s)
         yield server
     finally:
         _stop(process)
