@@ -44,11 +44,9 @@ def _free_port() -> int:
 
 
 def uses_gpu(device: str) -> bool:
-    if device != "auto":
-        return device.startswith("cuda")
-    import torch
+    from recthinker_dagster.agent.backends.transformers_backend import resolve_device
 
-    return torch.cuda.is_available()
+    return resolve_device(device).type == "cuda"
 
 
 def launch_command(recipe: SFTRecipe, worker_args: list[str]) -> list[str]:
