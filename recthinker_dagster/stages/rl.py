@@ -97,6 +97,13 @@ def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int
     return tasks, DatasetToolboxes(factories)
 
 
+def rl_tasks_at(root: str, datasets: Sequence[str], n_train_tasks: int, prompt_history_len: int,
+                data_dir: str | None = None, cache_dir: str | None = None) -> tuple[list, DatasetToolboxes]:
+    """``rl_tasks`` of the project at ``root``: what every data-parallel GRPO process rebuilds."""
+    layout = ArtifactLayout(Path(root), Path(data_dir) if data_dir else None, Path(cache_dir) if cache_dir else None)
+    return rl_tasks(layout, datasets, n_train_tasks, prompt_history_len)
+
+
 def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets: Sequence[str],
                          log: Callable[[str], None] = print, *, asset: str = ASSET,
                          start: str | None = "sft_model") -> RLModelResult:
@@ -104,6 +111,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     model), validate the start and the trained policy, write ``assets/<asset>``. The recipe's
     ``conversation`` decides the rollouts and the validation (``think``: RecZero, RecOne)."""
     from recthinker_dagster.training.callbacks import LogProgress
+    from recthinker_dagster.training.distributed import TaskSource, launch_grpo
     from recthinker_dagster.training.grpo import train_grpo
 
     recipe = rl_recipe(settings)
@@ -118,9 +126,18 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     work_dir = layout.work_dir(asset, fingerprint)
     log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
         f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
-    result = train_grpo(tasks, toolboxes, policy.base_model, policy.adapters, work_dir, recipe,
-                        resume=settings.resume, callbacks=[LogProgress(log, "reward", HEALTH_IN_PROGRESS)],
-                        answer_mode=settings.answer_mode)
+    if recipe.num_processes > 1:
+        source = TaskSource(f"{__name__}:rl_tasks_at", {
+            "root": str(layout.root), "datasets": list(datasets), "n_train_tasks": recipe.n_train_tasks,
+            "prompt_history_len": settings.validation.prompt_history_len,
+            "data_dir": str(layout.data_dir) if layout.data_dir else None,
+            "cache_dir": str(layout.cache_dir) if layout.cache_dir else None})
+        result = launch_grpo(source, policy.base_model, policy.adapters, work_dir, recipe, resume=settings.resume,
+                             answer_mode=settings.answer_mode, log=log, progress_figures=HEALTH_IN_PROGRESS)
+    else:
+        result = train_grpo(tasks, toolboxes, policy.base_model, policy.adapters, work_dir, recipe,
+                            resume=settings.resume, callbacks=[LogProgress(log, "reward", HEALTH_IN_PROGRESS)],
+                            answer_mode=settings.answer_mode)
     m = result.metrics
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")

@@ -1,4 +1,4 @@
-"""Device, CPU threads and precision of a training run (shared by SFT and GRPO).
+"""Device, CPU threads, precision and data-parallel rank of a training run (shared by SFT and GRPO).
 
 ``auto`` precision is bf16 on GPUs that support it and on CPUs with AMX or AVX512-BF16, fp32
 elsewhere (fp16 on GPUs without bf16). bf16 loads the frozen base weights in bf16 and trains
@@ -6,6 +6,8 @@ the LoRA weights in fp32 under bf16 autocast. torch is imported on call.
 """
 
 from __future__ import annotations
+
+import os
 
 
 def training_device(device: str, num_threads: int | None = None):
@@ -49,3 +51,26 @@ def torch_threads(device) -> int | None:
     import torch
 
     return torch.get_num_threads() if device.type == "cpu" else None
+
+
+def world_size() -> int:
+    """Processes in this training run (``accelerate launch`` sets ``WORLD_SIZE``; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def data_parallel_arguments(gradient_accumulation_steps: int, use_cpu: bool) -> dict:
+    """TRL config arguments for this process: its share of the recipe's accumulation steps (so
+    the global batch stays the recipe's) and the DDP backend when there are several processes."""
+    processes = world_size()
+    if gradient_accumulation_steps % processes:
+        raise ValueError(f"{processes} processes cannot share gradient_accumulation_steps="
+                         f"{gradient_accumulation_steps} equally")
+    return {
+        "gradient_accumulation_steps": gradient_accumulation_steps // processes,
+        "ddp_backend": ("gloo" if use_cpu else "nccl") if processes > 1 else None,
+        "ddp_find_unused_parameters": False if processes > 1 else None,
+    }

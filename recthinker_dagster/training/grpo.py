@@ -58,7 +58,13 @@ from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.models.loading import adapter_list, load_agent_model
 from recthinker_dagster.training.data import IGNORE_INDEX, tokenize_conversation, training_chat_template
-from recthinker_dagster.training.device import resolve_precision, training_device
+from recthinker_dagster.training.device import (
+    data_parallel_arguments,
+    is_main_process,
+    resolve_precision,
+    training_device,
+    world_size,
+)
 from recthinker_dagster.training.rewards import RolloutOutcome, trl_reward_functions
 from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
 
@@ -163,13 +169,16 @@ class ToolRollout:
             if key not in self.by_prompt:
                 raise KeyError("a prompt that matches no RL task (was the dataset built by this ToolRollout?)")
             tasks.append(self.by_prompt[key])
-        model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+        accelerator = getattr(trainer, "accelerator", None)
+        model = accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
         was_training = model.training
         step = trainer.state.global_step
+        # each data-parallel process samples its own stream (a group can span processes)
+        process = accelerator.process_index if accelerator is not None else 0
         sampling = SamplingParams(
             max_new_tokens=self.agent_config.sampling.max_new_tokens,
             temperature=getattr(trainer.args, "temperature", 1.0), top_p=getattr(trainer.args, "top_p", 1.0) or 1.0,
-            seed=self.seed + 1000 * step,
+            seed=self.seed + 1000 * step + 100 * process,
         )
         config = replace(self.agent_config, sampling=sampling, producer="policy")
         tool_clock = [0.0]
@@ -248,6 +257,7 @@ class ToolRollout:
             "rollout/forced_head_rate": sum(t.finish == "forced_head" for t in trajectories) / n,
             "rollout/ndcg@10": sum(t.metrics.get("ndcg@10", 0.0) for t in trajectories) / n,
             "rollout/turns": sum(t.n_turns for t in trajectories) / n,
+            "rollout/count": len(trajectories),  # this process's rollouts of the step
             "rollout/policy_tokens": sum(sum(m) for m in env_mask) / n,
             "time/rollout_s": rollout_seconds,
             "time/tools_s": tool_seconds,
@@ -259,9 +269,12 @@ class ToolRollout:
 
 
 def grpo_config(recipe: RLRecipe, checkpoint_dir: Path, precision: str, use_cpu: bool):
+    """The TRL config of a recipe. Under a data-parallel launch each process accumulates (and
+    samples the rollouts of) its share of the recipe's global batch."""
     from trl import GRPOConfig
 
     return GRPOConfig(
+        **data_parallel_arguments(recipe.gradient_accumulation_steps, use_cpu),
         output_dir=str(checkpoint_dir),
         max_steps=recipe.max_steps,
         learning_rate=recipe.learning_rate,
@@ -269,7 +282,6 @@ def grpo_config(recipe: RLRecipe, checkpoint_dir: Path, precision: str, use_cpu:
         warmup_steps=recipe.warmup_steps,
         max_grad_norm=recipe.max_grad_norm,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         num_generations=recipe.num_generations,
         max_completion_length=recipe.max_turns * recipe.max_new_tokens,
         beta=recipe.beta,
@@ -385,10 +397,11 @@ def train_grpo(
     train_seconds = time.perf_counter() - started
 
     adapter_dir = output_dir / ADAPTER
-    trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
     metrics = _run_metrics(trainer, clock, rollout, recipe, precision, device, train_seconds, last, len(tasks))
-    (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    if is_main_process():  # data-parallel processes hold the same weights: the first one saves
+        trainer.model.save_pretrained(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     return RLResult(output_dir, adapter_dir, metrics, trainer.state.global_step, Path(last).name if last else None)
 
 
@@ -443,6 +456,8 @@ def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_secon
         "final_reward": steps[-1].get("reward") if steps else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "answer_mode": rollout.agent_config.answer_mode,
+        "num_processes": world_size(),
+        "rollouts_per_process": rollout.step_records[-1]["rollout/count"] if rollout.step_records else None,
     }
 
 

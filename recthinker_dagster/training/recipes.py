@@ -59,6 +59,15 @@ class RecipeFields:
     def with_overrides(self, **overrides):
         return type(self).from_dict({**self.to_dict(), **overrides})
 
+    num_processes: int  # data-parallel processes (SFT and RL recipes)
+    gradient_accumulation_steps: int
+
+    def _check_processes(self) -> None:
+        if self.num_processes < 1 or self.gradient_accumulation_steps % self.num_processes:
+            raise ValueError(f"num_processes ({self.num_processes}) must be >= 1 and divide gradient_accumulation_steps "
+                             f"({self.gradient_accumulation_steps}): each process accumulates an equal share of the "
+                             "global batch")
+
     @property
     def digest(self) -> str:
         """A short hash of every field but the placement ones: two runs with the same digest
@@ -117,10 +126,7 @@ class SFTRecipe(RecipeFields):
             raise ValueError("lora_r, per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be >= 1")
-        if self.num_processes < 1 or self.gradient_accumulation_steps % self.num_processes:
-            raise ValueError(f"num_processes ({self.num_processes}) must be >= 1 and divide gradient_accumulation_steps "
-                             f"({self.gradient_accumulation_steps}): each process accumulates an equal share of the "
-                             "global batch")
+        self._check_processes()
 
     @property
     def filter_config(self) -> FilterConfig:

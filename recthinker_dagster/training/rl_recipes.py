@@ -69,6 +69,9 @@ class RLRecipe(RecipeFields):
     gradient_checkpointing: bool = False
     device: str = "auto"
     num_threads: int | None = None
+    # data parallelism, as in SFT recipes: each process accumulates gradient_accumulation_steps /
+    # num_processes micro-batches and samples that share of the step's rollouts
+    num_processes: int = 1
     logging_steps: int = 1
     save_steps: int = 1
     save_total_limit: int | None = 2
@@ -85,6 +88,7 @@ class RLRecipe(RecipeFields):
         if self.max_steps < 1 or self.max_turns < 1 or self.max_tool_calls < 0:
             raise ValueError("max_steps and max_turns must be >= 1, max_tool_calls >= 0")
         check_weights(self.reward_weights)
+        self._check_processes()
         if self.conversation not in CONVERSATIONS:
             raise ValueError(f"conversation must be one of {CONVERSATIONS}, got {self.conversation!r}")
 

@@ -26,7 +26,14 @@ from pathlib import Path
 
 from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.training.data import IGNORE_INDEX, sft_examples, tokenize_examples
-from recthinker_dagster.training.device import load_dtype, resolve_precision, torch_threads, training_device
+from recthinker_dagster.training.device import (
+    data_parallel_arguments,
+    load_dtype,
+    resolve_precision,
+    torch_threads,
+    training_device,
+    world_size,
+)
 from recthinker_dagster.training.recipes import SFTRecipe, load_recipe
 
 CHECKPOINTS = "checkpoints"
@@ -57,33 +64,18 @@ class _CountingCollator:
         return batch
 
 
-def world_size() -> int:
-    """Processes in this training run (``accelerate launch`` sets ``WORLD_SIZE``; 1 alone)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def sft_config(recipe: SFTRecipe, checkpoint_dir: Path, precision: str, use_cpu: bool):
     """The TRL config for a recipe: bf16 / gradient checkpointing set explicitly (TRL defaults
     both to True), labels precomputed (so no ``assistant_only_loss`` here), no reporting. Under
     a data-parallel launch each process accumulates its share of the recipe's global batch."""
     from trl import SFTConfig
 
-    processes = world_size()
-    if recipe.gradient_accumulation_steps % processes:
-        raise ValueError(f"{processes} processes cannot share gradient_accumulation_steps="
-                         f"{recipe.gradient_accumulation_steps} equally")
     return SFTConfig(
-        ddp_backend=("gloo" if use_cpu else "nccl") if processes > 1 else None,
-        ddp_find_unused_parameters=False if processes > 1 else None,
+        **data_parallel_arguments(recipe.gradient_accumulation_steps, use_cpu),
         output_dir=str(checkpoint_dir),
         max_steps=recipe.max_steps,
         num_train_epochs=recipe.num_train_epochs,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps // processes,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_steps,

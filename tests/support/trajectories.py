@@ -89,6 +89,11 @@ def toolbox_factory(task: AgentTask):
     return Toolbox(world.indexes, row)
 
 
+def rl_task_source(split: str, n: int) -> tuple[list[AgentTask], object]:
+    """GRPO's tasks and toolbox factory, rebuilt in each data-parallel process (a ``TaskSource``)."""
+    return agent_tasks(split, n), toolbox_factory
+
+
 @functools.lru_cache(maxsize=4)
 def real_trajectories(split: str = "train", n: int | None = None) -> tuple:
     """Trajectories of the scripted investigator on real tasks (cached; copy before mutating)."""
