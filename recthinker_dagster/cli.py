@@ -6,6 +6,7 @@
     recthinker restore interactions/ml-1m MD5   # bring an earlier version back from DVC
     recthinker report                           # rebuild every evaluation's results.md from its rankings
     recthinker report ml-1m --check             # ...and fail if it differs from the saved results.md
+    recthinker merge merged/sft_rl assets/base_model assets/sft_model/adapter assets/rl_model/adapter
 """
 
 from __future__ import annotations
@@ -191,6 +192,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """The policy as one plain model folder: what a generation server (vLLM) serves."""
+    from recthinker_dagster.models.loading import load_agent_model
+
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"recthinker merge: {args.out} exists and is not empty; choose a new folder", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_agent_model(args.base_model, args.adapters, dtype=args.dtype, device="cpu")
+    except FileNotFoundError as error:
+        print(f"recthinker merge: {error}", file=sys.stderr)
+        return 2
+    model.save_pretrained(str(args.out))
+    tokenizer.save_pretrained(str(args.out))
+    print(f"wrote {args.out}: {args.base_model} with {len(args.adapters)} adapter(s) merged in")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recthinker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--produced-by", default=None, metavar="COMMAND",
                         help="with --out: the command that produced the rankings, named in the document")
     report.set_defaults(func=cmd_report)
+    merge = sub.add_parser("merge", help="write a policy (base model + adapters, merged) as one model folder, "
+                                         "e.g. for vllm serve")
+    merge.add_argument("out", type=Path, help="the new model folder")
+    merge.add_argument("base_model", type=Path, help="the base model folder, e.g. assets/base_model")
+    merge.add_argument("adapters", type=Path, nargs="*",
+                       help="LoRA adapter folders in training order, e.g. assets/sft_model/adapter assets/rl_model/adapter")
+    merge.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
+    merge.set_defaults(func=cmd_merge)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -210,6 +210,9 @@ class EvaluationSettings:
     seed: int = 2026
     answer_mode: str = "generate"  # the LLM systems' answers: "generate" or "logits" (the label head); "sft@logits" in
     # systems scores one system in the other mode as its own row
+    # LLM systems that generate on the OpenAI-compatible server at $OPENAI_BASE_URL (vLLM):
+    # {system: its model name there}; the others load their model in-process
+    served_models: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.systems:
@@ -217,6 +220,13 @@ class EvaluationSettings:
         if len(set(self.systems)) < len(self.systems):
             raise ValueError(f"systems name one system twice: {list(self.systems)}")
         check_answer_mode(self.answer_mode)
+        for name in self.served_models:
+            if not is_llm_system(name):
+                raise ValueError(f"served_models: {name!r} is not an LLM system; known: {list(LLM_SYSTEMS)}")
+            if (system_and_mode(name)[1] or self.answer_mode) == "logits":
+                raise ValueError(f"served_models: {name!r} answers in 'logits' mode, which reads the label head of a "
+                                 "local model; a generation server returns text only. Serve it in 'generate' mode "
+                                 "or leave it out of served_models")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from recthinker_dagster.models.base_model import (
     prepare_base_model,
 )
 from tests.support import project as project_support
+from tests.support.openai_stub import openai_stub_server
 from tests.support.paths import CACHE_DIR, REPO_ROOT, SHARED_DATA, SHARED_DATA_ENV
 
 
@@ -90,3 +91,10 @@ def smollm2_float32(request, repo_root):
         path, _ = request.getfixturevalue("prepared_base_model")
     torch.set_num_threads(2)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture()
+def openai_server():
+    """A local OpenAI-compatible server (``tests/support/openai_stub.py``) on loopback."""
+    with openai_stub_server() as server:
+        yield server

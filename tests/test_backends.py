@@ -3,10 +3,7 @@ against a real HTTP server on 127.0.0.1 (canned replies, failures, slowness, too
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -145,67 +142,9 @@ def test_seeded_sampling_is_reproducible(backends):
 # -- OpenAICompatibleBackend against a real local server ---------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_POST(self):
-        server = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with server.lock:
-            server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            count = server.counts[body["model"]] = server.counts.get(body["model"], 0) + 1
-        model = body["model"]
-        if model == "flaky" and count == 1:
-            return self._send(500, {"error": "try again"})
-        if model == "ratelimited" and count == 1:
-            return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
-        if model == "bad":
-            return self._send(400, {"error": "bad request"})
-        if model == "slow":
-            time.sleep(1.5)
-        if model == "sleepy":
-            time.sleep(0.4)
-        message = {"role": "assistant", "content": f"echo: {body['messages'][-1]['content'][:40]}"}
-        if model == "tools":
-            message = {"role": "assistant", "content": "Analysis: a\nPlan: b", "tool_calls": [
-                {"id": "x1", "type": "function", "function": {"name": "get_item_info", "arguments": "{\"label\": \"C2\"}"}},
-                {"id": "x2", "type": "function", "function": {"name": "get_item_info", "arguments": "{oops"}}]}
-        if model == "sloppy":  # an answer with a repeat and an invented label
-            message = {"role": "assistant", "content": "Analysis: done.\nPlan: rank.\n<answer>C3, C3, C8, C1</answer>"}
-        if model == "agent":  # a tool call first, the answer once a tool result is in
-            if any(m["role"] == "tool" for m in body["messages"]):
-                message = {"role": "assistant", "content": "Analysis: done.\nPlan: rank.\n<answer>C2, C1, C3, C4</answer>"}
-            else:
-                message = {"role": "assistant", "content": "Analysis: a\nPlan: b", "tool_calls": [
-                    {"id": "k", "type": "function", "function": {"name": "get_item_info", "arguments": "{\"label\": \"C2\"}"}}]}
-        self._send(200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57}})
-
-    def _send(self, status, payload, headers=None):
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-            pass
-
-
 @pytest.fixture()
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.requests, httpd.counts, httpd.lock = [], {}, threading.Lock()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+def server(openai_server):
+    return openai_server
 
 
 def backend_for(server, model, **kwargs):
@@ -301,3 +240,30 @@ def test_http_answers_take_the_documented_repair_and_are_counted(server):
     assert t.final_labels == ["C3", "C1", "C2", "C4"]  # repeat and unknown dropped, missing appended in order
     assert t.repaired and not t.valid and t.finish == "answer"
     assert set(t.reasons) == {"partial_answer:2", "duplicate_labels:1", "unknown_labels:C8"}
+
+
+# -- generation servers for the evaluation and the served agent (vLLM's role) -------------------
+
+
+def test_evaluation_systems_in_served_models_generate_on_the_server(server, monkeypatch, tmp_path):
+    from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
+
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
+    settings = {"max_turns": 4, "max_tool_calls": 4, "max_new_tokens": 32, "served_models": {"sft": "agent"}}
+    # no model folder exists: a served system must not load one
+    found = run_llm_systems({"sft": Policy(tmp_path / "no-model")}, [task("u1"), task("u2")], FakeToolbox, settings)
+    assert [t.final_labels for t in found["sft"]] == [["C2", "C1", "C3", "C4"]] * 2
+    assert all(t.valid and t.n_tool_calls == 1 and t.producer == "sft" for t in found["sft"])
+    assert server.counts["agent"] == 4  # two tasks, two turns each
+
+
+def test_served_models_must_be_llm_systems_in_generate_mode():
+    from recthinker_dagster.settings import EvaluationSettings
+
+    assert EvaluationSettings(served_models={"sft": "recthinker-sft"}).served_models == {"sft": "recthinker-sft"}
+    with pytest.raises(ValueError, match="not an LLM system"):
+        EvaluationSettings(served_models={"bprmf": "x"})
+    with pytest.raises(ValueError, match="'logits' mode"):
+        EvaluationSettings(served_models={"sft@logits": "x"})
+    with pytest.raises(ValueError, match="'logits' mode"):
+        EvaluationSettings(answer_mode="logits", served_models={"sft": "x"})

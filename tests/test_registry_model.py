@@ -98,6 +98,28 @@ def test_adapters_are_merged_in_order(registry):
     assert tokenizer.chat_template == compact_template()  # the SFT adapter's tool template
 
 
+def test_recthinker_merge_writes_the_policy_as_one_model_folder(registry, tmp_path, capsys):
+    """What ``vllm serve`` takes for a stacked policy (SFT + RL): the merged weights and the tool template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recthinker_dagster.cli import main
+    from recthinker_dagster.serving.agent import load_merged_model
+
+    world = registry.world
+    out = tmp_path / "merged"
+    assert main(["merge", str(out), str(world.base_model), *map(str, world.adapters), "--dtype", "float32"]) == 0
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    merged, _ = load_merged_model(world.base_model, world.adapters, dtype="float32", device="cpu")
+    key = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(written.get_submodule(key).weight, merged.get_submodule(key).weight)
+    assert not any("lora" in name for name, _ in written.named_parameters())
+    assert AutoTokenizer.from_pretrained(out).chat_template == compact_template()
+    assert main(["merge", str(out), str(world.base_model)]) == 2  # never over an existing model
+    assert main(["merge", str(tmp_path / "other"), str(tmp_path / "no-base")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_log_register_and_promote(registry):
     client, world = registry.client, registry.world
     first = log_version(world, metrics=FIRST, tags={"asset": "registered_model"})

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from recthinker_dagster.agent import Generation
-from recthinker_dagster.serving.agent import RecThinkerAgent, ServingConfig
+from recthinker_dagster.serving.agent import AgentBundle, RecThinkerAgent, ServingConfig
 from recthinker_dagster.settings import RegistrySettings, load_profile
 from recthinker_dagster.tools import ToolIndexes
 from tests.support.paths import REPO_ROOT
@@ -43,9 +43,15 @@ def _benchmark():
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory):
-    """Real tool indexes and tasks (synthetic, and ML-1M users 1-150 when the shared data is there)."""
-    folders, tasks = build_tool_indexes(tmp_path_factory.mktemp("indexes"))
+def index_folders(tmp_path_factory):
+    """Real tool index folders and tasks (synthetic, and ML-1M users 1-150 when the shared data is there)."""
+    return build_tool_indexes(tmp_path_factory.mktemp("indexes"))
+
+
+@pytest.fixture(scope="module")
+def indexed(index_folders):
+    """The loaded indexes, one task row and its dataset."""
+    folders, tasks = index_folders
     dataset = "ml-1m" if "ml-1m" in folders else "synthetic"
     indexes = {name: ToolIndexes.load(folder) for name, folder in folders.items()}
     return indexes, tasks[dataset].row(0, named=True), dataset
@@ -228,3 +234,19 @@ def test_bad_requests_are_400s_naming_the_problem_and_the_server_keeps_serving(s
     request = world.request(N_CANDIDATES, k=1)
     latency, error = bench.rank_once(server, request, timeout=600)
     assert error is None and server.ping()
+
+
+def test_the_served_agent_generates_on_the_server_without_loading_weights(openai_server, index_folders, indexed,
+                                                                          monkeypatch, tmp_path):
+    folders, _ = index_folders
+    _, row, dataset = indexed
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{openai_server.server_address[1]}/v1")
+    monkeypatch.setenv("RECTHINKER_SERVED_MODEL", "sloppy")
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    agent = AgentBundle(empty, (), {dataset: folders[dataset]}, {"max_turns": 2}).load()
+    (result,) = agent.rank([{"dataset": dataset, "user_id": row["user_id"],
+                             "candidate_item_ids": row["candidate_item_ids"]}])
+    assert sorted(result["ranking"]) == sorted(row["candidate_item_ids"])  # repaired into a permutation
+    # the stub's labels are not the task's: nothing valid, so the agent asks again, then repairs
+    assert not result["valid"] and openai_server.counts["sloppy"] >= 1

@@ -139,6 +139,10 @@ class EvaluationConfig(StageConfig):
     answer_mode: str | None = Field(
         default=None, description="LLM systems' answers: 'generate' (the model orders) or 'logits' (the label head)."
     )
+    served_models: dict[str, str] | None = Field(
+        default=None, description="LLM systems that generate on the OpenAI-compatible server at $OPENAI_BASE_URL "
+                                 "(vLLM): {system: model name there}."
+    )
 
     def settings(self) -> EvaluationSettings:
         return super().settings()

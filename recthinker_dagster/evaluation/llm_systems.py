@@ -8,6 +8,11 @@ model with tools, trained policies (SFT, SFT+RL), and the think-before-recommend
 Each distinct model (base folder plus adapters) is loaded once and serves every system that
 uses it (``sft`` and ``sft@logits``, the same policy in the other answer mode, share one); each
 system's tasks run as one batch.
+
+A system named in ``settings["served_models"]`` (``{system: model name}``) generates on the
+OpenAI-compatible server at ``$OPENAI_BASE_URL`` instead (``vllm serve`` with the adapters as
+LoRA modules; docs/deploy.md), with no local model loaded. Its answers take the HTTP backends'
+documented repair, counted per task, since nothing constrains a server's decoding.
 """
 
 from __future__ import annotations
@@ -56,27 +61,37 @@ CHUNK_BATCHES = 4  # tasks per progress line: this many backend batches
 def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factory: Callable, settings: dict, *,
                     batch_size: int = 8, progress: Callable[[str], None] | None = None) -> dict[str, list]:
     """``{system: trajectories}`` for every system in ``policies``, in task order."""
+    from recthinker_dagster.agent.backends.openai_backend import OpenAICompatibleBackend
     from recthinker_dagster.agent.backends.transformers_backend import (
         TransformersBackend,
     )
     from recthinker_dagster.models.loading import load_agent_model
 
+    served = dict(settings.get("served_models") or {})
     by_model: dict[Policy, list[str]] = {}
     for system, policy in policies.items():
-        by_model.setdefault(policy, []).append(system)
+        if system not in served:
+            by_model.setdefault(policy, []).append(system)
     results: dict[str, list] = {}
+
+    def run(system: str, backend) -> None:
+        factory = toolbox_factory if uses_tools(system) else without_tools(toolbox_factory)
+        config = agent_config_for(system, settings)
+        # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
+        chunk = CHUNK_BATCHES * batch_size
+        report = ProgressLog(progress or (lambda line: None), f"LLM evaluation, {system}", len(tasks), every=0.0)
+        results[system] = []
+        for start in range(0, len(tasks), chunk):
+            results[system] += run_agent(tasks[start : start + chunk], backend, factory, config)
+            report(len(results[system]))
+
+    for system, model_name in served.items():
+        if system in policies:
+            run(system, OpenAICompatibleBackend(model=model_name, name=system, concurrency=batch_size))
     for policy, systems in by_model.items():
         model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
         backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
         for system in systems:
-            factory = toolbox_factory if uses_tools(system) else without_tools(toolbox_factory)
-            config = agent_config_for(system, settings)
-            # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
-            chunk = CHUNK_BATCHES * batch_size
-            report = ProgressLog(progress or (lambda line: None), f"LLM evaluation, {system}", len(tasks), every=0.0)
-            results[system] = []
-            for start in range(0, len(tasks), chunk):
-                results[system] += run_agent(tasks[start : start + chunk], backend, factory, config)
-                report(len(results[system]))
+            run(system, backend)
         del model, backend
     return {system: results[system] for system in policies}

@@ -37,6 +37,11 @@ that arrive while the model is busy wait, and the next run takes all of them tog
 ``batch_size`` rows; ``coalesce_requests=False`` runs them one call at a time). Decoding is
 greedy either way; only float rounding in padded batches can (rarely) make a request's output
 depend on the requests it shares a batch with.
+
+``served_model`` (or ``$RECTHINKER_SERVED_MODEL``) moves generation to the OpenAI-compatible
+server at ``$OPENAI_BASE_URL`` (``vllm serve`` with the adapters as LoRA modules; docs/deploy.md):
+no weights are loaded here, the tools still run here, and answers take the HTTP backends'
+documented repair (``valid`` is then false for a repaired answer).
 No Dagster, MLflow or DVC here.
 """
 
@@ -67,6 +72,7 @@ REQUEST_KEYS = ("dataset", "user_id", "candidate_item_ids", "history_item_ids")
 RESULT_KEYS = ("ranking", "valid", "n_tool_calls", "trajectory")
 NO_TARGET = ""  # serving tasks have no held-out target
 SERVING_SPLIT = "serving"
+ENV_SERVED_MODEL = "RECTHINKER_SERVED_MODEL"
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,9 @@ class ServingConfig:
     max_candidates: int = DEFAULT_MAX_CANDIDATES  # per request: more is a bad request
     max_history_len: int = DEFAULT_MAX_HISTORY_LEN  # history items given in a request: more is a bad request
     coalesce_requests: bool = True  # concurrent calls share one batched model run (see RecThinkerAgent.run)
+    # generate on the OpenAI-compatible server at $OPENAI_BASE_URL (vLLM) under this model name instead
+    # of loading the weights in-process; $RECTHINKER_SERVED_MODEL sets it at serve time
+    served_model: str | None = None
 
     def __post_init__(self):
         if self.max_turns < 1 or self.max_tool_calls < 0 or self.max_new_tokens < 1:
@@ -210,13 +219,21 @@ class AgentBundle:
         config = ServingConfig.from_dict(self.config)
         indexes = {dataset: ToolIndexes.load({n: Path(f) for n, f in folders.items()})
                    for dataset, folders in self.tool_indexes.items()}
+        name = "recthinker:" + "+".join([Path(self.base_model_dir).name, *(Path(a).name for a in self.adapter_dirs)])
+        served = config.served_model or os.environ.get(ENV_SERVED_MODEL)
+        if served:  # the server holds the weights (docs/deploy.md, vLLM)
+            from recthinker_dagster.agent.backends.openai_backend import (
+                OpenAICompatibleBackend,
+            )
+
+            server = OpenAICompatibleBackend(model=served, name=f"{name}@{served}", concurrency=config.batch_size)
+            return RecThinkerAgent(server, indexes, config)
         model, tokenizer = load_merged_model(self.base_model_dir, self.adapter_dirs,
                                              dtype=config.dtype, device=config.device)
         from recthinker_dagster.agent.backends.transformers_backend import (
             TransformersBackend,
         )
 
-        name = "recthinker:" + "+".join([Path(self.base_model_dir).name, *(Path(a).name for a in self.adapter_dirs)])
         backend = TransformersBackend(model, tokenizer, name=name, batch_size=config.batch_size,
                                       chat_template=config.chat_template)
         return RecThinkerAgent(backend, indexes, config)

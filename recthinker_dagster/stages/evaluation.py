@@ -98,6 +98,7 @@ def llm_settings(settings: EvaluationSettings) -> dict:
         "max_new_tokens": settings.llm_max_new_tokens,
         "prompt_history_len": settings.prompt_history_len,
         "answer_mode": settings.answer_mode,
+        **({"served_models": dict(settings.served_models)} if settings.served_models else {}),
     }
 
 
