@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,13 +25,34 @@ REQUIRED = os.environ.get("RECTHINKER_REQUIRE_SERVICES") == "1"
 STARTUP_S = 60
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
+def _stop(process: subprocess.Popen, group: bool = False) -> None:
+    """Stop ``process`` (``group``: with everything it started; ``dagster-celery worker start``
+    runs the Celery worker and its pool as children that would outlive it)."""
+    def send(sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig) if group else process.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        send(signal.SIGKILL)
         process.wait(timeout=10)
+    if group:  # the children may outlive the leader by a moment
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        send(signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @pytest.fixture()
@@ -81,13 +104,14 @@ def test_two_celery_workers_materialize_a_dataset_branch(broker, tmp_path, make_
         with open(logs[-1], "wb") as log:
             workers.append(subprocess.Popen(
                 [str(bin_dir / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(worker_config),
-                 "-n", name, "--", "--concurrency=1"], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT))
+                 "-n", name, "--", "--concurrency=1"], cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
     try:
         run = subprocess.run([str(bin_dir / "dagster"), "job", "execute", "-m", "tests.support.celery_location", "-j", JOB],
                              cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     finally:
         for worker in workers:
-            _stop(worker)
+            _stop(worker, group=True)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-3000:]
     assert "RUN_SUCCESS" in output

@@ -85,8 +85,9 @@ def build_recone_sft_stage(settings: ThinkSettings, layout: ArtifactLayout, data
                          "every reasoning section: nothing to train RecOne on (raise think.keep_top_k, or add samples)")
     log(f"RecOne SFT set: {len(records)} thinking-teacher samples (best per task, target within the top "
         f"{settings.keep_top_k})")
+    # RecZero's validation scores the base model in the think conversation already
     sft = SFTSettings(recipe=settings.sft_recipe, max_steps=settings.sft_max_steps, resume=settings.resume,
-                      validation=think_validation(settings))
+                      validation=think_validation(settings), validate_base=False)
     return build_sft_model_stage(sft, layout, datasets, log, asset=RECONE_SFT, data=(records, version))
 
 
