@@ -196,8 +196,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """The policy as one plain model folder: what a generation server (vLLM) serves."""
     from recthinker_dagster.models.loading import load_agent_model
 
-    if args.out.exists() and any(args.out.iterdir()):
-        print(f"recthinker merge: {args.out} exists and is not empty; choose a new folder", file=sys.stderr)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        print(f"recthinker merge: {args.out} exists and is not an empty folder; choose a new one", file=sys.stderr)
         return 2
     try:
         model, tokenizer = load_agent_model(args.base_model, args.adapters, dtype=args.dtype, device="cpu")

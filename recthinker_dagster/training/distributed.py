@@ -16,7 +16,7 @@ the group advantages), so a step's rollouts are generated ``num_processes`` at a
 
 GRPO's tasks and toolboxes cannot be pickled across processes; a :class:`TaskSource` names a
 function that rebuilds them in every process (the stage's reads the published task splits and
-tool indexes). A failed worker is an error with the end of its output.
+tool indexes: ``stages.rl.rl_tasks_at``). A failed worker is an error with the end of its output.
 """
 
 from __future__ import annotations
