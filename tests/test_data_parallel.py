@@ -77,9 +77,11 @@ def test_two_grpo_processes_share_the_rollouts_of_each_step(prepared_base_model,
     from transformers import AutoModelForCausalLM
 
     base, _ = prepared_base_model
-    # one group of 4 rollouts per step, split over the two processes (TRL gathers its rewards)
+    # one group of 4 rollouts per step, split over the two processes (TRL gathers its rewards);
+    # micro-batches of 1 with checkpointing: about 3 GB per process, not 7
     recipe = load_rl_recipe("smoke").with_overrides(name="data-parallel", max_turns=1, max_new_tokens=24,
-                                                    gradient_accumulation_steps=2, precision="fp32", device="cpu",
+                                                    per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                                                    gradient_checkpointing=True, precision="fp32", device="cpu",
                                                     num_processes=2)
     lines: list[str] = []
     source = TaskSource("tests.support.trajectories:rl_task_source", {"split": "train", "n": 2})

@@ -38,7 +38,7 @@ def train(stage: str, out: Path, base: Path, callbacks=()):
     from recthinker_dagster.training.rl_recipes import load_rl_recipe
 
     recipe = load_rl_recipe("smoke").with_overrides(name="kill", max_steps=STEPS, save_steps=1, learning_rate=5e-3,
-                                                    max_turns=1, max_new_tokens=16, gradient_accumulation_steps=2)
+                                                    max_turns=1, max_new_tokens=16, per_device_train_batch_size=1)
     return train_grpo(agent_tasks("train", 2), toolbox_factory, base, [], out, recipe,
                       extra_reward_funcs=[_length_reward], callbacks=list(callbacks))
 

@@ -89,9 +89,32 @@ def toolbox_factory(task: AgentTask):
     return Toolbox(world.indexes, row)
 
 
+@functools.lru_cache(maxsize=1)
+def synthetic_world() -> SimpleNamespace:
+    """Tasks and tool indexes of a small synthetic dataset: light enough to build in every
+    process of a data-parallel test (ML-1M's take gigabytes per process)."""
+    from recthinker_dagster.data.synthetic import generate_synthetic
+    from recthinker_dagster.protocol import build_task_splits, protocol_config_for
+    from recthinker_dagster.tools import build_all, index_interactions
+
+    data = generate_synthetic(n_users=120, n_items=150, seed=3)
+    splits = build_task_splits(data.interactions, protocol_config_for("synthetic", **PROTOCOL), "synthetic")
+    valid = splits.tasks.filter(pl.col("split") == "valid")
+    indexes = build_all(index_interactions(splits.train_interactions, splits.tasks), data.items, data.users,
+                        valid, {"bpr_epochs": 1, "sasrec_train_windows": 0})
+    return SimpleNamespace(tasks=splits.tasks, indexes=indexes)
+
+
 def rl_task_source(split: str, n: int) -> tuple[list[AgentTask], object]:
-    """GRPO's tasks and toolbox factory, rebuilt in each data-parallel process (a ``TaskSource``)."""
-    return agent_tasks(split, n), toolbox_factory
+    """GRPO's tasks (synthetic) and toolbox factory, rebuilt in each data-parallel process (a ``TaskSource``)."""
+    from recthinker_dagster.tools import Toolbox
+
+    world = synthetic_world()
+    rows = world.tasks.filter(pl.col("split") == split).rows(named=True)[:n]
+    catalog = world.indexes.catalog
+    by_id = {row["task_id"]: row for row in rows}
+    tasks = [AgentTask.from_mapping(row, [catalog.line(i) for i in row["history_item_ids"][-10:]]) for row in rows]
+    return tasks, lambda task: Toolbox(world.indexes, by_id[task.task_id])
 
 
 @functools.lru_cache(maxsize=4)
