@@ -79,6 +79,25 @@ def smollm2_tokenizer(tmp_path_factory):
     return load(tmp_path_factory.mktemp("smollm2-tokenizer"))
 
 
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved like a base model (``tests/support/tiny_models.py``):
+    for tests of training and pipeline mechanics, not of what a model writes."""
+    from tests.support.tiny_models import tiny_llama_folder
+
+    return tiny_llama_folder(smollm2_tokenizer, tmp_path_factory.mktemp("tiny") / "base_model")
+
+
+@pytest.fixture(scope="session")
+def answering_base_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """The bigram model of ``tests/support/tiny_models.py`` saved like a base model: it opens
+    ``<answer>`` at once, so its rankings are sampled label by label and vary within a GRPO group."""
+    from tests.support.tiny_models import bigram_model, save_model_folder
+
+    out = tmp_path_factory.mktemp("answering") / "base_model"
+    return save_model_folder(bigram_model(smollm2_tokenizer), smollm2_tokenizer, out)
+
+
 @pytest.fixture(scope="module")
 def smollm2_float32(request, repo_root):
     """(model, tokenizer) of SmolLM2 in float32, loaded once per test module: the project's

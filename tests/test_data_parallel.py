@@ -52,11 +52,11 @@ def test_processes_share_the_global_batch_and_keep_the_digest(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(prepared_base_model, tmp_path):
+def test_two_processes_train_what_one_process_trains(tiny_base_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, _ = prepared_base_model
+    base = tiny_base_model
     data = [short_example(t) for t in list(real_trajectories("train"))[:6]]
     one = train_sft(data, base, tmp_path / "one", tiny_recipe())
     lines: list[str] = []
@@ -72,13 +72,13 @@ def test_two_processes_train_what_one_process_trains(prepared_base_model, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_grpo_processes_share_the_rollouts_of_each_step(prepared_base_model, tmp_path):
+def test_two_grpo_processes_share_the_rollouts_of_each_step(tiny_base_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, _ = prepared_base_model
+    base = tiny_base_model
     # one group of 4 rollouts per step, split over the two processes (TRL gathers its rewards);
-    # micro-batches of 1 with checkpointing: about 3 GB per process, not 7
+    # micro-batches of 1 with checkpointing, the settings that keep SmolLM2 near 3 GB per process
     recipe = load_rl_recipe("smoke").with_overrides(name="data-parallel", max_turns=1, max_new_tokens=24,
                                                     per_device_train_batch_size=1, gradient_accumulation_steps=4,
                                                     gradient_checkpointing=True, precision="fp32", device="cpu",

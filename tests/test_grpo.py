@@ -1,5 +1,5 @@
 """GRPO: rollouts through the real loop and tools with their token masks, and real TRL steps
-on the real SmolLM2 model (slow) that change the RL adapter and resume from a checkpoint."""
+on a tiny random model with SmolLM2's tokenizer (slow) that change the RL adapter and resume from a checkpoint."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def _length_reward(prompts, completions, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def grpo_runs(tmp_path_factory, prepared_base_model):
-    base = prepared_base_model[0]
+def grpo_runs(tmp_path_factory, tiny_base_model):
+    base = tiny_base_model
     # one group of 4 rollouts per step (the length reward varies within every group), in
     # micro-batches of 1: a micro-batch of 2 ~1.4k-token rollouts peaks near 9 GB on CPU
     recipe = load_rl_recipe("smoke").with_overrides(name="test", max_steps=2, save_steps=1, learning_rate=5e-3,
@@ -122,13 +122,13 @@ def test_rl_recipes_load_and_hold_no_validation_settings():
 
 
 @pytest.mark.slow
-def test_grpo_think_rollouts_train_without_tools(tmp_path, prepared_base_model):
+def test_grpo_think_rollouts_train_without_tools(tmp_path, tiny_base_model):
     """The RecZero recipe's conversation: GRPO from the base model on tool-free think rollouts."""
     recipe = load_rl_recipe("smoke").with_overrides(
         name="test-think", conversation="think", max_steps=1, num_generations=2, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, max_new_tokens=24, learning_rate=5e-3,
         reward_weights={"ranking": 1.0, "reasoning": 0.1})
-    result = train_grpo(agent_tasks("train", 1), toolbox_factory, prepared_base_model[0], [], tmp_path, recipe,
+    result = train_grpo(agent_tasks("train", 1), toolbox_factory, tiny_base_model, [], tmp_path, recipe,
                         extra_reward_funcs=[_length_reward])
     step = result.metrics["steps"][-1]
     assert result.global_step == 1 and step["tools/call_frequency"] == 0.0  # no tool was offered

@@ -15,8 +15,8 @@ from tests.support.kill_target import STEPS, train
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
-def test_sigkill_mid_run_resumes_from_the_last_checkpoint(stage, prepared_base_model, repo_root, tmp_path):
-    base, _ = prepared_base_model
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint(stage, tiny_base_model, repo_root, tmp_path):
+    base = tiny_base_model
     out = tmp_path / stage
     out.mkdir()
     process = subprocess.Popen([sys.executable, "-m", "tests.support.kill_target", stage, str(out), str(base)],

@@ -1,5 +1,5 @@
 """Think before recommend (RecZero, RecOne): the SFT set of the thinking teacher, then the whole
-branch on a small synthetic project with the real SmolLM2 model (slow): the thinking teacher's
+branch on a small synthetic project with a tiny random model (slow): the thinking teacher's
 trajectories, RecOne's SFT cold start, one GRPO step each of RecZero and RecOne, and both as
 systems of the evaluation."""
 
@@ -72,11 +72,11 @@ save_steps: 1
 
 
 @pytest.fixture(scope="module")
-def think_branch(tmp_path_factory, prepared_base_model):
+def think_branch(tmp_path_factory, tiny_base_model):
     root = tmp_path_factory.mktemp("think")
     layout = ArtifactLayout(root)
     publish_inputs(layout)
-    os.symlink(prepared_base_model[0], layout.asset_dir("base_model"))
+    os.symlink(tiny_base_model, layout.asset_dir("base_model"))
     (root / "rl_tiny.yaml").write_text(TINY_RL)
     settings = ThinkSettings(samples_per_task=2, keep_top_k=10, sft_recipe="smoke", sft_max_steps=1,
                              reczero_recipe=str(root / "rl_tiny.yaml"), recone_recipe=str(root / "rl_tiny.yaml"),

@@ -52,7 +52,7 @@ def bigram_model(tokenizer, chain: dict[str, str] | None = None, *, seed: int = 
     chain = OPENS_ANSWER if chain is None else chain
     vocab, hidden = len(tokenizer), 64
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=8192,
                          tie_word_embeddings=False, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -68,3 +68,29 @@ def bigram_model(tokenizer, chain: dict[str, str] | None = None, *, seed: int = 
             head[single_token(tokenizer, after)] += embed[single_token(tokenizer, before)] * strength / hidden
         model.lm_head.weight.copy_(head)
     return model
+
+
+def tiny_llama_folder(tokenizer, out: Path, *, seed: int = 0) -> Path:
+    """Save a randomly initialised two-layer Llama (hidden size 64, ~3.2M parameters, tied
+    embeddings like SmolLM2) with SmolLM2's tokenizer and chat template into ``out``.
+
+    For tests of training and pipeline mechanics (checkpoints, resume, data parallelism, the
+    stage chain): every path of the real 135M model runs, about fifty times faster. What it
+    writes is noise; tests of what a model writes use the real SmolLM2.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return save_model_folder(LlamaForCausalLM(config), tokenizer, out)
+
+
+def save_model_folder(model, tokenizer, out: Path) -> Path:
+    """Save ``model`` with ``tokenizer`` as a model folder a base-model source can name."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
