@@ -176,9 +176,15 @@ class RLSettings:
     resume: bool = True
     answer_mode: str = "generate"  # the rollouts' answers; "logits": the reward scores the label head's ranking
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    # the rollouts sample on this generation server (vLLM with runtime LoRA loading) instead of
+    # in-process; where the run samples, not what it learns (training/policy_server.py)
+    rollout_server: str | None = None
 
     def __post_init__(self) -> None:
         check_answer_mode(self.answer_mode)
+        if self.rollout_server and self.answer_mode == "logits":
+            raise ValueError("rollout_server: 'logits' rollouts read the label head of the local policy; a generation "
+                             "server returns text only. Use answer_mode 'generate' or leave rollout_server unset")
 
 
 @dataclass(frozen=True)

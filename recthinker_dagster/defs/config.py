@@ -189,6 +189,10 @@ class RLStageConfig(StageConfig):
     answer_mode: str | None = Field(
         default=None, description="Rollout answers: 'generate' or 'logits' (the reward scores the label head's ranking)."
     )
+    rollout_server: str | None = Field(
+        default=None, description="Sample the rollouts on this generation server (vLLM serving the SFT-merged policy "
+        "with runtime LoRA loading; docs/deploy.md) instead of in-process."
+    )
 
     def settings(self) -> RLSettings:
         return super().settings()

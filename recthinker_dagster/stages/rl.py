@@ -113,6 +113,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     from recthinker_dagster.training.callbacks import LogProgress
     from recthinker_dagster.training.distributed import TaskSource, launch_grpo
     from recthinker_dagster.training.grpo import train_grpo
+    from recthinker_dagster.training.policy_server import policy_server
 
     recipe = rl_recipe(settings)
     policy = policy_lineage(layout, start)
@@ -133,11 +134,13 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
             "data_dir": str(layout.data_dir) if layout.data_dir else None,
             "cache_dir": str(layout.cache_dir) if layout.cache_dir else None})
         result = launch_grpo(source, policy.base_model, policy.adapters, work_dir, recipe, resume=settings.resume,
-                             answer_mode=settings.answer_mode, log=log, progress_figures=HEALTH_IN_PROGRESS)
+                             answer_mode=settings.answer_mode, log=log, progress_figures=HEALTH_IN_PROGRESS,
+                             rollout_server=settings.rollout_server)
     else:
         result = train_grpo(tasks, toolboxes, policy.base_model, policy.adapters, work_dir, recipe,
                             resume=settings.resume, callbacks=[LogProgress(log, "reward", HEALTH_IN_PROGRESS)],
-                            answer_mode=settings.answer_mode)
+                            answer_mode=settings.answer_mode,
+                            backend_factory=policy_server(settings.rollout_server, work_dir, recipe.rollout_batch_size))
     m = result.metrics
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")

@@ -131,16 +131,17 @@ def launch_sft(trajectories_or_records: Iterable[Trajectory | Mapping], base_mod
 def launch_grpo(source: TaskSource, base_model_dir: str | os.PathLike, sft_adapter_dirs: Sequence,
                 output_dir: str | os.PathLike, recipe: RLRecipe | str, *, resume: bool = True,
                 answer_mode: str = "generate", log: Callable[[str], None] = print,
-                progress_figures: Sequence[str] = ()):
+                progress_figures: Sequence[str] = (), rollout_server: str | None = None):
     """``train_grpo`` in ``recipe.num_processes`` processes (see the module docstring);
-    ``progress_figures``: the step's figures in each progress line besides the reward."""
+    ``progress_figures``: the step's figures in each progress line besides the reward;
+    ``rollout_server``: every process samples its rollouts there (``training/policy_server.py``)."""
     from recthinker_dagster.training.grpo import RLResult
 
     recipe = load_rl_recipe(recipe)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job = {"base_model": str(base_model_dir), "adapters": [str(a) for a in sft_adapter_dirs], "resume": resume,
-           "answer_mode": answer_mode, "progress_figures": list(progress_figures),
+           "answer_mode": answer_mode, "progress_figures": list(progress_figures), "rollout_server": rollout_server,
            "tasks": {"function": source.function, "kwargs": source.kwargs}}
     metrics = _launch("GRPO", job, recipe, output_dir, log)
     return RLResult(output_dir, output_dir / ADAPTER, metrics, int(metrics["global_step"]), metrics.get("resumed_from"))
@@ -176,11 +177,13 @@ def worker_main(argv: list[str] | None = None) -> None:
                          resume=job["resume"], callbacks=[LogProgress(log, "loss")]).global_step
     else:
         from recthinker_dagster.training.grpo import train_grpo
+        from recthinker_dagster.training.policy_server import policy_server
 
         tasks, toolbox_factory = TaskSource(**job["tasks"]).load()
-        step = train_grpo(tasks, toolbox_factory, job["base_model"], job["adapters"], output,
-                          _shared_cores(load_rl_recipe(output / RECIPE_FILE)), resume=job["resume"],
-                          answer_mode=job["answer_mode"],
+        recipe = _shared_cores(load_rl_recipe(output / RECIPE_FILE))
+        step = train_grpo(tasks, toolbox_factory, job["base_model"], job["adapters"], output, recipe,
+                          resume=job["resume"], answer_mode=job["answer_mode"],
+                          backend_factory=policy_server(job.get("rollout_server"), output, recipe.rollout_batch_size),
                           callbacks=[LogProgress(log, "reward", tuple(job["progress_figures"]))]).global_step
     log(f"trained to step {step}")
 

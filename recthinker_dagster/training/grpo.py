@@ -333,7 +333,9 @@ def train_grpo(
     """Train an RL LoRA adapter with GRPO on ``tasks`` (AgentTasks of train tasks; see the module
     docstring). ``resume=True`` continues from ``output_dir/checkpoints``. ``extra_reward_funcs``
     are raw TRL reward functions added with weight 1 (for experiments). ``answer_mode``:
-    ``generate`` or ``logits`` (the ranking reward then scores the label head's ranking)."""
+    ``generate`` or ``logits`` (the ranking reward then scores the label head's ranking).
+    ``backend_factory(model, tokenizer)`` gives each step's rollout backend: in-process by default,
+    a generation server with ``training.policy_server.PolicyServer``."""
     from peft import LoraConfig
     from transformers import AutoTokenizer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -393,7 +395,12 @@ def train_grpo(
         shutil.rmtree(checkpoint_dir)
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    finally:
+        close = getattr(backend_factory, "close", None)
+        if close is not None:  # a generation server: unload the last step's adapter
+            close()
     train_seconds = time.perf_counter() - started
 
     adapter_dir = output_dir / ADAPTER

@@ -62,7 +62,7 @@ class OpenAICompatibleBackend:
                 f"set base_url and model (or ${ENV_BASE_URL} and ${ENV_MODEL}) for the OpenAI-compatible backend"
             )
         self.url = chat_completions_url(base_url)
-        self.api_key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+        self.api_key = api_key_from(api_key)
         self.concurrency = max(1, concurrency)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -70,9 +70,7 @@ class OpenAICompatibleBackend:
         self.max_backoff_s = max_backoff_s
         self.extra_body = dict(extra_body or {})
         self.name = name or self.model
-        host = urllib.parse.urlsplit(self.url).hostname or ""
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = url_opener(self.url)
 
     def generate(
         self,
@@ -135,24 +133,41 @@ class OpenAICompatibleBackend:
         return body
 
     def _post(self, payload: dict) -> tuple[int, dict, bytes]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                return response.status, _lower_keys(response.headers), response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, _lower_keys(exc.headers or {}), exc.read() or b""
+        return post_json(self._opener, self.url, payload, self.api_key, self.timeout_s)
+
+
+def api_key_from(api_key: str | None) -> str | None:
+    return api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+
+
+def url_opener(url: str) -> urllib.request.OpenerDirector:
+    """An opener that bypasses any proxy for loopback servers."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if _is_loopback(host) else []))
+
+
+def post_json(opener: urllib.request.OpenerDirector, url: str, payload: dict, api_key: str | None,
+              timeout_s: float) -> tuple[int, dict, bytes]:
+    """POST ``payload`` as JSON: (status, lower-cased headers, body); HTTP errors are returned, not raised."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            return response.status, _lower_keys(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, _lower_keys(exc.headers or {}), exc.read() or b""
+
+
+def v1_url(base_url: str) -> str:
+    """The server's ``/v1`` root, from a base URL with or without ``/v1`` or ``/chat/completions``."""
+    base = base_url.rstrip("/").removesuffix("/chat/completions")
+    return base if base.endswith("/v1") else base + "/v1"
 
 
 def chat_completions_url(base_url: str) -> str:
-    base = base_url.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return base + "/chat/completions"
+    return v1_url(base_url) + "/chat/completions"
 
 
 def to_wire_messages(messages: Sequence[dict]) -> list[dict]:
