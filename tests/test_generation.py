@@ -30,7 +30,7 @@ def world():
     data = generate_synthetic(n_users=200, n_items=300, seed=3)
     splits = build_task_splits(data.interactions, protocol_config_for("synthetic", **PROTOCOL), "synthetic")
     visible = index_interactions(splits.train_interactions, splits.tasks)
-    indexes = build_all(visible, data.items, data.users, None, {"bpr_epochs": 2})
+    indexes = build_all(visible, data.items, data.users, None, {"bpr_epochs": 2, "sasrec_train_windows": 500})
     frame = splits.tasks.filter(pl.col("split") != "eval")
     return SimpleNamespace(tasks=agent_tasks(frame, indexes), factory=Toolboxes(indexes), frame=frame, indexes=indexes)
 

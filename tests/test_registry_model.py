@@ -1,10 +1,10 @@
 """The agent as a registered MLflow model: log, register, promote, load by alias, rank.
 
-Real artifacts throughout (``tests/_registry.py``): the prepared SmolLM2 base model, tiny
-seeded LoRA adapters, tool indexes built from small real (ML-1M) and synthetic data, and a
-temporary SQLite tracking store and registry. The untrained model never calls a tool within
-32 new tokens, so the loop ends in a fallback or a (completed) partial answer: the ranking is
-always a permutation of the candidates.
+Real artifacts throughout (``tests/support/registry.py``): a tiny random base model with
+SmolLM2's tokenizer (``tests/support/tiny_models.py``), tiny seeded LoRA adapters, tool indexes
+built from small real (ML-1M) and synthetic data, and a temporary SQLite tracking store and
+registry. The untrained model never calls a tool within 32 new tokens, so the loop ends in a
+fallback or a (completed) partial answer: the ranking is always a permutation of the candidates.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def registry(prepared_base_model, tmp_path_factory):
-    world = serving_world(prepared_base_model[0])
+def registry(tiny_base_model, tmp_path_factory):
+    world = serving_world(tiny_base_model)
     previous = mlflow.get_tracking_uri()
     root = tmp_path_factory.mktemp("registry")
     uri = new_registry(root)

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(prepared_base_model, tmp_path_factory):
-    world = serving_world(prepared_base_model[0])
+def server(tiny_base_model, tmp_path_factory):
+    world = serving_world(tiny_base_model)
     with served_champion(world, tmp_path_factory.mktemp("serving")) as scoring:
         yield world, scoring
 

@@ -202,8 +202,8 @@ def test_a_failing_model_run_fails_every_call_in_it_and_only_those(indexed):
 
 
 @pytest.fixture(scope="module")
-def served(prepared_base_model, tmp_path_factory):
-    world = serving_world(prepared_base_model[0])
+def served(tiny_base_model, tmp_path_factory):
+    world = serving_world(tiny_base_model)
     with served_champion(world, tmp_path_factory.mktemp("serving-load"), config=SERVING_CONFIG,
                          request_timeout_s=600) as server:
         yield world, server

@@ -113,7 +113,7 @@ def test_task_splits_metrics_count_the_tasks(tmp_path, layout):
 
 
 def test_tool_indexes_are_published_one_folder_each_and_do_not_leak(layout):
-    result = build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=2), layout, DATASET, log=quiet)
+    result = build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=2, sasrec_train_windows=500), layout, DATASET, log=quiet)
     assert set(result.indexes) == set(INDEX_ASSETS)
     for name, artifact in result.indexes.items():
         assert artifact.folder == layout.asset_dir(INDEX_ASSETS[name], DATASET) and artifact.folder.is_dir()

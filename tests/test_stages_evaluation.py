@@ -46,7 +46,7 @@ def publish_inputs(layout: ArtifactLayout) -> None:
     for split in TASK_SPLITS:
         splits.tasks.filter(pl.col("split") == split).write_parquet(folder / f"tasks_{split}.parquet")
     indexes = build_all(index_interactions(splits.train_interactions, splits.tasks), data.items, data.users,
-                        splits.tasks.filter(pl.col("split") == "valid"), {"bpr_epochs": 1})
+                        splits.tasks.filter(pl.col("split") == "valid"), {"bpr_epochs": 1, "sasrec_train_windows": 500})
     for name, index_folder in index_folders(layout, DATASET).items():
         getattr(indexes, name).save(index_folder)
 

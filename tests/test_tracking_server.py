@@ -39,8 +39,8 @@ def test_a_stage_logs_its_run_and_artifacts_to_the_tracking_server(server, tmp_p
     assert len(stored) == 1 and stored[0].read_text() == (folder / "results.md").read_text()
 
 
-def test_the_registered_agent_is_served_from_the_tracking_server(server, prepared_base_model, tmp_path):
-    world = serving_world(prepared_base_model[0])
+def test_the_registered_agent_is_served_from_the_tracking_server(server, tiny_base_model, tmp_path):
+    world = serving_world(tiny_base_model)
     uri = register_champion(world, tmp_path, tracking_uri=server.uri)
     assert uri == server.uri
     version = mlflow.MlflowClient(server.uri).get_model_version_by_alias("recthinker-agent", "champion")

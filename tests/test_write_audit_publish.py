@@ -172,7 +172,7 @@ def synthetic_layout(tmp_path_factory) -> ArtifactLayout:
     layout = ArtifactLayout(tmp_path_factory.mktemp("stages"))
     build_ingest_stage(IngestSettings(allow_download=False), layout, "synthetic", log=quiet)
     build_task_splits_stage(load_profile("smoke").protocol, layout, "synthetic", log=quiet)
-    build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=1), layout, "synthetic", log=quiet)
+    build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=1, sasrec_train_windows=500), layout, "synthetic", log=quiet)
     return layout
 
 
@@ -203,7 +203,8 @@ def test_leaking_tool_indexes_are_not_published(synthetic_layout, monkeypatch):
 
     monkeypatch.setattr(index_stage, "leakage_report", leaky)
     with pytest.raises(AuditFailed) as failed:
-        build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=1, bpr_seed=7), synthetic_layout, "synthetic", log=quiet)
+        build_tool_indexes_stage(ToolIndexSettings(bpr_epochs=1, bpr_seed=7, sasrec_train_windows=500), synthetic_layout,
+                                 "synthetic", log=quiet)
     assert "2 tasks whose target reaches their tools via profiles_history" in str(failed.value)
     assert "synthetic/eval/7" in str(failed.value)
     assert folder_digests(synthetic_layout, INDEX_ASSETS.values()) == before

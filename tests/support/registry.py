@@ -3,7 +3,7 @@
 ``serving_world(base_model_dir)`` builds, once per test session, the tool indexes of a small
 synthetic dataset and of ML-1M users 1-150 (when the shared data is there) saved as index
 folders, plus two tiny LoRA adapters (rank 2, weights drawn from seeded generators so they
-change the model's outputs) on the prepared base model: an "SFT" adapter saved with the
+change the model's outputs) on the given base model: an "SFT" adapter saved with the
 tokenizer and its tool chat template, and an "RL" adapter to merge on top of it.
 ``new_registry(root)`` points MLflow at a fresh SQLite store with artifacts under ``root``.
 """
@@ -75,7 +75,7 @@ def build_tool_indexes(root: Path) -> tuple[dict[str, dict[str, Path]], dict[str
         splits = build_task_splits(data.interactions, protocol_config_for(dataset, **PROTOCOL), dataset)
         valid = splits.tasks.filter(pl.col("split") == "valid")
         indexes = build_all(index_interactions(splits.train_interactions, splits.tasks), data.items, data.users,
-                            valid, {"bpr_epochs": 1})
+                            valid, {"bpr_epochs": 1, "sasrec_train_windows": 500})
         folders[dataset] = {}
         for name, asset in INDEX_ASSETS.items():
             folder = root / "assets" / asset / dataset
