@@ -12,7 +12,7 @@ import torch
 from recthinker_dagster.agent import AgentConfig, SamplingParams
 from recthinker_dagster.training.grpo import ToolRollout, train_grpo
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
-from tests.support.trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
+from tests.support.trajectories import ScriptedInvestigator, agent_tasks, length_reward, toolbox_factory
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,6 @@ def test_rollout_runs_real_tools_and_masks_tool_results(tokenizer):
         rollout([[{"role": "user", "content": "unknown"}]], trainer)
 
 
-def _length_reward(prompts, completions, **kwargs):
-    """A test-only reward with variance inside every group (the untrained model never answers,
-    so the ranking rewards are all zero): shorter completions earn more."""
-    return [-len(c[0]["content"] if isinstance(c, list) else c) / 100.0 for c in completions]
-
-
 @pytest.fixture(scope="module")
 def grpo_runs(tmp_path_factory, tiny_base_model):
     base = tiny_base_model
@@ -78,8 +72,8 @@ def grpo_runs(tmp_path_factory, tiny_base_model):
     tasks = agent_tasks("train", 2)
     out = tmp_path_factory.mktemp("grpo")
     first = train_grpo(tasks, toolbox_factory, base, [], out, recipe.with_overrides(max_steps=1),
-                       extra_reward_funcs=[_length_reward])
-    second = train_grpo(tasks, toolbox_factory, base, [], out, recipe, extra_reward_funcs=[_length_reward])
+                       extra_reward_funcs=[length_reward])
+    second = train_grpo(tasks, toolbox_factory, base, [], out, recipe, extra_reward_funcs=[length_reward])
     return base, first, second
 
 
@@ -129,7 +123,7 @@ def test_grpo_think_rollouts_train_without_tools(tmp_path, tiny_base_model):
         gradient_accumulation_steps=1, max_new_tokens=24, learning_rate=5e-3,
         reward_weights={"ranking": 1.0, "reasoning": 0.1})
     result = train_grpo(agent_tasks("train", 1), toolbox_factory, tiny_base_model, [], tmp_path, recipe,
-                        extra_reward_funcs=[_length_reward])
+                        extra_reward_funcs=[length_reward])
     step = result.metrics["steps"][-1]
     assert result.global_step == 1 and step["tools/call_frequency"] == 0.0  # no tool was offered
     assert "rewards/reasoning/mean" in step

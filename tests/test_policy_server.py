@@ -12,7 +12,7 @@ import pytest
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.settings import RLSettings
 from recthinker_dagster.training.policy_server import PolicyServer, PolicyServerError
-from tests.support.trajectories import agent_tasks, toolbox_factory
+from tests.support.trajectories import agent_tasks, length_reward, toolbox_factory
 
 
 def _url(server) -> str:
@@ -67,10 +67,6 @@ def test_logits_rollouts_cannot_run_on_a_server():
         RLSettings(answer_mode="logits", rollout_server="http://h:8000")
 
 
-def _length_reward(prompts, completions, **kwargs):
-    return [-len(c[0]["content"] if isinstance(c, list) else c) / 100.0 for c in completions]
-
-
 @pytest.mark.slow
 def test_grpo_samples_every_step_on_the_server(openai_server, tiny_base_model, tmp_path):
     from recthinker_dagster.training.grpo import train_grpo
@@ -80,7 +76,7 @@ def test_grpo_samples_every_step_on_the_server(openai_server, tiny_base_model, t
                                                     per_device_train_batch_size=1, learning_rate=5e-3)
     server = PolicyServer(_url(openai_server), tmp_path / "adapters")
     result = train_grpo(agent_tasks("train", 2), toolbox_factory, tiny_base_model, [], tmp_path / "run", recipe,
-                        backend_factory=server, extra_reward_funcs=[_length_reward])
+                        backend_factory=server, extra_reward_funcs=[length_reward])
 
     assert result.global_step == 2 and (result.adapter_dir / "adapter_model.safetensors").is_file()
     loads = [r["body"]["lora_name"] for r in openai_server.requests if r["path"] == "/v1/load_lora_adapter"]

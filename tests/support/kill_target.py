@@ -16,13 +16,8 @@ from pathlib import Path
 STEPS = 3
 
 
-def _length_reward(prompts, completions, **kwargs):
-    """Variance inside every group, whatever the model writes (shorter earns more)."""
-    return [-len(c[0]["content"] if isinstance(c, list) else c) / 100.0 for c in completions]
-
-
 def train(stage: str, out: Path, base: Path, callbacks=()):
-    from tests.support.trajectories import agent_tasks, real_trajectories, toolbox_factory
+    from tests.support.trajectories import agent_tasks, length_reward, real_trajectories, toolbox_factory
 
     if stage == "sft":
         from recthinker_dagster.training import load_recipe, train_sft
@@ -40,7 +35,7 @@ def train(stage: str, out: Path, base: Path, callbacks=()):
     recipe = load_rl_recipe("smoke").with_overrides(name="kill", max_steps=STEPS, save_steps=1, learning_rate=5e-3,
                                                     max_turns=1, max_new_tokens=16, per_device_train_batch_size=1)
     return train_grpo(agent_tasks("train", 2), toolbox_factory, base, [], out, recipe,
-                      extra_reward_funcs=[_length_reward], callbacks=list(callbacks))
+                      extra_reward_funcs=[length_reward], callbacks=list(callbacks))
 
 
 def stall_after_first_checkpoint(marker: Path):

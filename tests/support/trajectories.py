@@ -117,6 +117,12 @@ def rl_task_source(split: str, n: int) -> tuple[list[AgentTask], object]:
     return tasks, lambda task: Toolbox(world.indexes, by_id[task.task_id])
 
 
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """A test-only GRPO reward with variance inside every group, whatever the model writes
+    (an untrained model's ranking rewards are often all equal): shorter completions earn more."""
+    return [-len(c[0]["content"] if isinstance(c, list) else c) / 100.0 for c in completions]
+
+
 @functools.lru_cache(maxsize=4)
 def real_trajectories(split: str = "train", n: int | None = None) -> tuple:
     """Trajectories of the scripted investigator on real tasks (cached; copy before mutating)."""
