@@ -247,3 +247,22 @@ def test_named_recipes_load(tmp_path):
         smoke.with_overrides(precision="int8")
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_recipe("no-such-recipe")
+
+
+def test_recipe_fields_are_type_checked_naming_the_field(tmp_path):
+    from recthinker_dagster.training.rl_recipes import load_rl_recipe
+
+    smoke = load_recipe("smoke")
+    # YAML 1.1 reads 1e-4 (no dot) as a string: a float field takes it as the number it means
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nlearning_rate: 1e-4\n")
+    assert load_recipe(path).learning_rate == 1e-4
+    assert smoke.with_overrides(num_train_epochs=2).num_train_epochs == 2  # an int is a valid float
+    assert smoke.with_overrides(num_threads=None).num_threads is None
+    for field_name, value, expected in [("learning_rate", "fast", "float"), ("max_steps", 2.5, "int"),
+                                        ("max_steps", "8", "int"), ("gradient_checkpointing", "yes", "bool"),
+                                        ("num_threads", "two", r"int \| None")]:
+        with pytest.raises(ValueError, match=f"recipe field '{field_name}' must be {expected}"):
+            smoke.with_overrides(**{field_name: value})
+    with pytest.raises(ValueError, match="RL recipe field 'beta' must be float"):
+        load_rl_recipe("smoke").with_overrides(beta=[0.1])
