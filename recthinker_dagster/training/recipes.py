@@ -135,6 +135,7 @@ class SFTRecipe(RecipeFields):
     def filter_config(self) -> FilterConfig:
         return FilterConfig.from_dict(self.filter)
 
+
 def _scalar(kind: str, name: str, annotation: str, value):
     """``value`` as the scalar type the field declares. YAML 1.1 reads ``1e-4`` (no dot) as a
     string, so a float field takes a numeric string; anything else of the wrong type is an error
