@@ -32,6 +32,7 @@ import yaml
 from recthinker_dagster.data.coverage import METADATA_MIN_SHARE, METADATA_WARN_SHARE
 from recthinker_dagster.protocol.config import ProtocolConfig, protocol_config_for
 from recthinker_dagster.tools.indexes import ToolIndexConfig
+from recthinker_dagster.typed import typed_scalar
 
 DEFAULT_PROFILE = "demo"
 PROFILE_NAMES = ("smoke", "demo", "full")
@@ -382,6 +383,8 @@ def _resolve(cls: type, prefix: str, shared: Mapping, values: Mapping, overrides
             kwargs[name] = tuple(kwargs[name])
         sources[key] = source
     try:
+        for name in kwargs:  # a wrong type names its field here, not deep inside a stage
+            kwargs[name] = typed_scalar("settings", f"{prefix}.{name}", str(known[name].type), kwargs[name])
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: invalid settings in {prefix!r}: {error}") from error

@@ -86,6 +86,18 @@ def test_unknown_sections_and_keys_are_errors_naming_the_file(profiles_dir):
         load_profile("huge")
 
 
+def test_scalar_settings_are_type_checked_naming_the_field_and_file(profiles_dir):
+    # YAML 1.1 reads 7e-1 (no dot) as a string: a float setting takes it as 0.7
+    profiles_dir("sci", "teacher:\n  temperature: 7e-1\n")
+    assert load_profile("sci").teacher.temperature == 0.7
+    path = profiles_dir("words", "protocol:\n  n_candidates: ten\n")
+    with pytest.raises(ValueError, match="'protocol.n_candidates' must be int") as error:
+        load_profile("words")
+    assert str(path) in str(error.value)
+    with pytest.raises(ValueError, match="'teacher.samples_per_task' must be int"):
+        load_profile("sci", {"teacher.samples_per_task": True})
+
+
 def test_unknown_override_sections_and_keys_are_errors():
     with pytest.raises(ValueError, match="unknown keys in 'teacher'"):
         load_profile("demo", {"teacher.bogus": 1})

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from recthinker_dagster.training.filtering import FilterConfig
+from recthinker_dagster.typed import typed_scalar
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -49,7 +50,7 @@ class RecipeFields:
                 values[name] = dict(values[name] or {})
         for spec in fields(cls):  # type: ignore[arg-type]
             if spec.name in values:
-                values[spec.name] = _scalar(cls._KIND, spec.name, str(spec.type), values[spec.name])
+                values[spec.name] = typed_scalar(cls._KIND, spec.name, str(spec.type), values[spec.name])
         return cls(**values)
 
     lora_target_modules: tuple[str, ...]  # every recipe has LoRA targets
@@ -134,33 +135,6 @@ class SFTRecipe(RecipeFields):
     @property
     def filter_config(self) -> FilterConfig:
         return FilterConfig.from_dict(self.filter)
-
-
-def _scalar(kind: str, name: str, annotation: str, value):
-    """``value`` as the scalar type the field declares. YAML 1.1 reads ``1e-4`` (no dot) as a
-    string, so a float field takes a numeric string; anything else of the wrong type is an error
-    that names the field, not a failure deep inside the trainer."""
-    optional = annotation.endswith("| None")
-    base = annotation.removesuffix("| None").strip()
-    if value is None and optional:
-        return None
-    if base == "float" and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return value  # an int stays as written: the recipe digest hashes the values as given
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif base == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif base == "bool" and isinstance(value, bool):
-        return value
-    elif base == "str" and isinstance(value, str):
-        return value
-    elif base not in ("float", "int", "bool", "str"):
-        return value  # tuples and mappings are checked where they are used
-    raise ValueError(f"{kind} field {name!r} must be {annotation}, got {value!r} ({type(value).__name__})")
 
 
 def recipes_dir() -> Path:
