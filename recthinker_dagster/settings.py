@@ -213,6 +213,7 @@ class EvaluationSettings:
     max_turns: int = 6  # the teacher's budgets
     max_tool_calls: int = 8
     llm_max_new_tokens: int = 384
+    llm_batch_size: int = 32  # conversations per batched generate call of a local model
     prompt_history_len: int = 10
     seed: int = 2026
     answer_mode: str = "generate"  # the LLM systems' answers: "generate" or "logits" (the label head); "sft@logits" in
@@ -227,6 +228,8 @@ class EvaluationSettings:
         if len(set(self.systems)) < len(self.systems):
             raise ValueError(f"systems name one system twice: {list(self.systems)}")
         check_answer_mode(self.answer_mode)
+        if self.llm_batch_size < 1:
+            raise ValueError(f"llm_batch_size must be >= 1, got {self.llm_batch_size}")
         for name in self.served_models:
             if not is_llm_system(name):
                 raise ValueError(f"served_models: {name!r} is not an LLM system; known: {list(LLM_SYSTEMS)}")

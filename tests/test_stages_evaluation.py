@@ -99,8 +99,8 @@ def test_evaluation_figures_for_the_publisher(evaluated):
     artifact = result.artifact
     assert artifact.params == {"dataset": DATASET, "systems": ",".join(SYSTEMS), "profile": "smoke",
                                "eval_tasks": result.eval_tasks, "n_candidates": 10, "llm_tasks": 4, "llm_max_turns": 6,
-                               "llm_max_tool_calls": 8, "llm_max_new_tokens": 384, "llm_prompt_history_len": 10,
-                               "llm_answer_mode": "generate"}
+                               "llm_max_tool_calls": 8, "llm_max_new_tokens": 384, "llm_batch_size": 32,
+                               "llm_prompt_history_len": 10, "llm_answer_mode": "generate"}
     subset = result.subset_summaries["popularity"].filter(pl.col("group") == "dense").row(0, named=True)
     assert artifact.metrics["subset_popularity_dense_ndcg@10"] == subset["ndcg@10"]
     assert {"all_bprmf_sparse_mrr", "seconds_itemknn", "seconds_teacher", "teacher_tool_calls_per_task"} <= set(
@@ -117,9 +117,11 @@ def test_evaluation_figures_for_the_publisher(evaluated):
 
 def test_llm_settings_are_the_budgets_the_llm_systems_run_with():
     settings = EvaluationSettings(llm_tasks=3, llm_max_turns=2, max_tool_calls=5, llm_max_new_tokens=64,
-                                  prompt_history_len=7, max_turns=9)
+                                  prompt_history_len=7, max_turns=9, llm_batch_size=4)
     assert llm_settings(settings) == {"tasks": 3, "max_turns": 2, "max_tool_calls": 5, "max_new_tokens": 64,
-                                      "prompt_history_len": 7, "answer_mode": "generate"}
+                                      "batch_size": 4, "prompt_history_len": 7, "answer_mode": "generate"}
+    with pytest.raises(ValueError, match="llm_batch_size must be >= 1"):
+        EvaluationSettings(llm_batch_size=0)
 
 
 def test_policies_name_the_asset_to_materialize(tmp_path):

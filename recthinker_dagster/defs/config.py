@@ -136,6 +136,10 @@ class EvaluationConfig(StageConfig):
     )
     llm_max_turns: int | None = Field(default=None, description="Assistant turns of the LLM systems.")
     llm_max_new_tokens: int | None = Field(default=None, description="Tokens per assistant turn.")
+    llm_batch_size: int | None = Field(
+        default=None, description="Conversations per batched generate call of a local model (requests in flight for a "
+                                 "served one)."
+    )
     answer_mode: str | None = Field(
         default=None, description="LLM systems' answers: 'generate' (the model orders) or 'logits' (the label head)."
     )

@@ -59,8 +59,10 @@ CHUNK_BATCHES = 4  # tasks per progress line: this many backend batches
 
 
 def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factory: Callable, settings: dict, *,
-                    batch_size: int = 8, progress: Callable[[str], None] | None = None) -> dict[str, list]:
-    """``{system: trajectories}`` for every system in ``policies``, in task order."""
+                    batch_size: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, list]:
+    """``{system: trajectories}`` for every system in ``policies``, in task order; ``batch_size``
+    (default ``settings["batch_size"]``, else 8): conversations per batch, or concurrent requests."""
+    batch_size = batch_size or settings.get("batch_size") or 8
     from recthinker_dagster.agent.backends.openai_backend import OpenAICompatibleBackend
     from recthinker_dagster.agent.backends.transformers_backend import (
         TransformersBackend,

@@ -96,6 +96,7 @@ def llm_settings(settings: EvaluationSettings) -> dict:
         "max_turns": settings.llm_max_turns,
         "max_tool_calls": settings.max_tool_calls,
         "max_new_tokens": settings.llm_max_new_tokens,
+        "batch_size": settings.llm_batch_size,
         "prompt_history_len": settings.prompt_history_len,
         "answer_mode": settings.answer_mode,
         **({"served_models": dict(settings.served_models)} if settings.served_models else {}),
