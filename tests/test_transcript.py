@@ -25,6 +25,7 @@ def test_transcript_masks_and_trims():
     assert transcript.ids == [1, 2, 3, 4, 5, 6, 7, 8, 9] and transcript.sampled_ids() == [4, 5, 8]
     kept = transcript.trimmed()
     assert kept.completion_ids == [4, 5, 6, 7, 8] and kept.mask == [1, 1, 0, 0, 1]
+    assert kept.trained_mask() == [1, 1, 0, 0, 0]  # the head's answer was never sampled: not trained
     assert kept.logprobs[:4] == [-0.5, -0.25, 0.0, 0.0] and math.isnan(kept.logprobs[4])
     transcript.check_prompt([1, 2, 3, 4, 5, 6, 7, 8, 9])
     with pytest.raises(TranscriptMismatch, match="part at token 4"):
@@ -111,6 +112,28 @@ def test_the_trained_completion_is_exactly_the_sampled_ids(scripted_backend):
     assert [lp for lp, m in zip(logprobs, mask) if m] == [-0.1] * len(sampled)
     # re-rendering the messages would have trained on other tokens: the reason for transcripts
     assert backend.encode(trajectory.messages[:3], trajectory.tools) != second
+
+
+def test_the_forced_heads_answer_is_not_trained(scripted_backend):
+    """A policy that never answers, even when asked: the label head ranks, and its answer stands
+    in the transcript's last turn, but GRPO trains only the tokens the policy sampled."""
+    backend = scripted_backend
+    task = agent_tasks("train", 1)[0]
+    labels = list(toolbox_factory(task).labels)
+    first = _scripted_turns(backend.tokenizer, labels)[0]
+    idle = backend.tokenizer.encode("Plan: look again.", add_special_tokens=False) + [first[-1]]
+    backend.prompts, backend.script = [], [first] + [idle] * 4
+    config = AgentConfig(max_turns=2, max_tool_calls=2, sampling=SamplingParams(max_new_tokens=64))
+    trajectory = run_agent([task], backend, toolbox_factory, config)[0]
+    assert trajectory.finish == "forced_head" and trajectory.valid
+
+    prompt, completion, mask, logprobs = ToolRollout([task], toolbox_factory, config,
+                                                     backend.tokenizer).training_tokens(trajectory)
+    sampled = [token for turn in backend.script[: len(backend.prompts)] for token in turn]
+    assert [t for t, m in zip(completion, mask) if m] == sampled
+    head = backend.head_answer_ids(labels, trajectory.final_labels)
+    assert completion[-len(head):] == head and not any(mask[-len(head):])
+    assert all(math.isnan(lp) for lp in logprobs[-len(head):])
 
 
 @pytest.mark.slow

@@ -68,6 +68,13 @@ class TokenTranscript:
     def sampled_ids(self) -> list[int]:
         return [token for token, m in zip(self.completion_ids, self.mask) if m]
 
+    def trained_mask(self) -> list[int]:
+        """1 on the ids the policy sampled (their log-prob is known), 0 elsewhere. The label head's
+        answer (forced after an unanswered final request, or written in ``logits`` mode) stands in
+        the policy's turn but was never sampled: a policy gradient on it would move tokens the
+        policy did not choose, and a low-reward forced answer would teach it not to open ``<answer>``."""
+        return [int(m and not math.isnan(lp)) for m, lp in zip(self.mask, self.logprobs)]
+
     def trimmed(self) -> TokenTranscript:
         """Without the environment tokens after the last policy token (a learner's completion
         ends where the policy stopped)."""

@@ -212,10 +212,11 @@ class ToolRollout:
     def training_tokens(self, trajectory) -> tuple[list[int], list[int], list[int], list[float]]:
         """(prompt_ids, completion_ids, env_mask, sampler log-probs) to train on: the exact
         transcript (the first generation prompt; every sampled id with mask 1, the template's
-        tokens between turns with mask 0), or a re-rendering where the backend kept none."""
+        tokens between turns and the label head's unsampled answer with mask 0), or a
+        re-rendering where the backend kept none."""
         if trajectory.transcript is not None:
             kept = trajectory.transcript.trimmed()
-            return kept.prompt_ids, kept.completion_ids, kept.mask, kept.logprobs
+            return kept.prompt_ids, kept.completion_ids, kept.trained_mask(), kept.logprobs
         p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
         return p, c, m, [math.nan] * len(c)
 
