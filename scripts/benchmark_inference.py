@@ -27,8 +27,9 @@ The same conversations run, in the same process,
       backend's opt-in ``split_stragglers``),
 
 and the script prints, per mode, generated tokens/s, prompt tokens prefilled vs reused (shared
-prefix, conversation cache), wall time, peak RSS, the speed-ups over (a) and (b), and how many
-conversations came out identical to (a). ``--single-conversations K`` runs (a) on the first K
+prefix, conversation cache), wall time, peak RSS, where the forward passes' time went (prefill
+against decoding steps, and the row-steps decoding spent for its tokens: rows that stopped stay
+in the batch), the speed-ups over (a) and (b), and how many conversations came out identical to (a). ``--single-conversations K`` runs (a) on the first K
 conversations only (its tokens/s is a rate, comparable as such). ``--dtypes bfloat16,float32``
 repeats everything per dtype; float32 is batch-invariant (identical conversations), bfloat16
 is not.
@@ -133,6 +134,40 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+class ForwardClock:
+    """Seconds the model's forward passes take, split into prefill (several new tokens per row)
+    and decoding steps (one token per row): where a mode's wall time goes."""
+
+    def __init__(self, model):
+        self.model, self.forward = model, model.forward
+        self.reset()
+        model.forward = self._timed
+
+    def reset(self) -> None:
+        self.figures = {"prefill_s": 0.0, "prefill_passes": 0, "decode_s": 0.0, "decode_steps": 0,
+                        "decode_row_steps": 0}
+
+    def _timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        output = self.forward(*args, **kwargs)
+        seconds = time.perf_counter() - started
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] == 1:
+            self.figures["decode_s"] += seconds
+            self.figures["decode_steps"] += 1
+            self.figures["decode_row_steps"] += ids.shape[0]
+        else:
+            self.figures["prefill_s"] += seconds
+            self.figures["prefill_passes"] += 1
+        return output
+
+    def report(self) -> dict:
+        figures = {k: round(v, 1) if isinstance(v, float) else v for k, v in self.figures.items()}
+        steps = self.figures["decode_steps"]
+        figures["decode_ms_per_step"] = round(1000 * self.figures["decode_s"] / steps, 1) if steps else None
+        return figures
+
+
 def release_memory() -> None:
     """Free what the previous mode left, and hand the freed heap back to the system (glibc keeps
     it otherwise), so that each mode's peak RSS is its own."""
@@ -159,7 +194,8 @@ def progress(backend: TransformersBackend) -> Callable[[int, int], None]:
 
 
 def measure(label: str, backend: TransformersBackend,
-            run: Callable[[TransformersBackend], list[Trajectory]]) -> dict:
+            run: Callable[[TransformersBackend], list[Trajectory]], clock: ForwardClock) -> dict:
+    clock.reset()
     with PeakRSS() as rss:
         started = time.perf_counter()
         trajectories = run(backend)
@@ -170,6 +206,7 @@ def measure(label: str, backend: TransformersBackend,
         "mode": label, "seconds": round(seconds, 1), "conversations": len(trajectories),
         "turns": sum(t.n_turns for t in trajectories), "completion_tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 2), "peak_rss_mb": round(rss.peak / 2**20), **stats,
+        **clock.report(),
     }
     if backend.conversations is not None:
         result["conversation_cache_mb"] = round(backend.conversations.nbytes / 2**20)
@@ -177,8 +214,10 @@ def measure(label: str, backend: TransformersBackend,
     reused = stats["prefix_tokens_reused"] + stats["conversation_tokens_reused"]
     print(f"  {label:<34} {seconds:7.1f} s  {tokens:6d} tok  {result['tokens_per_s']:7.2f} tok/s  "
           f"prompt tokens: {stats['prefilled_tokens']} prefilled, {reused} reused "
-          f"({stats['conversation_tokens_reused']} from conversations)  peak RSS {result['peak_rss_mb']} MB",
-          flush=True)
+          f"({stats['conversation_tokens_reused']} from conversations)  peak RSS {result['peak_rss_mb']} MB\n"
+          f"  {'':<34} forward passes: prefill {result['prefill_s']} s ({result['prefill_passes']} passes), "
+          f"decoding {result['decode_s']} s ({result['decode_steps']} steps, {result['decode_ms_per_step']} ms each, "
+          f"{result['decode_row_steps']} row-steps for {tokens} tokens)", flush=True)
     return result | {"keys": [conversation_key(t) for t in trajectories]}
 
 
@@ -204,6 +243,7 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
     run_agent(tasks[:2], warm, toolboxes, dataclasses.replace(config, max_turns=1,
                                                               sampling=SamplingParams(max_new_tokens=4)))
     del warm
+    clock = ForwardClock(model)
     print(f"\n{dtype}: {len(tasks)} conversations, max_turns={args.max_turns}, "
           f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}", flush=True)
 
@@ -214,7 +254,7 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
         one = backend(1, False, prefix_cache=False)
         label = "(a) one at a time" + (f" ({single_n} of {len(tasks)})" if single_n < len(tasks) else "")
         results["single"] = measure(label, one, lambda chosen: [
-            t for task in tasks[:single_n] for t in run_agent([task], chosen, toolboxes, config)])
+            t for task in tasks[:single_n] for t in run_agent([task], chosen, toolboxes, config)], clock)
         del one
     for mode, key, label, cached, split in (
             ("b", "batched", "(b) batched, no conversation cache", False, False),
@@ -225,7 +265,7 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
         release_memory()
         chosen = backend(args.batch_size, cached, split=split)
         results[key] = measure(label, chosen, lambda chosen: run_agent(tasks, chosen, toolboxes, config,
-                                                                       on_step=progress(chosen)))
+                                                                       on_step=progress(chosen)), clock)
         del chosen
     summarize(results)
     for value in results.values():
