@@ -29,7 +29,8 @@ The same conversations run, in the same process,
 and the script prints, per mode, generated tokens/s, prompt tokens prefilled vs reused (shared
 prefix, conversation cache), wall time, peak RSS, where the forward passes' time went (prefill
 against decoding steps, and the row-steps decoding spent for its tokens: rows that stopped stay
-in the batch), the speed-ups over (a) and (b), and how many conversations came out identical to (a). ``--single-conversations K`` runs (a) on the first K
+in the batch), the speed-ups over (a) and (b), and how many conversations came out identical
+to (a). ``--single-conversations K`` runs (a) on the first K
 conversations only (its tokens/s is a rate, comparable as such). ``--dtypes bfloat16,float32``
 repeats everything per dtype; float32 is batch-invariant (identical conversations), bfloat16
 is not.
