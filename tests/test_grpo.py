@@ -106,6 +106,31 @@ def test_grpo_logs_health_figures_and_time_split(grpo_runs):
     assert second.metrics["seconds_per_step"] > 0
 
 
+@pytest.mark.slow
+def test_grpo_scores_answer_tokens_under_the_sampling_constraint(tmp_path, answering_base_model, monkeypatch):
+    """A policy that answers at once (the bigram model): the trainer takes the log-probs of the
+    reference (KL) and of the policy (loss) among the ids the answer constraint allowed, so
+    sampler and trainer agree on the answer tokens."""
+    from recthinker_dagster.training import grpo_trainer
+
+    restricted: list[int] = []
+    original = grpo_trainer.restrict_logprobs
+
+    def counting(logps, hidden, head, completion_ids, allowed, temperature):
+        restricted.append(int((allowed[..., 0] >= 0).sum()))
+        return original(logps, hidden, head, completion_ids, allowed, temperature)
+
+    monkeypatch.setattr(grpo_trainer, "restrict_logprobs", counting)
+    recipe = load_rl_recipe("smoke").with_overrides(
+        name="test-constrained", max_steps=1, num_generations=2, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, max_turns=1, max_new_tokens=48, beta=0.04, learning_rate=5e-3)
+    result = train_grpo(agent_tasks("train", 1), toolbox_factory, answering_base_model, [], tmp_path, recipe)
+    step = result.metrics["steps"][-1]
+    assert step["rollout/answered_rate"] == 1.0
+    assert len(restricted) == 2 and all(n > 0 for n in restricted)  # the reference's pass, then the loss's
+    assert step["rollout/sampler_logprob_abs_gap"] < 1e-3
+
+
 def test_rl_recipes_load_and_hold_no_validation_settings():
     for name in ("smoke", "demo", "full", "reczero", "recone"):
         recipe = load_rl_recipe(name)

@@ -26,11 +26,15 @@ sampler's; ``rollout/sampler_logprob_gap`` compares them with the trainer's on a
 per step. The rewards get each rollout's :class:`RolloutOutcome` (see ``rewards.py``).
 
 Answers (``answer_mode``): rollouts decode every ``<answer>`` under the label constraint (a
-permutation by construction; the policy still samples the order). In ``logits`` mode the label
-head orders the labels once the policy opens ``<answer>``, and the ranking reward is the NDCG
-of the head's ranking after the sampled trajectory. The head's answer tokens (and the forced
-head's, after an unanswered final request) are part of the completion like any other
-assistant tokens, so the update also moves the head towards rankings that earned reward.
+permutation by construction; the policy still samples the order). The trainer scores those
+answer tokens under the same constraint (``grpo_trainer.py``): the rollout replays the
+constraint over each sampled turn and hands the trainer the allowed ids per position, so a
+label's log-prob is taken among the labels still allowed (as it was sampled) and a forced
+token (``,``, ``</answer>``) trains nothing. In ``logits`` mode the label head orders the
+labels once the policy opens ``<answer>``, and the ranking reward is the NDCG of the head's
+ranking after the sampled trajectory; the head's tokens are trained as written (unconstrained),
+which moves the head towards rankings that earned reward. The forced head's answer after an
+unanswered final request was never sampled and is not trained (``TokenTranscript.trained_mask``).
 
 Health figures logged per step (TRL's own plus these): ``tools/call_frequency``,
 ``tools/failure_rate``, ``rollout/valid_rate``, ``rollout/ndcg@10``, ``rollout/turns``,
@@ -53,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from recthinker_dagster.agent import prompts as agent_prompts
-from recthinker_dagster.agent.backends.base import SamplingParams
+from recthinker_dagster.agent.backends.base import SamplingParams, constrains_answers
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.models.loading import adapter_list, load_agent_model
@@ -139,12 +143,15 @@ class ToolRollout:
         self.chat_template = training_chat_template(tokenizer)
         self.by_prompt: dict[str, Any] = {}  # prompt text -> AgentTask
         self.rows: list[dict] = []
+        self.labels: dict[str, tuple[str, ...]] = {}  # task id -> candidate labels
         for task in tasks:
-            messages = opening_messages(task, toolbox_factory(task), agent_config)
+            toolbox = toolbox_factory(task)
+            messages = opening_messages(task, toolbox, agent_config)
             key = messages[-1]["content"]
             if key in self.by_prompt:
                 raise ValueError(f"tasks {self.by_prompt[key].task_id} and {task.task_id} have the same prompt")
             self.by_prompt[key] = task
+            self.labels[task.task_id] = tuple(toolbox.labels)
             self.rows.append({"prompt": messages})
         self.step_records: list[dict] = []  # one per call: timings and rollout figures
         self.last_trajectories: list = []
@@ -182,9 +189,9 @@ class ToolRollout:
         )
         config = replace(self.agent_config, sampling=sampling, producer="policy")
         tool_clock = [0.0]
+        backend = self._backend(model)
         try:
-            trajectories = run_agent(tasks, self._backend(model), lambda t: _TimedToolbox(self.toolbox_factory(t), tool_clock),
-                                     config)
+            trajectories = run_agent(tasks, backend, lambda t: _TimedToolbox(self.toolbox_factory(t), tool_clock), config)
         finally:
             model.train(was_training)
         rollout_seconds = time.perf_counter() - started
@@ -196,8 +203,13 @@ class ToolRollout:
             env_mask.append(m)
             logprobs.append(lp)
             outcomes.append(RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls).to_dict())
+        constraints = self.answer_constraints(backend, config, tasks, completion_ids, env_mask)
+        receive = getattr(trainer, "receive_answer_constraints", None)
+        if receive is not None:  # the trainer scores answer tokens as they were sampled (grpo_trainer.py)
+            receive(constraints)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
-        record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling.temperature))
+        record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling.temperature,
+                                        constraints))
         self.step_records.append(record)
         self.last_trajectories = trajectories
         metrics = getattr(trainer, "_metrics", None)
@@ -220,10 +232,40 @@ class ToolRollout:
         p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
         return p, c, m, [math.nan] * len(c)
 
-    def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, temperature) -> dict:
+    def answer_constraints(self, backend, config: AgentConfig, tasks, completion_ids, masks) -> list | None:
+        """Per rollout and completion position, the ids the answer constraint allowed there
+        (None: free), replayed over each sampled turn; None when answers were not decoded under
+        the constraint (an HTTP backend, ``constrain_answers=False``) or in ``logits`` mode, where
+        the head's tokens are trained as written."""
+        if not (config.constrain_answers and constrains_answers(backend) and config.answer_mode == "generate"
+                and hasattr(backend, "label_tokens")):
+            return None
+        from recthinker_dagster.agent.backends.constrained import replay_allowed
+
+        decoded: dict[int, str] = {}
+
+        def decode(token: int) -> str:
+            if token not in decoded:
+                decoded[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+            return decoded[token]
+
+        rows = []
+        for task, completion, mask in zip(tasks, completion_ids, masks):
+            tokens = backend.label_tokens(self.labels[task.task_id])
+            row: list = [None] * len(completion)
+            for start, end in _runs(mask):  # one run of sampled ids per assistant turn
+                row[start:end] = replay_allowed(tokens, completion[start:end], decode, backend.stop_ids)
+            rows.append(row)
+        return rows
+
+    def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, temperature,
+                     constraints=None) -> dict:
         """The trainer's log-probs of the sampled tokens against the sampler's, on the first
-        ``gap_rollouts`` rollouts (one forward pass each): mean and mean absolute difference."""
+        ``gap_rollouts`` rollouts (one forward pass each): mean and mean absolute difference.
+        Answer tokens are scored among the ids their constraint allowed, as the trainer does."""
         import torch
+
+        from recthinker_dagster.training.answer_logprobs import FREE, allowed_table, log_prob_among
 
         diffs: list[float] = []
         rows = [k for k, row in enumerate(logprobs) if any(not math.isnan(v) for v in row)][: self.gap_rollouts]
@@ -235,7 +277,14 @@ class ToolRollout:
                     ids = torch.tensor([prompt_ids[k] + completion_ids[k]], device=model.device)
                     logits = model(input_ids=ids).logits[0, len(prompt_ids[k]) - 1 : -1].float()
                     logits = logits / (temperature if temperature > 0 else 1.0)
-                    trained = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt_ids[k]):, None])[:, 0]
+                    completion = ids[0, len(prompt_ids[k]):]
+                    trained = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
+                    if constraints is not None:
+                        allowed = allowed_table([constraints[k]], len(completion))[0]
+                        at = (allowed[:, 0] != FREE).nonzero(as_tuple=True)[0]
+                        if at.numel():
+                            scores = logits[at].gather(1, allowed[at].clamp(min=0))
+                            trained[at] = log_prob_among(scores, allowed[at], completion[at])
                     diffs += [sampled - float(t) for sampled, t, m in zip(logprobs[k], trained.tolist(), env_mask[k])
                               if m and not math.isnan(sampled)]
         finally:
@@ -340,12 +389,12 @@ def train_grpo(
     from peft import LoraConfig
     from transformers import AutoTokenizer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOTrainer
 
     from recthinker_dagster.agent.backends.chat_template import (
         ensure_tool_chat_template,
     )
     from recthinker_dagster.training.callbacks import StepClock
+    from recthinker_dagster.training.grpo_trainer import ConstrainedAnswerGRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     recipe = load_rl_recipe(recipe)
@@ -381,7 +430,7 @@ def train_grpo(
     if extra_reward_funcs:
         args.reward_weights = list(args.reward_weights) + [1.0] * len(extra_reward_funcs)
     clock = StepClock()
-    trainer = GRPOTrainer(
+    trainer = ConstrainedAnswerGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=args,
@@ -467,6 +516,18 @@ def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_secon
         "num_processes": world_size(),
         "rollouts_per_process": rollout.step_records[-1]["rollout/count"] if rollout.step_records else None,
     }
+
+
+def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) of every run of 1s."""
+    runs, start = [], None
+    for k, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = k
+        elif not m and start is not None:
+            runs.append((start, k))
+            start = None
+    return runs
 
 
 def _round(value):

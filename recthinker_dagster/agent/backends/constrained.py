@@ -232,3 +232,15 @@ class AnswerConstraint:
             scores[row] = float("-inf")
             scores[row, allowed] = keep
         return scores
+
+
+def replay_allowed(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int]) -> list[list[int] | None]:
+    """Per token of one sampled turn (``generate`` mode), the ids :class:`AnswerConstraint`
+    allowed at its position when it was sampled (None: free). Replaying the same state machine
+    over the sampled ids gives back the constraint without the sampler keeping it; a learner
+    uses it to score answer tokens under the distribution they were drawn from."""
+    state, stops, allowed = AnswerState(tokens), frozenset(stop_ids), []
+    for token in ids:
+        allowed.append(state.allowed() if state.in_answer else None)
+        state.feed(token, decode(token), stops)
+    return allowed

@@ -1,0 +1,94 @@
+"""The learner scores answer tokens under the constraint they were sampled with
+(``training/answer_logprobs.py``, ``training/grpo_trainer.py``).
+
+The replayed constraint must be the one the sampler applied: with a tiny bigram model that
+opens <answer> at once, the trainer-side log-probs (a fresh forward pass, log-softmax over the
+replayed allowed ids) equal the sampler's recorded ones, and differ from the unconstrained ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams
+from recthinker_dagster.agent.backends.constrained import replay_allowed
+from recthinker_dagster.agent.labels import NUMBERED_STYLE, candidate_labels
+from recthinker_dagster.training.answer_logprobs import (
+    FREE,
+    allowed_table,
+    log_prob_among,
+    restrict_logprobs,
+)
+from tests.support.tiny_models import bigram_model
+
+LETTERS = tuple(candidate_labels(10))
+NUMBERED = tuple(candidate_labels(12, NUMBERED_STYLE))  # multi-token labels: C1 is a prefix of C10
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(smollm2_tokenizer):
+    from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
+
+    torch.manual_seed(0)
+    return TransformersBackend(bigram_model(smollm2_tokenizer), smollm2_tokenizer, name="bigram", batch_size=4,
+                               min_prefix_tokens=4)
+
+
+@pytest.mark.parametrize("labels", [LETTERS, NUMBERED], ids=["single-token", "multi-token"])
+@pytest.mark.parametrize("temperature", (0.7, 1.5))
+def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, labels, temperature):
+    tokenizer = tiny_backend.tokenizer
+    conversation = [{"role": "user", "content": "Rank the candidates."}]
+    tokens = tiny_backend.label_tokens(labels)
+    for seed in range(3):
+        params = SamplingParams(max_new_tokens=64, temperature=temperature, seed=seed)
+        generation = tiny_backend.generate([conversation], None, params, answers=[AnswerSpec(labels)])[0]
+        ids = generation.token_ids
+        allowed = replay_allowed(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
+                                 tiny_backend.stop_ids)
+        constrained = [k for k, a in enumerate(allowed) if a is not None]
+        assert constrained and all(ids[k] in allowed[k] for k in constrained)
+        assert all(allowed[k] is None for k in range(constrained[0]))  # "<answer>" itself was free
+        full = torch.tensor([generation.prompt_ids + ids])
+        with torch.no_grad():
+            logits = tiny_backend.model(input_ids=full).logits[0, len(generation.prompt_ids) - 1 : -1].float()
+        logits = logits / temperature
+        table = allowed_table([allowed], len(ids))[0]
+        at = torch.tensor(constrained)
+        mine = log_prob_among(logits[at].gather(1, table[at].clamp(min=0)), table[at], torch.tensor(ids)[at])
+        sampled = torch.tensor([generation.logprobs[k] for k in constrained])
+        assert torch.allclose(mine, sampled, atol=1e-3), (mine - sampled).abs().max()
+        plain = torch.log_softmax(logits[at], dim=-1).gather(1, torch.tensor(ids)[at, None])[:, 0]
+        assert (plain - sampled).abs().max() > 0.1  # the whole-vocabulary figure is another distribution
+        forced = [k for k in constrained if len(allowed[k]) == 1]
+        assert forced and all(generation.logprobs[k] == 0.0 for k in forced)  # ",", "</answer>", the stop
+
+
+def test_restricted_log_probs_match_a_hand_computed_softmax_and_forced_tokens_get_no_gradient():
+    torch.manual_seed(0)
+    vocab, width, hidden_size = 12, 4, 8
+    head = torch.nn.Linear(hidden_size, vocab, bias=True)
+    hidden = torch.randn(2, 3 + width, hidden_size, requires_grad=True)  # 3 prompt + 4 completion tokens
+    completion = torch.tensor([[5, 2, 7, 1], [3, 3, 9, 0]])
+    logps = torch.log_softmax(head(hidden[:, 2:-1]), dim=-1).gather(2, completion[..., None])[..., 0]
+    rows = [[None, [2, 4, 6], [7], None], [[3, 8], None, None, [0, 1, 2]]]
+    restricted = restrict_logprobs(logps, hidden, head, completion, allowed_table(rows, width), 1.0)
+
+    def by_hand(row, position, ids):
+        scores = head(hidden[row, 2 + position])[ids]
+        return torch.log_softmax(scores, dim=-1)[ids.index(int(completion[row, position]))]
+
+    for row, positions in enumerate(rows):
+        for position, ids in enumerate(positions):
+            expected = logps[row, position] if ids is None else by_hand(row, position, ids)
+            assert torch.allclose(restricted[row, position], expected, atol=1e-6), (row, position)
+    assert restricted[0, 2] == 0.0  # forced: the policy had no choice
+    restricted[0, 2].backward()
+    assert hidden.grad is not None and float(hidden.grad.abs().sum()) == 0.0
+    table = allowed_table(rows, width)
+    assert table.shape == (2, 4, 3) and int(table[0, 0, 0]) == FREE and table[1, 3].tolist() == [0, 1, 2]
+
+
+def test_a_token_outside_its_allowed_set_is_refused():
+    with pytest.raises(ValueError, match="not among the ids"):
+        log_prob_among(torch.zeros(1, 2), torch.tensor([[4, 5]]), torch.tensor([6]))
