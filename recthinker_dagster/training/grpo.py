@@ -240,15 +240,9 @@ class ToolRollout:
         if not (config.constrain_answers and constrains_answers(backend) and config.answer_mode == "generate"
                 and hasattr(backend, "label_tokens")):
             return None
-        from recthinker_dagster.agent.backends.constrained import replay_allowed
+        from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_allowed
 
-        decoded: dict[int, str] = {}
-
-        def decode(token: int) -> str:
-            if token not in decoded:
-                decoded[token] = self.tokenizer.decode([token], skip_special_tokens=False)
-            return decoded[token]
-
+        decode = TokenTexts(self.tokenizer)
         rows = []
         for task, completion, mask in zip(tasks, completion_ids, masks):
             tokens = backend.label_tokens(self.labels[task.task_id])
@@ -265,7 +259,7 @@ class ToolRollout:
         Answer tokens are scored among the ids their constraint allowed, as the trainer does."""
         import torch
 
-        from recthinker_dagster.training.answer_logprobs import FREE, allowed_table, log_prob_among
+        from recthinker_dagster.training.answer_logprobs import allowed_table, constrained_positions, log_prob_among
 
         diffs: list[float] = []
         rows = [k for k, row in enumerate(logprobs) if any(not math.isnan(v) for v in row)][: self.gap_rollouts]
@@ -281,7 +275,7 @@ class ToolRollout:
                     trained = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
                     if constraints is not None:
                         allowed = allowed_table([constraints[k]], len(completion))[0]
-                        at = (allowed[:, 0] != FREE).nonzero(as_tuple=True)[0]
+                        at = constrained_positions(allowed[None])[1]
                         if at.numel():
                             scores = logits[at].gather(1, allowed[at].clamp(min=0))
                             trained[at] = log_prob_among(scores, allowed[at], completion[at])

@@ -195,6 +195,20 @@ class AnswerState:
         self.queue = t.answer_tokens(head_ranking(self.head_scores, t.labels))
 
 
+class TokenTexts:
+    """Each token's own text (special tokens kept), decoded once: what :class:`AnswerState`
+    reads to spot ``<answer>``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        if token not in self._texts:
+            self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._texts[token]
+
+
 class AnswerConstraint:
     """A ``transformers`` logits processor over per-row :class:`AnswerState` (None: a free row).
 
@@ -205,12 +219,7 @@ class AnswerConstraint:
         self.states = list(states)
         self.stop_ids = frozenset(stop_ids)
         self.started = not fresh
-        self._texts: dict[int, str] = {}
-
-    def _text(self, token: int) -> str:
-        if token not in self._texts:
-            self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
-        return self._texts[token]
+        self._text = TokenTexts(tokenizer)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.started:
