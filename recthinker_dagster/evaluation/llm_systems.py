@@ -20,10 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.think import think_config, without_tools
+from recthinker_dagster.evaluation.llm_progress import ChunkStore, files_fingerprint, tasks_fingerprint
 from recthinker_dagster.progress import ProgressLog
 from recthinker_dagster.settings import THINK_SYSTEMS, system_and_mode
 
@@ -58,10 +60,31 @@ def uses_tools(name: str) -> bool:
 CHUNK_BATCHES = 4  # tasks per progress line: this many backend batches
 
 
+def ready(backend: Any) -> Callable[[], Any]:
+    return lambda: backend
+
+
+def chunk_key(system: str, policy: Policy, served_model: str | None, tasks: Sequence, settings: dict,
+              batch_size: int, inputs_key: Any) -> dict:
+    """What a system's evaluated chunks depend on (``llm_progress.ChunkStore``)."""
+    return {
+        "system": system,
+        "model": {"served": served_model} if served_model else files_fingerprint([policy.base_model, *policy.adapters]),
+        "settings": {k: v for k, v in settings.items() if k != "served_models"},
+        "batch_size": batch_size,
+        "tasks": tasks_fingerprint(tasks),
+        "inputs": inputs_key,
+    }
+
+
 def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factory: Callable, settings: dict, *,
-                    batch_size: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, list]:
+                    batch_size: int | None = None, progress: Callable[[str], None] | None = None,
+                    progress_dir: Path | None = None, inputs_key: Any = None) -> dict[str, list]:
     """``{system: trajectories}`` for every system in ``policies``, in task order; ``batch_size``
-    (default ``settings["batch_size"]``, else 8): conversations per batch, or concurrent requests."""
+    (default ``settings["batch_size"]``, else 8): conversations per batch, or concurrent requests.
+
+    ``progress_dir``: keep finished chunks there and reuse them (the module docstring);
+    ``inputs_key``: what else the trajectories depend on (the tool indexes), part of the chunks' key."""
     batch_size = batch_size or settings.get("batch_size") or 8
     from recthinker_dagster.agent.backends.openai_backend import OpenAICompatibleBackend
     from recthinker_dagster.agent.backends.transformers_backend import (
@@ -75,25 +98,59 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
         if system not in served:
             by_model.setdefault(policy, []).append(system)
     results: dict[str, list] = {}
+    say = progress or (lambda line: None)
+    chunk = CHUNK_BATCHES * batch_size  # a few batches: progress (and its ETA) shows every few minutes
+    stores = {
+        system: ChunkStore.open(progress_dir, system, chunk_key(system, policy, served.get(system), tasks, settings,
+                                                                batch_size, inputs_key))
+        for system, policy in policies.items()
+    } if progress_dir is not None else {}
 
-    def run(system: str, backend) -> None:
+    def finished(system: str) -> dict[int, list]:
+        store = stores.get(system)
+        if store is None:
+            return {}
+        found = {start: store.load(start, tasks[start : start + chunk]) for start in range(0, len(tasks), chunk)}
+        kept = {start: done for start, done in found.items() if done is not None}
+        if kept:
+            say(f"LLM evaluation, {system}: {sum(map(len, kept.values()))}/{len(tasks)} tasks done before "
+                f"(kept in {store.folder.name}), resuming")
+        return kept
+
+    def run(system: str, backend_for: Callable[[], Any], done: dict[int, list]) -> None:
         factory = toolbox_factory if uses_tools(system) else without_tools(toolbox_factory)
         config = agent_config_for(system, settings)
-        # in chunks of a few batches, so that progress (and its ETA) shows every few minutes
-        chunk = CHUNK_BATCHES * batch_size
-        report = ProgressLog(progress or (lambda line: None), f"LLM evaluation, {system}", len(tasks), every=0.0)
+        report = ProgressLog(say, f"LLM evaluation, {system}", len(tasks), every=0.0)
         results[system] = []
         for start in range(0, len(tasks), chunk):
-            results[system] += run_agent(tasks[start : start + chunk], backend, factory, config)
+            found = done.get(start)
+            if found is None:
+                found = run_agent(tasks[start : start + chunk], backend_for(), factory, config)
+                if system in stores:
+                    stores[system].save(start, found)
+            results[system] += found
             report(len(results[system]))
 
     for system, model_name in served.items():
         if system in policies:
-            run(system, OpenAICompatibleBackend(model=model_name, name=system, concurrency=batch_size))
+            run(system, ready(OpenAICompatibleBackend(model=model_name, name=system, concurrency=batch_size)),
+                finished(system))
+
+    def lazy_backend(policy: Policy, name: str) -> Callable[[], Any]:
+        """The policy's backend, its model loaded on the first call (when a chunk is left to run)."""
+        loaded: list = []
+
+        def backend() -> Any:
+            if not loaded:
+                model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
+                loaded.append(TransformersBackend(model, tokenizer, name=name, batch_size=batch_size))
+            return loaded[0]
+        return backend
+
     for policy, systems in by_model.items():
-        model, tokenizer = load_agent_model(policy.base_model, list(policy.adapters))
-        backend = TransformersBackend(model, tokenizer, name="+".join(systems), batch_size=batch_size)
+        done = {system: finished(system) for system in systems}
+        backend = lazy_backend(policy, "+".join(systems))
         for system in systems:
-            run(system, backend)
-        del model, backend
+            run(system, backend, done[system])
+        del backend  # the model goes with it
     return {system: results[system] for system in policies}

@@ -22,11 +22,16 @@ subset. The folder holds:
   strongest baseline per group with a paired test, the cost per task; then every eval task),
   ``agents.json`` (tool calls, validity, tokens and latency of
   the agent systems), ``ndcg10_by_system.png`` and, with agents, ``tool_calls_histogram.png``.
+
+The LLM systems' finished chunks are kept under ``.work/evaluation/<dataset>`` while the stage
+runs (``evaluation/llm_progress.py``): an interrupted evaluation, run again, resumes where it
+stopped. The folder is removed once the evaluation is published.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ from recthinker_dagster.agent.loop import AgentConfig
 from recthinker_dagster.agent.teachers import ScriptedTeacher
 from recthinker_dagster.artifacts import (
     ArtifactLayout,
+    index_folders,
     load_tool_indexes,
     read_lineage,
     read_table,
@@ -49,6 +55,7 @@ from recthinker_dagster.evaluation.agents import agent_summary, trajectories_per
 from recthinker_dagster.evaluation.baselines import evaluate_recommender
 from recthinker_dagster.evaluation.fusion_baseline import NAME as FUSION
 from recthinker_dagster.evaluation.fusion_baseline import FusionBaseline
+from recthinker_dagster.evaluation.llm_progress import files_fingerprint
 from recthinker_dagster.evaluation.llm_systems import Policy, run_llm_systems
 from recthinker_dagster.evaluation.report import candidates_per_task, plot_ndcg_by_system, plot_tool_use
 from recthinker_dagster.evaluation.results import (
@@ -173,14 +180,20 @@ def teacher_per_task(eval_tasks: pl.DataFrame, indexes: ToolIndexes, settings: E
     return trajectories_per_task(trajectories)
 
 
+def llm_progress_dir(layout: ArtifactLayout, dataset: str) -> Path:
+    return layout.work_dir("evaluation", dataset)
+
+
 def llm_per_task(systems: list[str], subset: pl.DataFrame, indexes: ToolIndexes, settings: EvaluationSettings,
-                 layout: ArtifactLayout, log: Callable[[str], None]) -> dict[str, pl.DataFrame]:
-    """The LLM systems' rows on the subset (each distinct model loaded once)."""
+                 layout: ArtifactLayout, dataset: str, log: Callable[[str], None]) -> dict[str, pl.DataFrame]:
+    """The LLM systems' rows on the subset (each distinct model loaded once; finished chunks
+    kept in ``llm_progress_dir`` until the evaluation is published)."""
     llm = llm_settings(settings)
     trajectories = run_llm_systems(
         {s: policy_for(s, layout) for s in systems},
         agent_tasks(subset, indexes, prompt_history_len=llm["prompt_history_len"]),
-        Toolboxes(indexes), llm, progress=log,
+        Toolboxes(indexes), llm, progress=log, progress_dir=llm_progress_dir(layout, dataset),
+        inputs_key=files_fingerprint(index_folders(layout, dataset).values()),
     )
     return {system: trajectories_per_task(found) for system, found in trajectories.items()}
 
@@ -232,7 +245,8 @@ def score_systems(settings: EvaluationSettings, layout: ArtifactLayout, dataset:
     llm_systems = [s for s in settings.systems if is_llm_system(s)]
     if llm_systems:
         started = time.perf_counter()
-        per_task.update(llm_per_task(llm_systems, subset, indexes, settings, layout, lambda m: log(f"{dataset}: {m}")))
+        per_task.update(llm_per_task(llm_systems, subset, indexes, settings, layout, dataset,
+                                     lambda m: log(f"{dataset}: {m}")))
         seconds["llm_systems"] = time.perf_counter() - started
         log(f"{dataset}: LLM systems {llm_systems} on {subset.height} tasks in {seconds['llm_systems']:.1f}s")
     visible = None
@@ -267,6 +281,7 @@ def run_evaluation_stage(settings: EvaluationSettings, layout: ArtifactLayout, d
     with staged_directory(folder) as staging:
         write_evaluation(staging, rankings, report_settings, built.summaries, built.subset_summaries, report, agent_figures,
                          per_task)
+    shutil.rmtree(llm_progress_dir(layout, dataset), ignore_errors=True)  # published: the chunks are spent
     artifact = StageArtifact(
         folder=folder,
         params={"dataset": dataset, "systems": ",".join(settings.systems), "profile": profile,
