@@ -172,3 +172,70 @@ def test_untrained_smollm2_with_tools_always_gives_a_valid_answer(answer_mode, r
         assert sorted(t.final_ranking) == sorted(task_.candidate_item_ids) and t.answer_mode == answer_mode
         if t.finish == "forced_head" or answer_mode == "logits":  # the head ranked: its scores are recorded
             assert t.head_scores is not None and set(t.head_scores) == set(t.final_labels)
+
+
+def test_a_greedy_generate_rollout_read_by_the_head_is_the_logits_mode_rollout(tiny_backend):
+    from recthinker_dagster.evaluation.llm_systems import read_by_head
+    from tests.support.trajectories import rl_task_source
+
+    tasks, factory = rl_task_source("valid", 6)
+
+    def rollouts(mode: str):
+        config = AgentConfig(max_turns=2, max_tool_calls=2, sampling=SamplingParams(max_new_tokens=40),
+                             answer_mode=mode, producer="policy")
+        return run_agent(tasks, tiny_backend, factory, config)
+
+    generated, headed = rollouts("generate"), rollouts("logits")
+    assert all(t.head_scores is not None for t in generated)  # recorded although the model wrote its own order
+    read = [read_by_head(t, "policy") for t in generated]
+    for mine, theirs in zip(read, headed):
+        assert mine is not None and mine.answer_mode == theirs.answer_mode == "logits"
+        assert mine.final_labels == theirs.final_labels and mine.final_ranking == theirs.final_ranking
+        assert mine.messages == theirs.messages and mine.metrics == theirs.metrics
+        assert mine.head_scores == theirs.head_scores and mine.finish == theirs.finish and mine.valid
+    assert any(g.final_labels != h.final_labels for g, h in zip(generated, headed))  # the modes do differ
+
+
+def test_which_generate_mode_system_a_logits_mode_system_is_read_from():
+    from recthinker_dagster.evaluation.llm_systems import generate_twin
+
+    settings = {"max_turns": 4, "max_tool_calls": 4, "max_new_tokens": 32}
+    systems = ["sft", "sft@logits", "sft_rl@logits"]
+    assert generate_twin("sft@logits", systems, settings) == "sft"
+    assert generate_twin("sft_rl@logits", systems, settings) is None  # no generate-mode sft_rl runs
+    assert generate_twin("sft", systems, settings) is None
+    logits_default = {**settings, "answer_mode": "logits"}
+    assert generate_twin("sft", ["sft", "sft@generate"], logits_default) == "sft@generate"
+
+
+def test_the_evaluation_reads_a_logits_mode_twin_from_the_generate_mode_rollouts(tiny_backend, monkeypatch,
+                                                                                tmp_path):
+    from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
+    from recthinker_dagster.evaluation.llm_systems import Policy, read_by_head, run_llm_systems
+    from recthinker_dagster.models import loading
+    from tests.support.trajectories import rl_task_source
+
+    tasks, factory = rl_task_source("valid", 4)
+    monkeypatch.setattr(loading, "load_agent_model", lambda base, adapters: (tiny_backend.model, tiny_backend.tokenizer))
+    calls = []
+    real_generate = TransformersBackend.generate
+
+    def counted(self, conversations, *args, **kwargs):
+        calls.append(len(conversations))
+        return real_generate(self, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(TransformersBackend, "generate", counted)
+    settings = {"max_turns": 2, "max_tool_calls": 2, "max_new_tokens": 40, "batch_size": 4}
+    policy = Policy(tmp_path / "model")
+    found = run_llm_systems({"sft@logits": policy, "sft": policy}, tasks, factory, settings)
+    assert list(found) == ["sft@logits", "sft"]
+    generate_calls = len(calls)
+    alone = run_llm_systems({"sft": policy}, tasks, factory, settings)["sft"]
+    assert len(calls) == 2 * generate_calls  # the twin generated nothing of its own
+
+    def timeless(trajectories):
+        return [{k: v for k, v in t.to_dict().items() if k != "latency_s"} for t in trajectories]
+
+    assert timeless(found["sft"]) == timeless(alone)
+    assert timeless(found["sft@logits"]) == timeless(read_by_head(t, "sft@logits") for t in alone)
+    assert all(t.producer == "sft@logits" and t.answer_mode == "logits" for t in found["sft@logits"])

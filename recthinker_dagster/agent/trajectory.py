@@ -102,7 +102,9 @@ class Trajectory:
     latency_s: float  # generation wall time of the batches this task was in, plus its tool time
     answer_mode: str = "generate"  # "generate" (the model wrote the ranking) or "logits" (the label head)
     repaired: bool = False  # an incomplete answer took the parser's documented repair (never valid)
-    head_scores: dict[str, float] | None = None  # label -> head log-probability when the head ranked
+    # label -> the head's log-probability at the answer's first position, in candidate order: the
+    # answer when the head ranked (logits mode, forced head), else recorded beside the model's own
+    head_scores: dict[str, float] | None = None
     # the exact tokens (local backends; for training), never written to files
     transcript: TokenTranscript | None = field(default=None, repr=False, compare=False)
 

@@ -9,6 +9,12 @@ Each distinct model (base folder plus adapters) is loaded once and serves every 
 uses it (``sft`` and ``sft@logits``, the same policy in the other answer mode, share one); each
 system's tasks run as one batch.
 
+A system in ``logits`` mode whose twin in ``generate`` mode runs too (``sft@logits`` beside
+``sft``) is read from the twin's rollouts: the evaluation decodes greedily, the two modes decode
+alike up to ``<answer>``, and a generate-mode rollout records the head's scores there
+(``Trajectory.head_scores``). Its rows share the twin's conversation, tokens and seconds; only
+the answer differs. Should a rollout lack the scores (multi-token labels), the system runs itself.
+
 A system named in ``settings["served_models"]`` (``{system: model name}``) generates on the
 OpenAI-compatible server at ``$OPENAI_BASE_URL`` instead (``vllm serve`` with the adapters as
 LoRA modules; docs/deploy.md), with no local model loaded. Its answers take the HTTP backends'
@@ -17,15 +23,18 @@ documented repair, counted per task, since nothing constrains a server's decodin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from recthinker_dagster.agent.backends.base import SamplingParams
+from recthinker_dagster.agent.backends.base import SamplingParams, head_ranking
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.think import think_config, without_tools
+from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.evaluation.llm_progress import ChunkStore, files_fingerprint, tasks_fingerprint
+from recthinker_dagster.metrics import task_metrics
 from recthinker_dagster.progress import ProgressLog
 from recthinker_dagster.settings import THINK_SYSTEMS, system_and_mode
 
@@ -55,6 +64,39 @@ def agent_config_for(name: str, settings: dict) -> AgentConfig:
 
 def uses_tools(name: str) -> bool:
     return system_and_mode(name)[0] not in (ZERO_SHOT, *THINK_SYSTEMS)
+
+
+ANSWER_SPAN = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+
+
+def answer_mode_of(name: str, settings: dict) -> str:
+    return system_and_mode(name)[1] or settings.get("answer_mode", "generate")
+
+
+def generate_twin(name: str, systems: Sequence[str], settings: dict) -> str | None:
+    """The system in ``generate`` mode whose greedy rollouts give ``name``'s (``logits`` mode) answers."""
+    if answer_mode_of(name, settings) != "logits" or agent_config_for(name, settings).sampling.temperature > 0:
+        return None
+    base = system_and_mode(name)[0]
+    return next((s for s in systems if system_and_mode(s)[0] == base and answer_mode_of(s, settings) == "generate"),
+                None)
+
+
+def read_by_head(rollout: Trajectory, producer: str) -> Trajectory | None:
+    """A generate-mode rollout answered by the label head instead (what the same greedy rollout
+    gives in ``logits`` mode); None when it has no head scores."""
+    if rollout.head_scores is None:
+        return None
+    labels = head_ranking(rollout.head_scores, list(rollout.head_scores))  # recorded in candidate order
+    item_of = dict(zip(rollout.final_labels, rollout.final_ranking))
+    ranking = [item_of[label] for label in labels]
+    messages = list(rollout.messages)
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is not None:
+        answer = f"<answer>{', '.join(labels)}</answer>"
+        messages[last] = {**messages[last], "content": ANSWER_SPAN.sub(answer, messages[last].get("content") or "")}
+    return replace(rollout, producer=producer, answer_mode="logits", final_labels=labels, final_ranking=ranking,
+                   metrics=task_metrics(ranking, rollout.target_item_id), messages=messages, transcript=None)
 
 
 CHUNK_BATCHES = 4  # tasks per progress line: this many backend batches
@@ -150,7 +192,17 @@ def run_llm_systems(policies: dict[str, Policy], tasks: Sequence, toolbox_factor
     for policy, systems in by_model.items():
         done = {system: finished(system) for system in systems}
         backend = lazy_backend(policy, "+".join(systems))
-        for system in systems:
+        twins = {system: generate_twin(system, systems, settings) for system in systems}
+        for system in sorted(systems, key=lambda name: twins[name] is not None):  # twins' sources first
+            twin = twins[system]
+            if twin is not None:
+                read = [read_by_head(rollout, system) for rollout in results[twin]]
+                if all(r is not None for r in read):
+                    results[system] = read
+                    say(f"LLM evaluation, {system}: read from {twin}'s rollouts by the label head")
+                    continue
+                say(f"LLM evaluation, {system}: {sum(r is None for r in read)} of {twin}'s rollouts have no "
+                    f"head scores; running {system} itself")
             run(system, backend, done[system])
         del backend  # the model goes with it
     return {system: results[system] for system in policies}

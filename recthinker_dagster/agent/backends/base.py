@@ -13,8 +13,9 @@ servers do not):
 - ``constrains_answers = True``: ``generate`` also takes ``answers=[AnswerSpec, ...]`` (one per
   conversation) and decodes every ``<answer>`` the model opens as a permutation of those
   labels (``answer_mode="generate"``), or ranks them with the label head
-  (``answer_mode="logits"``) and writes that ranking out; ``Generation.head_scores`` then holds
-  the head's score per label.
+  (``answer_mode="logits"``) and writes that ranking out; ``Generation.head_scores`` holds the
+  head's score per label at the answer's first position (in ``generate`` mode too, with
+  single-token labels, although the model then writes its own order).
 - ``tracks_tokens = True``: ``generate`` and ``rank_labels`` also take ``prompt_ids=`` (one
   token list per conversation, used instead of rendering the messages), each ``Generation``
   carries its prompt and sampled ids with their log-probs, and ``environment_ids`` renders
@@ -70,7 +71,7 @@ class Generation:
     seconds: float = 0.0  # wall time of the request, or of the whole batch it was generated in
     finish_reason: str = "stop"  # "stop", "length" or "error"
     error: str | None = None
-    head_scores: dict[str, float] | None = None  # label -> head score when the label head ordered the answer
+    head_scores: dict[str, float] | None = None  # label -> head score at the answer's first position
     # local backends (``tracks_tokens``): the exact prompt, the sampled ids (the stop token
     # included when the turn stopped) and the sampler's log-probability of each
     prompt_ids: list[int] | None = None

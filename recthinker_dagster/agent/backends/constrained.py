@@ -20,7 +20,9 @@ prefix test over the unused labels' token sequences.
 ``mode="logits"`` (the ranking head): at the position right after ``<answer>`` the label
 tokens' log-probabilities order the labels (``head_scores``: per label, the log of the
 probability of writing it next, bare or spaced), and that order is forced out token by
-token. With multi-token labels a single position cannot score every label: the row stops right
+token. In ``generate`` mode the same scores are recorded (single-token labels) and the model
+goes on to write its own order: a greedy rollout then gives both modes' answers, since the two
+modes decode alike up to ``<answer>``. With multi-token labels a single position cannot score every label: the row stops right
 after ``<answer>`` (``needs_head``) and the backend scores the labels with one more forward pass.
 """
 
@@ -179,6 +181,14 @@ class AnswerState:
             return [t.stop]
         return None
 
+    def score_head(self, scores: torch.Tensor) -> None:
+        """First answer position, single-token labels: record the head's scores (``scores``: the logits there)."""
+        t = self.tokens
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        self.head_scores = {
+            label: float(torch.logsumexp(logp[[seq[0] for seq in t.variants[label]]], dim=0)) for label in t.labels
+        }
+
     def start_head(self, scores: torch.Tensor) -> None:
         """Logits mode, first answer position: order the labels by ``scores`` and queue them."""
         from recthinker_dagster.agent.backends.base import head_ranking
@@ -188,10 +198,8 @@ class AnswerState:
             self.needs_head = True
             self.queue = [t.stop]
             return
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        self.head_scores = {
-            label: float(torch.logsumexp(logp[[seq[0] for seq in t.variants[label]]], dim=0)) for label in t.labels
-        }
+        self.score_head(scores)
+        assert self.head_scores is not None
         self.queue = t.answer_tokens(head_ranking(self.head_scores, t.labels))
 
 
@@ -231,9 +239,12 @@ class AnswerConstraint:
         for row, state in enumerate(self.states):
             if state is None or state.phase in (OUTSIDE, DONE) and not state.queue:
                 continue
-            if state.mode == "logits" and state.phase == LABEL and not state.queue and not state.used \
-                    and not state.partial and state.head_scores is None and not state.needs_head:
-                state.start_head(scores[row])
+            if state.phase == LABEL and not state.queue and not state.used and not state.partial \
+                    and state.head_scores is None and not state.needs_head:
+                if state.mode == "logits":
+                    state.start_head(scores[row])
+                elif state.tokens.single_token:  # kept, so one rollout also gives the head's ranking
+                    state.score_head(scores[row])
             allowed = state.allowed()
             if allowed is None:
                 continue
