@@ -7,6 +7,7 @@
     recthinker report                           # rebuild every evaluation's results.md from its rankings
     recthinker report ml-1m --check             # ...and fail if it differs from the saved results.md
     recthinker merge merged/sft_rl assets/base_model assets/sft_model/adapter assets/rl_model/adapter
+    recthinker materialize rl_model --profile demo   # chosen assets with a profile's config
 """
 
 from __future__ import annotations
@@ -210,6 +211,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """Chosen assets in this process, with the profile's job config (defs/materialize.py says
+    why not ``dagster asset materialize --select``)."""
+    from recthinker_dagster.defs.materialize import UnknownAssets, materialize_assets
+
+    profile = args.profile or default_profile_name()
+    if profile not in PROFILE_NAMES:
+        print(f"recthinker materialize: unknown profile {profile!r}; one of {list(PROFILE_NAMES)}", file=sys.stderr)
+        return 2
+    try:
+        result = materialize_assets(args.assets, profile)
+    except UnknownAssets as error:
+        print(f"recthinker materialize: {error}", file=sys.stderr)
+        return 2
+    done = [event.asset_key.to_user_string() for event in result.get_asset_materialization_events()
+            if event.asset_key is not None]
+    print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'}; materialized: {done or 'nothing'}")
+    return 0 if result.success else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recthinker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="LoRA adapter folders in training order, e.g. assets/sft_model/adapter assets/rl_model/adapter")
     merge.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
     merge.set_defaults(func=cmd_merge)
+    materialize = sub.add_parser("materialize", help="materialize chosen assets with a profile's config "
+                                                     "(upstream assets are read as published, not re-run)")
+    materialize.add_argument("assets", nargs="+", help="asset keys, e.g. rl_model ml_1m/evaluation")
+    materialize.add_argument("--profile", default=None,
+                             help=f"one of {list(PROFILE_NAMES)} (default: $RECTHINKER_PROFILE or "
+                                  f"{default_profile_name()!r})")
+    materialize.set_defaults(func=cmd_materialize)
     args = parser.parse_args(argv)
     return args.func(args)
 
