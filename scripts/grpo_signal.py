@@ -12,7 +12,9 @@ does) with ``training.grpo.train_grpo``. ``--set`` overrides recipe
 fields (``--set max_steps=16 --set learning_rate=1e-4``). Prints per step: reward (mean, std),
 ``frac_reward_zero_std``, the reward components, tool calls, valid rate, completion length,
 the sampler-trainer log-prob gap and seconds; then the mean reward of the first and last
-quarter of the steps with their standard errors, and the mean ``frac_reward_zero_std``.
+quarter of the steps with their standard errors, the mean ``frac_reward_zero_std``, and the
+paired per-task figure: each train task's rollout NDCG@10 at its first and its last visit
+(``first_and_last_visits``; step means mix easy and hard tasks, this pairs the same task).
 Writes ``grpo_signal.json`` to ``--out`` (default ``<root>/grpo_signal``).
 """
 
@@ -60,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from recthinker_dagster.training.callbacks import LogProgress
-    from recthinker_dagster.training.grpo import train_grpo
+    from recthinker_dagster.training.grpo import first_and_last_visits, train_grpo
 
     overrides = {}
     for item in args.set:
@@ -89,11 +91,13 @@ def main() -> None:
                "seconds_per_step": result.metrics["seconds_per_step"],
                "time_split_per_step": result.metrics["time_split_per_step"],
                "recipe": recipe.to_dict(), "answer_mode": args.answer_mode, "n_tasks": len(tasks),
-               "sft_adapter": str(args.sft_adapter or ""), "steps": steps}
+               "sft_adapter": str(args.sft_adapter or ""),
+               "tasks_first_and_last_visit": first_and_last_visits(result.metrics["task_visits"]),
+               "task_visits": result.metrics["task_visits"], "steps": steps}
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo_signal.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in ("reward", "mean_frac_reward_zero_std", "seconds_per_step",
-                                             "time_split_per_step")}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("reward", "mean_frac_reward_zero_std", "tasks_first_and_last_visit",
+                                             "seconds_per_step", "time_split_per_step")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams
-from recthinker_dagster.training.grpo import ToolRollout, train_grpo
+from recthinker_dagster.training.grpo import ToolRollout, first_and_last_visits, train_grpo
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
 from tests.support.trajectories import ScriptedInvestigator, agent_tasks, length_reward, toolbox_factory
 
@@ -58,8 +58,23 @@ def test_rollout_runs_real_tools_and_masks_tool_results(tokenizer):
     assert out["outcome"][0]["n_tool_calls"] == 2 and out["outcome"][0]["valid"]
     assert trainer._metrics["train"]["tools/call_frequency"] == [2.0]
     assert trainer._metrics["train"]["time/tools_s"][0] > 0
+    visits = {v["task_id"]: v for v in rollout.task_visits}  # each task's rollouts of the step, paired later
+    assert set(visits) == {t.task_id for t in tasks} and all(v["rollouts"] == 2 and v["step"] == 0 for v in visits.values())
+    for task_id, visit in visits.items():
+        ndcg = [t.metrics["ndcg@10"] for t in rollout.last_trajectories if t.task_id == task_id]
+        assert visit["ndcg@10"] == pytest.approx(sum(ndcg) / 2, abs=1e-4)
     with pytest.raises(KeyError, match="no RL task"):
         rollout([[{"role": "user", "content": "unknown"}]], trainer)
+
+
+def test_first_and_last_visits_pair_each_task_with_itself():
+    visits = [{"step": 3, "task_id": "a", "ndcg@10": 0.9}, {"step": 1, "task_id": "a", "ndcg@10": 0.5},
+              {"step": 2, "task_id": "a", "ndcg@10": 0.1}, {"step": 1, "task_id": "b", "ndcg@10": 1.0},
+              {"step": 4, "task_id": "b", "ndcg@10": 1.0}, {"step": 2, "task_id": "c", "ndcg@10": 0.3}]
+    got = first_and_last_visits(visits)  # c was seen once: not paired
+    assert got["tasks"] == 2 and got["first"] == pytest.approx(0.75) and got["last"] == pytest.approx(0.95)
+    assert got["difference"] == pytest.approx(0.2) and got["se"] == pytest.approx(0.2)  # diffs 0.4 and 0.0
+    assert first_and_last_visits(visits[-1:]) == {"tasks": 0}
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,7 @@ class ToolRollout:
             self.labels[task.task_id] = tuple(toolbox.labels)
             self.rows.append({"prompt": messages})
         self.step_records: list[dict] = []  # one per call: timings and rollout figures
+        self.task_visits: list[dict] = []  # per call and task: its rollouts' mean NDCG@10 (``task_visits``)
         self.last_trajectories: list = []
 
     def dataset_rows(self) -> list[dict]:
@@ -211,6 +212,7 @@ class ToolRollout:
         record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling.temperature,
                                         constraints))
         self.step_records.append(record)
+        self.task_visits.extend(task_visits(step, trajectories))
         self.last_trajectories = trajectories
         metrics = getattr(trainer, "_metrics", None)
         if metrics is not None:  # TRL averages these into its per-step logs
@@ -307,6 +309,34 @@ class ToolRollout:
             "time/tools_s": tool_seconds,
             "time/generation_s": rollout_seconds - tool_seconds,
         }
+
+
+def task_visits(step: int, trajectories: Sequence) -> list[dict]:
+    """Per task of one step: how many rollouts, and their mean NDCG@10. Comparing a task's first
+    and last visits pairs the rewards of the same task, which step means (each step draws other
+    tasks, some easy, some hard) cannot."""
+    by_task: dict[str, list[float]] = {}
+    for trajectory in trajectories:
+        by_task.setdefault(trajectory.task_id, []).append(float(trajectory.metrics.get("ndcg@10", 0.0)))
+    return [{"step": step, "task_id": task_id, "rollouts": len(values), "ndcg@10": round(statistics.fmean(values), 4)}
+            for task_id, values in by_task.items()]
+
+
+def first_and_last_visits(visits: Sequence[Mapping]) -> dict:
+    """Each task visited at least twice: its rollouts' mean NDCG@10 at the first and the last
+    visit. The mean of the paired differences (last - first) with its standard error says
+    whether the policy improved on the tasks it trained on."""
+    by_task: dict[str, list[Mapping]] = {}
+    for visit in sorted(visits, key=lambda v: v["step"]):
+        by_task.setdefault(visit["task_id"], []).append(visit)
+    pairs = [(seen[0]["ndcg@10"], seen[-1]["ndcg@10"]) for seen in by_task.values() if len(seen) > 1]
+    if not pairs:
+        return {"tasks": 0}
+    diffs = [last - first for first, last in pairs]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"tasks": len(pairs), "first": round(statistics.fmean(f for f, _ in pairs), 4),
+            "last": round(statistics.fmean(last for _, last in pairs), 4),
+            "difference": round(statistics.fmean(diffs), 4), "se": round(se, 4)}
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -509,6 +539,7 @@ def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_secon
         "answer_mode": rollout.agent_config.answer_mode,
         "num_processes": world_size(),
         "rollouts_per_process": rollout.step_records[-1]["rollout/count"] if rollout.step_records else None,
+        "task_visits": rollout.task_visits,
     }
 
 
