@@ -6,8 +6,8 @@ import dagster as dg
 import pytest
 
 from recthinker_dagster.cli import main
-from recthinker_dagster.defs.materialize import UnknownAssets, asset_keys, job_for
 from recthinker_dagster.definitions import defs
+from recthinker_dagster.defs.materialize import UnknownAssets, asset_keys, job_for
 
 
 def test_asset_keys_are_slash_paths():
