@@ -298,7 +298,7 @@ class _Episode:
     def accept_head(self, scores: Mapping[str, float]) -> None:
         """The forced head's ranking (after the final request went unanswered), as an assistant turn."""
         order = head_ranking(dict(scores), list(self.labels))
-        content = f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}"
+        content = prompts.answer_block(order)
         self.messages.append({"role": "assistant", "content": content})
         if self.transcript is not None:  # the policy's head chose it; no token was sampled
             self.transcript.add_sampled(self.tokens.head_answer_ids(list(self.labels), order))

@@ -23,6 +23,13 @@ from recthinker_dagster.agent.labels import DEFAULT_LABEL_STYLE, candidate_label
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
+
+
+def answer_block(order: Sequence[str]) -> str:
+    """The answer as the model writes it: ``<answer>B, A, C</answer>``."""
+    return f"{ANSWER_OPEN}{', '.join(order)}{ANSWER_CLOSE}"
+
+
 SYSTEM_PROMPT = """\
 You are RecThinker, a recommendation agent. Rank the candidates by how likely the user is to \
 interact with each one next.

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from recthinker_dagster.defs.resources import default_project_root
+
 JOB_FAMILIES = ("pipeline", "think")
 
 
@@ -46,14 +48,14 @@ def job_for(defs: dg.Definitions, keys: Sequence[dg.AssetKey], profile: str) -> 
                         f"{[f'{family}_{profile}' for family in JOB_FAMILIES]}: materialize them one job at a time")
 
 
-def materialize_assets(names: Sequence[str], profile: str, *, root: Path | None = None) -> dg.ExecuteInProcessResult:
+def materialize_assets(names: Sequence[str], profile: str) -> dg.ExecuteInProcessResult:
     """Run the assets ``names`` (in dependency order, upstream assets not re-run) in this process."""
     from recthinker_dagster.definitions import defs
 
     keys = asset_keys(names)
     job = job_for(defs, keys, profile)
     if not os.environ.get("DAGSTER_HOME"):  # as scripts/run_pipeline.sh: the project's own instance
-        home = (root or Path.cwd()) / "dagster_home"
+        home = Path(default_project_root()) / "dagster_home"
         home.mkdir(parents=True, exist_ok=True)
         os.environ["DAGSTER_HOME"] = str(home.resolve())
     with dg.DagsterInstance.get() as instance:

@@ -95,7 +95,3 @@ class ChunkStore:
         partial = path.with_suffix(".partial")
         partial.write_text("".join(t.to_json() + "\n" for t in trajectories))
         partial.replace(path)
-
-    def finished(self) -> int:
-        """How many chunks are on disk."""
-        return sum(1 for _ in self.folder.glob("*.jsonl"))

@@ -31,6 +31,7 @@ from typing import Any
 
 from recthinker_dagster.agent.backends.base import SamplingParams, head_ranking
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
+from recthinker_dagster.agent.prompts import answer_block
 from recthinker_dagster.agent.think import think_config, without_tools
 from recthinker_dagster.agent.trajectory import Trajectory
 from recthinker_dagster.evaluation.llm_progress import ChunkStore, files_fingerprint, tasks_fingerprint
@@ -93,8 +94,8 @@ def read_by_head(rollout: Trajectory, producer: str) -> Trajectory | None:
     messages = list(rollout.messages)
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is not None:
-        answer = f"<answer>{', '.join(labels)}</answer>"
-        messages[last] = {**messages[last], "content": ANSWER_SPAN.sub(answer, messages[last].get("content") or "")}
+        content = ANSWER_SPAN.sub(answer_block(labels), messages[last].get("content") or "")
+        messages[last] = {**messages[last], "content": content}
     return replace(rollout, producer=producer, answer_mode="logits", final_labels=labels, final_ranking=ranking,
                    metrics=task_metrics(ranking, rollout.target_item_id), messages=messages, transcript=None)
 

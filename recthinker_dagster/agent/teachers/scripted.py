@@ -215,8 +215,7 @@ class Investigator:
             order = self._fused_labels(weights)
             analysis = "There is no score table to read."
             plan = f"Rank by {self._mix(weights)}."
-        return (f"Analysis: {analysis}\nPlan: {plan}\n"
-                f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}")
+        return f"Analysis: {analysis}\nPlan: {plan}\n" + prompts.answer_block(order)
 
 
 

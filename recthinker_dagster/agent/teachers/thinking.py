@@ -42,7 +42,7 @@ class Thinker(Investigator):
             section("user", self._user(taste)),
             section("candidates", "; ".join(self._describe(label) for label in leaders) + "."),
             section("match", self._match(leaders, taste)),
-            f"{prompts.ANSWER_OPEN}{', '.join(order)}{prompts.ANSWER_CLOSE}",
+            prompts.answer_block(order),
         ])
 
     def _recent_categories(self) -> Counter:
