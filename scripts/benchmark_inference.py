@@ -25,6 +25,9 @@ The same conversations run, in the same process,
   (c) the same with the per-conversation KV cache,
   (d) the same, and unfinished rows continue alone once half a batch has stopped (the
       backend's opt-in ``split_stragglers``),
+  (e) (c) with the conversation cache held at 64 conversations, as it was before it grew to
+      each call's conversation count (with more conversations than that, the rest are
+      prefilled in full every turn; the evaluation runs 128 per call),
 
 and the script prints, per mode, generated tokens/s, prompt tokens prefilled vs reused (shared
 prefix, conversation cache), wall time, peak RSS, where the forward passes' time went (prefill
@@ -58,7 +61,12 @@ import polars as pl
 import torch
 
 from recthinker_dagster.agent.backends.base import SamplingParams
-from recthinker_dagster.agent.backends.transformers_backend import DTYPES, TransformersBackend, available_cores
+from recthinker_dagster.agent.backends.transformers_backend import (
+    DTYPES,
+    MIN_CACHED_CONVERSATIONS,
+    TransformersBackend,
+    available_cores,
+)
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.trajectory import AgentTask, Trajectory
@@ -235,9 +243,10 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
     config = AgentConfig(max_turns=args.max_turns, sampling=SamplingParams(max_new_tokens=args.max_new_tokens))
 
     def backend(batch_size: int, conversation_cache: bool, prefix_cache: bool = True,
-                split: bool = False) -> TransformersBackend:
+                split: bool = False, cached_conversations: int | None = None) -> TransformersBackend:
         return TransformersBackend(model, tokenizer, batch_size=batch_size, prefix_cache=prefix_cache,
                                    conversation_cache=conversation_cache, split_stragglers=split,
+                                   max_cached_conversations=cached_conversations,
                                    conversation_cache_bytes=int(args.cache_gib * 2**30))
 
     warm = backend(2, True)  # pays one-time kernel setup costs
@@ -257,14 +266,16 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
         results["single"] = measure(label, one, lambda chosen: [
             t for task in tasks[:single_n] for t in run_agent([task], chosen, toolboxes, config)], clock)
         del one
-    for mode, key, label, cached, split in (
-            ("b", "batched", "(b) batched, no conversation cache", False, False),
-            ("c", "batched_conversation", "(c) batched + conversation cache", True, False),
-            ("d", "batched_split", "(d) (c) + straggler split", True, True)):
+    for mode, key, label, cached, split, held in (
+            ("b", "batched", "(b) batched, no conversation cache", False, False, None),
+            ("c", "batched_conversation", "(c) batched + conversation cache", True, False, None),
+            ("d", "batched_split", "(d) (c) + straggler split", True, True, None),
+            ("e", "batched_held_cache", f"(e) (c), cache held at {MIN_CACHED_CONVERSATIONS} conversations",
+             True, False, MIN_CACHED_CONVERSATIONS)):
         if mode not in args.modes:
             continue
         release_memory()
-        chosen = backend(args.batch_size, cached, split=split)
+        chosen = backend(args.batch_size, cached, split=split, cached_conversations=held)
         results[key] = measure(label, chosen, lambda chosen: run_agent(tasks, chosen, toolboxes, config,
                                                                        on_step=progress(chosen)), clock)
         del chosen
@@ -276,7 +287,8 @@ def bench_dtype(args, dtype: str, tasks: list[AgentTask], toolboxes: Toolboxes) 
 
 def summarize(results: dict) -> None:
     base = results.get("single")
-    for key in [key for key in ("batched", "batched_conversation", "batched_split") if key in results]:
+    for key in [key for key in ("batched", "batched_conversation", "batched_split", "batched_held_cache")
+                if key in results]:
         if base is not None:
             results[key]["speedup_vs_single"] = round(results[key]["tokens_per_s"] / base["tokens_per_s"], 2)
             same = sum(a == b for a, b in zip(base["keys"], results[key]["keys"]))
@@ -284,7 +296,8 @@ def summarize(results: dict) -> None:
             print(f"  (a) -> {key}: {results[key]['speedup_vs_single']}x tokens/s, "
                   f"conversations identical to (a): {results[key]['same_as_single']}", flush=True)
     for before, after, name in (("batched", "batched_conversation", "(b) -> (c)"),
-                                ("batched_conversation", "batched_split", "(c) -> (d)")):
+                                ("batched_conversation", "batched_split", "(c) -> (d)"),
+                                ("batched_held_cache", "batched_conversation", "(e) -> (c)")):
         if before not in results or after not in results:
             continue
         plain, cached = results[before], results[after]
@@ -303,10 +316,10 @@ def main() -> None:
     ap.add_argument("--max-turns", type=int, default=AgentConfig.max_turns)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--cache-gib", type=float, default=4.0, help="the conversation cache's memory bound")
+    ap.add_argument("--cache-gib", type=float, default=8.0, help="the conversation cache's memory bound")
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
     ap.add_argument("--threads", type=int, default=available_cores())
-    ap.add_argument("--modes", default="a,b,c,d", help="which of (a)-(d) to run, e.g. c,d for batch-size sweeps")
+    ap.add_argument("--modes", default="a,b,c,d", help="which of (a)-(e) to run, e.g. c,d for batch-size sweeps")
     ap.add_argument("--skip-single", action="store_true", help="skip (a): the same as --modes b,c")
     ap.add_argument("--single-conversations", type=int, help="run (a) on the first K conversations only")
     ap.add_argument("--root", type=Path, default=REPO_ROOT, help="project root holding assets/ (default: this repo)")

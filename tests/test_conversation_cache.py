@@ -195,6 +195,22 @@ def test_more_conversations_than_fit_keep_a_fixed_share_cached(tiny_model, smoll
     assert small.stats["prefilled_tokens"] < plain.stats["prefilled_tokens"] / 2
 
 
+def test_by_default_the_store_grows_to_every_call_s_conversations(tiny_model, smollm2_tokenizer, monkeypatch):
+    from recthinker_dagster.agent.backends import transformers_backend
+
+    monkeypatch.setattr(transformers_backend, "MIN_CACHED_CONVERSATIONS", 2)
+    plain = backend(tiny_model, smollm2_tokenizer, conversation_cache=False)
+    grown, fixed = backend(tiny_model, smollm2_tokenizer), backend(tiny_model, smollm2_tokenizer,
+                                                                   max_cached_conversations=2)
+    for chosen in (plain, grown, fixed):
+        chosen.batch_size = 1  # three passes per turn, in turn
+    expected = run_turns(plain, n_turns=3)
+    assert run_turns(grown, n_turns=3) == expected == run_turns(fixed, n_turns=3)
+    assert grown.conversations.max_conversations == 3 and fixed.conversations.max_conversations == 2
+    assert grown.conversations.evicted == 0 and fixed.conversations.evicted > 0
+    assert grown.stats["prefilled_tokens"] < fixed.stats["prefilled_tokens"]
+
+
 def test_bounded_stores_evict_and_still_give_the_same_output(tiny_model, smollm2_tokenizer):
     expected = run_turns(backend(tiny_model, smollm2_tokenizer, conversation_cache=False), n_turns=2)
     one = backend(tiny_model, smollm2_tokenizer, max_cached_conversations=1)

@@ -17,7 +17,11 @@ bounded in bytes, the shared prefix stored once); the next prompt that extends a
 reuses its KV up to their longest common token prefix (the re-rendered assistant turn may
 tokenize differently from what the model generated) and prefills only the rest: the tool
 results and the next assistant header. ``stats`` counts ``conversation_tokens_reused``,
-``prefix_tokens_reused`` and ``prefilled_tokens``.
+``prefix_tokens_reused`` and ``prefilled_tokens``. The store holds as many conversations as
+the largest ``generate`` call brought (at least 64; ``max_cached_conversations`` fixes the
+bound instead) within ``conversation_cache_bytes`` (8 GiB): the evaluation runs 128
+conversations per call, and a store of 64 kept only half of them, so the other half was
+prefilled in full every turn.
 
 Layout: row ``i`` reuses ``c_i`` cached tokens and prefills ``n_i``; with ``P = max c`` and
 ``N = max n`` the batch reads ``[cached c_i][padding][own n_i]`` over ``P + N`` columns. Each
@@ -91,6 +95,10 @@ from recthinker_dagster.agent.labels import label_token_problems
 from recthinker_dagster.agent.transcript import UNKNOWN_LOGPROB, environment_text
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Conversations the conversation cache holds at least; by default it grows to every generate
+# call's conversation count (bounded in bytes), so a turn over more conversations than this
+# finds all of them again next turn.
+MIN_CACHED_CONVERSATIONS = 64
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -173,8 +181,8 @@ class TransformersBackend:
         min_prefix_tokens: int = 64,
         max_cached_prefixes: int = 4,
         conversation_cache: bool = True,
-        max_cached_conversations: int = 64,
-        conversation_cache_bytes: int = 2 * 2**30,
+        max_cached_conversations: int | None = None,
+        conversation_cache_bytes: int = 8 * 2**30,
         static_cache: bool = True,
         split_stragglers: bool = False,
         min_split_rows: int = 8,
@@ -187,8 +195,10 @@ class TransformersBackend:
         self.prefix_cache = prefix_cache and _full_attention_only(model.config)
         self.min_prefix_tokens = min_prefix_tokens
         self.max_cached_prefixes = max_cached_prefixes
-        self.conversations = (ConversationCache(max_cached_conversations, conversation_cache_bytes)
+        self.conversations = (ConversationCache(max_cached_conversations or MIN_CACHED_CONVERSATIONS,
+                                                conversation_cache_bytes)
                               if conversation_cache and _full_attention_only(model.config) else None)
+        self.fit_cache_to_calls = max_cached_conversations is None
         self.static_cache = static_cache
         self.split_stragglers = split_stragglers and self.conversations is not None  # continuing needs kept KV
         self.min_split_rows = max(2, min_split_rows)
@@ -244,6 +254,8 @@ class TransformersBackend:
         todo = [i for i in range(len(prompts)) if results[i] is None]
         order = sorted(todo, key=lambda i: len(prompts[i]), reverse=True)
         if self.conversations is not None:  # the rows of later chunks must survive the earlier chunks
+            if self.fit_cache_to_calls:  # every conversation of the call comes back next turn
+                self.conversations.max_conversations = max(self.conversations.max_conversations, len(todo))
             self.conversations.protect([prompts[i] for i in todo])
         try:
             for start in range(0, len(order), self.batch_size):
