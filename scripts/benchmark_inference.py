@@ -61,12 +61,8 @@ import polars as pl
 import torch
 
 from recthinker_dagster.agent.backends.base import SamplingParams
-from recthinker_dagster.agent.backends.transformers_backend import (
-    DTYPES,
-    MIN_CACHED_CONVERSATIONS,
-    TransformersBackend,
-    available_cores,
-)
+from recthinker_dagster.agent.backends.conversation_cache import MIN_CACHED_CONVERSATIONS
+from recthinker_dagster.agent.backends.transformers_backend import DTYPES, TransformersBackend, available_cores
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.agent.loop import AgentConfig, run_agent
 from recthinker_dagster.agent.trajectory import AgentTask, Trajectory

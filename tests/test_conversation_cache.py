@@ -196,9 +196,9 @@ def test_more_conversations_than_fit_keep_a_fixed_share_cached(tiny_model, smoll
 
 
 def test_by_default_the_store_grows_to_every_call_s_conversations(tiny_model, smollm2_tokenizer, monkeypatch):
-    from recthinker_dagster.agent.backends import transformers_backend
+    from recthinker_dagster.agent.backends import conversation_cache
 
-    monkeypatch.setattr(transformers_backend, "MIN_CACHED_CONVERSATIONS", 2)
+    monkeypatch.setattr(conversation_cache, "MIN_CACHED_CONVERSATIONS", 2)
     plain = backend(tiny_model, smollm2_tokenizer, conversation_cache=False)
     grown, fixed = backend(tiny_model, smollm2_tokenizer), backend(tiny_model, smollm2_tokenizer,
                                                                    max_cached_conversations=2)

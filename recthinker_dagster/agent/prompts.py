@@ -24,7 +24,6 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
-
 def answer_block(order: Sequence[str]) -> str:
     """The answer as the model writes it: ``<answer>B, A, C</answer>``."""
     return f"{ANSWER_OPEN}{', '.join(order)}{ANSWER_CLOSE}"

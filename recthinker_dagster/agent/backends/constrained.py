@@ -23,7 +23,8 @@ probability of writing it next, bare or spaced), and that order is forced out to
 token. In ``generate`` mode the same scores are recorded (single-token labels) and the model
 goes on to write its own order: a greedy rollout then gives both modes' answers, since the two
 modes decode alike up to ``<answer>``. With multi-token labels a single position cannot score
-every label: the row stops right after ``<answer>`` (``needs_head``) and the backend scores the labels with one more forward pass.
+every label: the row stops right after ``<answer>`` (``needs_head``) and the backend scores
+the labels with one more forward pass.
 """
 
 from __future__ import annotations

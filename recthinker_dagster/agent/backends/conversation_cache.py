@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# Conversations a store holds at least; without a fixed bound it grows to every call's
+# conversation count (``protect``), within its bytes.
+MIN_CACHED_CONVERSATIONS = 64
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, (1, heads, tokens, head_dim)
 Piece = tuple[KV, int]  # the first ``n`` positions of a KV
 
@@ -82,8 +86,9 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray, limit: int | None = None)
 class ConversationCache:
     """A bounded store of :class:`Entry` by token prefix (LRU by conversation, and by bytes)."""
 
-    def __init__(self, max_conversations: int = 64, max_bytes: int = 2 * 2**30):
-        self.max_conversations = max(1, max_conversations)
+    def __init__(self, max_conversations: int | None = None, max_bytes: int = 8 * 2**30):
+        self.grows = max_conversations is None  # the bound rises to every protected call's row count
+        self.max_conversations = max(1, max_conversations or MIN_CACHED_CONVERSATIONS)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, oldest first
         self._protected: set[int] = set()  # ids of entries evicted only when nothing else is left
@@ -117,7 +122,10 @@ class ConversationCache:
 
     def protect(self, rows: Sequence[Sequence[int]]) -> None:
         """Shield from eviction, until ``release``, the entries that ``rows`` continue (their
-        whole prompt is in the row) and the entries that will replace them."""
+        whole prompt is in the row) and the entries that will replace them. A growing store first
+        raises its bound to the call's row count: every one of them comes back next turn."""
+        if self.grows:
+            self.max_conversations = max(self.max_conversations, len(rows))
         for row in rows:
             entry, length = self.match(row, len(row) - 1)
             if entry is not None and entry.continued_by(length):

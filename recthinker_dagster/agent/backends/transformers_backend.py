@@ -95,10 +95,6 @@ from recthinker_dagster.agent.labels import label_token_problems
 from recthinker_dagster.agent.transcript import UNKNOWN_LOGPROB, environment_text
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Conversations the conversation cache holds at least; by default it grows to every generate
-# call's conversation count (bounded in bytes), so a turn over more conversations than this
-# finds all of them again next turn.
-MIN_CACHED_CONVERSATIONS = 64
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -195,10 +191,8 @@ class TransformersBackend:
         self.prefix_cache = prefix_cache and _full_attention_only(model.config)
         self.min_prefix_tokens = min_prefix_tokens
         self.max_cached_prefixes = max_cached_prefixes
-        self.conversations = (ConversationCache(max_cached_conversations or MIN_CACHED_CONVERSATIONS,
-                                                conversation_cache_bytes)
+        self.conversations = (ConversationCache(max_cached_conversations, conversation_cache_bytes)
                               if conversation_cache and _full_attention_only(model.config) else None)
-        self.fit_cache_to_calls = max_cached_conversations is None
         self.static_cache = static_cache
         self.split_stragglers = split_stragglers and self.conversations is not None  # continuing needs kept KV
         self.min_split_rows = max(2, min_split_rows)
@@ -254,8 +248,6 @@ class TransformersBackend:
         todo = [i for i in range(len(prompts)) if results[i] is None]
         order = sorted(todo, key=lambda i: len(prompts[i]), reverse=True)
         if self.conversations is not None:  # the rows of later chunks must survive the earlier chunks
-            if self.fit_cache_to_calls:  # every conversation of the call comes back next turn
-                self.conversations.max_conversations = max(self.conversations.max_conversations, len(todo))
             self.conversations.protect([prompts[i] for i in todo])
         try:
             for start in range(0, len(order), self.batch_size):
