@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 from pathlib import Path
 
 import yaml
@@ -35,18 +33,6 @@ from recthinker_dagster.training.rl_recipes import load_rl_recipe
 COLUMNS = ("step", "reward", "reward_std", "frac_reward_zero_std", "rewards/ranking/mean", "tools/call_frequency",
            "rollout/valid_rate", "rollout/answered_rate", "completions/mean_length", "completions/clipped_ratio",
            "rollout/sampler_logprob_abs_gap", "grad_norm", "time/rollout_s")
-
-
-def quarter_summary(values: list[float]) -> dict:
-    """Mean and standard error of the first and the last quarter of ``values``."""
-    n = max(1, len(values) // 4)
-
-    def mean_se(part: list[float]) -> tuple[float, float]:
-        se = statistics.stdev(part) / math.sqrt(len(part)) if len(part) > 1 else float("nan")
-        return round(statistics.fmean(part), 4), round(se, 4)
-
-    first, last = mean_se(values[:n]), mean_se(values[-n:])
-    return {"steps_per_quarter": n, "first_quarter": first, "last_quarter": last}
 
 
 def main() -> None:
@@ -62,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from recthinker_dagster.training.callbacks import LogProgress
-    from recthinker_dagster.training.grpo import first_and_last_visits, train_grpo
+    from recthinker_dagster.training.grpo import train_grpo
 
     overrides = {}
     for item in args.set:
@@ -84,15 +70,11 @@ def main() -> None:
     for row in steps:
         print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in COLUMNS)
               + " |")
-    rewards = [row["reward"] for row in steps if "reward" in row]
-    zero_std = [row["frac_reward_zero_std"] for row in steps if "frac_reward_zero_std" in row]
-    summary = {"reward": quarter_summary(rewards) if rewards else None,
-               "mean_frac_reward_zero_std": round(statistics.fmean(zero_std), 4) if zero_std else None,
+    summary = {**result.metrics["learning"],
                "seconds_per_step": result.metrics["seconds_per_step"],
                "time_split_per_step": result.metrics["time_split_per_step"],
                "recipe": recipe.to_dict(), "answer_mode": args.answer_mode, "n_tasks": len(tasks),
                "sft_adapter": str(args.sft_adapter or ""),
-               "tasks_first_and_last_visit": first_and_last_visits(result.metrics["task_visits"]),
                "task_visits": result.metrics["task_visits"], "steps": steps}
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo_signal.json").write_text(json.dumps(summary, indent=2))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams
-from recthinker_dagster.training.grpo import ToolRollout, first_and_last_visits, train_grpo
+from recthinker_dagster.training.grpo import ToolRollout, first_and_last_visits, learning_summary, train_grpo
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
 from tests.support.trajectories import ScriptedInvestigator, agent_tasks, length_reward, toolbox_factory
 
@@ -75,6 +75,19 @@ def test_first_and_last_visits_pair_each_task_with_itself():
     assert got["tasks"] == 2 and got["first"] == pytest.approx(0.75) and got["last"] == pytest.approx(0.95)
     assert got["difference"] == pytest.approx(0.2) and got["se"] == pytest.approx(0.2)  # diffs 0.4 and 0.0
     assert first_and_last_visits(visits[-1:]) == {"tasks": 0}
+
+
+def test_learning_summary_compares_the_first_and_last_quarter_of_the_steps():
+    steps = [{"step": k + 1, "reward": r, "frac_reward_zero_std": z}
+             for k, (r, z) in enumerate([(0.2, 0.5), (0.4, 0.0), (0.5, 0.0), (0.6, 0.0),
+                                         (0.6, 0.5), (0.7, 0.0), (0.8, 0.0), (1.0, 0.0)])]
+    got = learning_summary(steps, [])
+    assert got["reward"]["steps_per_quarter"] == 2
+    assert got["reward"]["first_quarter"] == [pytest.approx(0.3), pytest.approx(0.1)]  # mean, s.e. of 0.2 and 0.4
+    assert got["reward"]["last_quarter"] == [pytest.approx(0.9), pytest.approx(0.1)]
+    assert got["mean_frac_reward_zero_std"] == pytest.approx(0.125)
+    assert got["tasks_first_and_last_visit"] == {"tasks": 0}
+    assert learning_summary([], [])["reward"] is None
 
 
 @pytest.fixture(scope="module")

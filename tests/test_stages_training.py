@@ -24,6 +24,7 @@ from recthinker_dagster.stages.result import Json, Markdown
 from recthinker_dagster.stages.rl import (
     DatasetToolboxes,
     NoLearningSignal,
+    learning_line,
     policy_lineage,
     refuse_no_op,
     rl_metrics,
@@ -202,6 +203,20 @@ def test_rl_metrics_and_series():
     series = rl_series(steps)
     assert series["reward"] == [0.1, 0.3] and series["rewards/ranking/mean"] == [0.1, 0.2]
     assert series["tools/call_frequency"] == [2.0] and "grad_norm" not in series  # empty curves are left out
+
+
+def test_rl_metrics_carry_the_learning_summary_flat():
+    learning = {"reward": {"steps_per_quarter": 1, "first_quarter": [0.5, None], "last_quarter": [0.8, None]},
+                "mean_frac_reward_zero_std": 0.25,
+                "tasks_first_and_last_visit": {"tasks": 2, "first": 0.5, "last": 0.7, "difference": 0.2, "se": 0.05}}
+    m = {"steps": [], "time_split_per_step": {}, "learning": learning}
+    metrics = rl_metrics(m, {})
+    assert metrics["reward_first_quarter"] == 0.5 and metrics["reward_last_quarter"] == 0.8
+    assert "reward_first_quarter_se" not in metrics  # a quarter of one step has no standard error
+    assert metrics["mean_frac_reward_zero_std"] == 0.25
+    assert metrics["task_visits_last_minus_first"] == 0.2 and metrics["task_visits_last_minus_first_se"] == 0.05
+    assert "last minus first visit 0.2 +- 0.05" in learning_line(learning)
+    assert learning_line(None) == "no steps logged"
 
 
 def test_paired_difference_uses_the_tasks_both_scored():

@@ -145,6 +145,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")
     refuse_no_op(m["steps"], work_dir)
+    log(f"GRPO learning: {learning_line(m.get('learning'))}")
 
     policies = {start_name: policy.adapters, asset: [*policy.adapters, result.adapter_dir]}
     validation = validate_policies(layout, datasets, validation_settings, policy.base_model, policies, log)
@@ -179,6 +180,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
             "reward_curve": Json([{k: s.get(k) for k in ("step", "reward", "reward_std", "frac_reward_zero_std")}
                                   for s in steps]),
             "health": Json(last),
+            "learning": Json(m.get("learning")),
             "validation": Markdown(validation_table(validation)),
             gain_key: Json(versus_sft),
         },
@@ -217,8 +219,43 @@ def rl_metrics(m: dict, validation: dict) -> dict[str, float]:
     metrics = {k: m[k] for k in LOGGED_METRICS if m.get(k) is not None}
     metrics.update({f"time_{k}": v for k, v in m["time_split_per_step"].items() if v is not None})
     metrics.update({f"last_{k}": v for k, v in last.items() if k != "step" and isinstance(v, (int, float))})
+    metrics.update(learning_metrics(m.get("learning")))
     metrics.update(validation_metrics(validation))
     return metrics
+
+
+def learning_metrics(learning: Mapping | None) -> dict[str, float]:
+    """The reward's first and last quarter and the train tasks' last-minus-first visit, flat."""
+    if not learning:
+        return {}
+    out = {}
+    if learning.get("reward"):
+        for quarter in ("first_quarter", "last_quarter"):
+            mean, se = learning["reward"][quarter]
+            out[f"reward_{quarter}"], out[f"reward_{quarter}_se"] = mean, se
+    if learning.get("mean_frac_reward_zero_std") is not None:
+        out["mean_frac_reward_zero_std"] = learning["mean_frac_reward_zero_std"]
+    visits = learning.get("tasks_first_and_last_visit") or {}
+    if visits.get("tasks"):
+        out["task_visits_last_minus_first"], out["task_visits_last_minus_first_se"] = visits["difference"], visits["se"]
+    return {k: v for k, v in out.items() if isinstance(v, (int, float))}
+
+
+def learning_line(learning: Mapping | None) -> str:
+    """One log line: reward by quarter, zero-std groups, the paired per-task change."""
+    metrics = learning_metrics(learning)
+    if not metrics:
+        return "no steps logged"
+    parts = []
+    if "reward_first_quarter" in metrics:
+        parts.append(f"reward first quarter {metrics['reward_first_quarter']} +- {metrics.get('reward_first_quarter_se')}, "
+                     f"last {metrics['reward_last_quarter']} +- {metrics.get('reward_last_quarter_se')}")
+    if "mean_frac_reward_zero_std" in metrics:
+        parts.append(f"mean frac_reward_zero_std {metrics['mean_frac_reward_zero_std']}")
+    if "task_visits_last_minus_first" in metrics:
+        parts.append(f"rollout NDCG@10 per task, last minus first visit {metrics['task_visits_last_minus_first']} "
+                     f"+- {metrics.get('task_visits_last_minus_first_se')}")
+    return "; ".join(parts)
 
 
 def rl_series(steps: list[dict]) -> dict[str, list[float]]:

@@ -333,10 +333,32 @@ def first_and_last_visits(visits: Sequence[Mapping]) -> dict:
     if not pairs:
         return {"tasks": 0}
     diffs = [last - first for first, last in pairs]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    se = round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 4) if len(diffs) > 1 else None  # JSON: no NaN
     return {"tasks": len(pairs), "first": round(statistics.fmean(f for f, _ in pairs), 4),
             "last": round(statistics.fmean(last for _, last in pairs), 4),
-            "difference": round(statistics.fmean(diffs), 4), "se": round(se, 4)}
+            "difference": round(statistics.fmean(diffs), 4), "se": se}
+
+
+def quarter_summary(values: Sequence[float]) -> dict:
+    """Mean and standard error of the first and of the last quarter of ``values`` (a step series)."""
+    n = max(1, len(values) // 4)
+
+    def mean_se(part: Sequence[float]) -> list[float]:
+        se = round(statistics.stdev(part) / math.sqrt(len(part)), 4) if len(part) > 1 else None
+        return [round(statistics.fmean(part), 4), se]
+
+    return {"steps_per_quarter": n, "first_quarter": mean_se(values[:n]), "last_quarter": mean_se(values[-n:])}
+
+
+def learning_summary(steps: Sequence[Mapping], visits: Sequence[Mapping]) -> dict:
+    """Did the run learn? The reward's first and last quarter (mean, standard error), the mean
+    ``frac_reward_zero_std`` (groups that taught nothing) and each train task's rollout NDCG@10
+    at its first and its last visit (``first_and_last_visits``)."""
+    rewards = [float(step["reward"]) for step in steps if step.get("reward") is not None]
+    zero_std = [float(step["frac_reward_zero_std"]) for step in steps if step.get("frac_reward_zero_std") is not None]
+    return {"reward": quarter_summary(rewards) if rewards else None,
+            "mean_frac_reward_zero_std": round(statistics.fmean(zero_std), 4) if zero_std else None,
+            "tasks_first_and_last_visit": first_and_last_visits(visits)}
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -540,6 +562,7 @@ def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_secon
         "num_processes": world_size(),
         "rollouts_per_process": rollout.step_records[-1]["rollout/count"] if rollout.step_records else None,
         "task_visits": rollout.task_visits,
+        "learning": learning_summary(steps, rollout.task_visits),
     }
 
 
