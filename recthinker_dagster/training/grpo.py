@@ -343,7 +343,7 @@ def quarter_summary(values: Sequence[float]) -> dict:
     """Mean and standard error of the first and of the last quarter of ``values`` (a step series)."""
     n = max(1, len(values) // 4)
 
-    def mean_se(part: Sequence[float]) -> list[float]:
+    def mean_se(part: Sequence[float]) -> list[float | None]:
         se = round(statistics.stdev(part) / math.sqrt(len(part)), 4) if len(part) > 1 else None
         return [round(statistics.fmean(part), 4), se]
 
