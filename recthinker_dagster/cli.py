@@ -8,6 +8,7 @@
     recthinker report ml-1m --check             # ...and fail if it differs from the saved results.md
     recthinker merge merged/sft_rl assets/base_model assets/sft_model/adapter assets/rl_model/adapter
     recthinker materialize rl_model --profile demo   # chosen assets with a profile's config
+    recthinker materialize ml_1m/evaluation --job headline_demo   # ... in a named job, with its config
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print(f"recthinker materialize: unknown profile {profile!r}; one of {list(PROFILE_NAMES)}", file=sys.stderr)
         return 2
     try:
-        result = materialize_assets(args.assets, profile)
+        result = materialize_assets(args.assets, profile, args.job)
     except UnknownAssets as error:
         print(f"recthinker materialize: {error}", file=sys.stderr)
         return 2
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     materialize.add_argument("--profile", default=None,
                              help=f"one of {list(PROFILE_NAMES)} (default: $RECTHINKER_PROFILE or "
                                   f"{default_profile_name()!r})")
+    materialize.add_argument("--job", default=None,
+                             help="run them in this job, with its config, e.g. headline_demo (default: the "
+                                  "profile's pipeline_ or think_ job that holds them)")
     materialize.set_defaults(func=cmd_materialize)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -28,3 +28,13 @@ def test_unknown_assets_and_assets_of_two_jobs_are_clear_errors(capsys):
     assert "unknown asset(s) ['ml_1m/nope']" in capsys.readouterr().err
     assert main(["materialize", "rl_model", "--profile", "huge"]) == 2
     assert "unknown profile 'huge'" in capsys.readouterr().err
+
+
+def test_a_named_job_runs_the_assets_with_its_own_config(capsys):
+    assert job_for(defs, asset_keys(["ml_1m/evaluation"]), "demo", "headline_demo").name == "headline_demo"
+    with pytest.raises(UnknownAssets, match=r"unknown job 'headline_huge'; the jobs are: .*headline_demo"):
+        job_for(defs, asset_keys(["ml_1m/evaluation"]), "demo", "headline_huge")
+    with pytest.raises(UnknownAssets, match=r"job 'headline_demo' does not hold \['rl_model'\]"):
+        job_for(defs, asset_keys(["rl_model"]), "demo", "headline_demo")
+    assert main(["materialize", "rl_model", "--job", "headline_demo"]) == 2
+    assert "does not hold ['rl_model']" in capsys.readouterr().err

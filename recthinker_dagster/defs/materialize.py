@@ -8,6 +8,9 @@ the antlr4 runtime to 4.9, so in this environment that parser fails with ``TypeE
 expected string of length 1, but int found``. This takes asset keys (``a/b`` paths) instead, runs
 them in the first of the profile's jobs (``pipeline_<profile>``, ``think_<profile>``) that holds
 them all, with that job's config, and records the run in the Dagster instance (the UI shows it).
+``--job`` names the job instead: ``recthinker materialize ml_1m/evaluation --job headline_demo``
+re-scores one dataset's headline table with the headline job's config (``dagster job execute
+-j headline_demo -o ml_1m__evaluation`` runs that op without the job's config).
 """
 
 from __future__ import annotations
@@ -31,8 +34,13 @@ def asset_keys(names: Sequence[str]) -> list[dg.AssetKey]:
     return [dg.AssetKey(name.strip("/").split("/")) for name in names]
 
 
-def job_for(defs: dg.Definitions, keys: Sequence[dg.AssetKey], profile: str) -> dg.JobDefinition:
-    """The first of the profile's jobs that holds every key; an error that lists the known keys otherwise."""
+def job_for(defs: dg.Definitions, keys: Sequence[dg.AssetKey], profile: str,
+            job_name: str | None = None) -> dg.JobDefinition:
+    """The job ``job_name`` when given (e.g. ``headline_demo``, whose evaluation config scores
+    every system), else the first of the profile's jobs that holds every key; an error that
+    lists the known jobs or keys otherwise."""
+    if job_name is not None:
+        return named_job(defs, keys, job_name)
     known: set[dg.AssetKey] = set()
     for family in JOB_FAMILIES:
         job = defs.resolve_job_def(f"{family}_{profile}")
@@ -48,12 +56,26 @@ def job_for(defs: dg.Definitions, keys: Sequence[dg.AssetKey], profile: str) -> 
                         f"{[f'{family}_{profile}' for family in JOB_FAMILIES]}: materialize them one job at a time")
 
 
-def materialize_assets(names: Sequence[str], profile: str) -> dg.ExecuteInProcessResult:
-    """Run the assets ``names`` (in dependency order, upstream assets not re-run) in this process."""
+def named_job(defs: dg.Definitions, keys: Sequence[dg.AssetKey], job_name: str) -> dg.JobDefinition:
+    names = sorted(job.name for job in defs.resolve_all_job_defs() if not job.name.startswith("__"))
+    if job_name not in names:
+        raise UnknownAssets(f"unknown job {job_name!r}; the jobs are: {', '.join(names)}")
+    job = defs.resolve_job_def(job_name)
+    held = set(job.asset_layer.selected_asset_keys)
+    missing = sorted(key.to_user_string() for key in keys if key not in held)
+    if missing:
+        listed = ", ".join(sorted(key.to_user_string() for key in held))
+        raise UnknownAssets(f"job {job_name!r} does not hold {missing}; its assets are: {listed}")
+    return job
+
+
+def materialize_assets(names: Sequence[str], profile: str, job_name: str | None = None) -> dg.ExecuteInProcessResult:
+    """Run the assets ``names`` (in dependency order, upstream assets not re-run) in this process,
+    in the job ``job_name`` (with its config) or the profile's job that holds them."""
     from recthinker_dagster.definitions import defs
 
     keys = asset_keys(names)
-    job = job_for(defs, keys, profile)
+    job = job_for(defs, keys, profile, job_name)
     if not os.environ.get("DAGSTER_HOME"):  # as scripts/run_pipeline.sh: the project's own instance
         home = Path(default_project_root()) / "dagster_home"
         home.mkdir(parents=True, exist_ok=True)
