@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import polars as pl
@@ -163,7 +164,28 @@ def test_validation_table_metrics_and_document():
     document = validation_document(settings, validation)
     assert list(document) == ["settings", "base_model", "sft_model"]
     assert document["settings"] == {"n_tasks": 2, "max_turns": 2, "max_tool_calls": 2, "max_new_tokens": 96,
-                                    "batch_size": 4, "answer_mode": "generate", "conversation": "tools"}
+                                    "batch_size": 4, "prompt_history_len": 10, "answer_mode": "generate",
+                                    "conversation": "tools"}
+
+
+def test_a_published_validation_is_reused_only_for_the_same_settings_and_tasks(tmp_path):
+    from recthinker_dagster.stages.validation import saved_report
+    from recthinker_dagster.training.validation import ValidationSuite
+
+    settings = ValidationSettings(n_tasks=2, max_turns=2, max_tool_calls=2, max_new_tokens=96, batch_size=4)
+    suites = [ValidationSuite(DATASET, [SimpleNamespace(task_id="t1"), SimpleNamespace(task_id="t2")], lambda t: None)]
+    report = {**_report(0.5), "per_task": [{"task_id": t, "dataset": DATASET, "ndcg@10": 0.5} for t in ("t2", "t1")]}
+    path = tmp_path / "validation.json"
+    path.write_text(json.dumps(validation_document(settings, {"sft_model": report})))
+    assert saved_report(path, "sft_model", settings, suites) == report
+    assert saved_report(path, "base_model", settings, suites) is None  # not scored there
+    assert saved_report(path, "sft_model", replace(settings, max_new_tokens=160), suites) is None
+    assert saved_report(path, "sft_model", replace(settings, prompt_history_len=20), suites) is None  # other prompts
+    other = [ValidationSuite(DATASET, [SimpleNamespace(task_id="t1"), SimpleNamespace(task_id="t3")], lambda t: None)]
+    assert saved_report(path, "sft_model", settings, other) is None
+    assert saved_report(tmp_path / "missing.json", "sft_model", settings, suites) is None
+    path.write_text("{not json")
+    assert saved_report(path, "sft_model", settings, suites) is None
 
 
 # -- SFT and RL -----------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read
 from recthinker_dagster.settings import RLSettings
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
 from recthinker_dagster.stages.validation import (
+    saved_report,
     validate_policies,
     validation_document,
     validation_metrics,
+    validation_suites,
     validation_table,
 )
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
@@ -148,7 +150,16 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     log(f"GRPO learning: {learning_line(m.get('learning'))}")
 
     policies = {start_name: policy.adapters, asset: [*policy.adapters, result.adapter_dir]}
-    validation = validate_policies(layout, datasets, validation_settings, policy.base_model, policies, log)
+    suites = validation_suites(layout, datasets, validation_settings)
+    start_report = saved_report(layout.asset_dir(start_name) / "validation.json", start_name, validation_settings, suites)
+    if start_report is not None:
+        log(f"{start_name}: its published validation scored the same {len(start_report['per_task'])} tasks "
+            "with the same settings; reused, not re-run")
+        policies.pop(start_name)
+    validation = validate_policies(layout, datasets, validation_settings, policy.base_model, policies, log,
+                                   suites=suites)
+    if start_report is not None:
+        validation = {start_name: start_report, **validation}
     versus_sft = paired_difference(validation[asset], validation[start_name])
     log(f"{asset} minus {start_name}, NDCG@10 on the same {versus_sft.get('n_tasks', 0)} validation tasks: {versus_sft}")
     gain_key = "rl_minus_sft_ndcg@10" if asset == ASSET else f"{asset}_minus_{start_name}_ndcg@10"

@@ -13,6 +13,7 @@ records those settings next to the reports (:func:`validation_document`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from recthinker_dagster.training.validation import ValidationSuite, evaluate_pol
 
 VALIDATION_COLUMNS = ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "answered_rate", "valid_tool_call_rate", "tool_calls_per_task",
                       "completion_tokens_per_task")
-RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "answer_mode",
-                     "conversation")
+RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "prompt_history_len",
+                     "answer_mode", "conversation")
 
 
 def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings: ValidationSettings) -> list[ValidationSuite]:
@@ -63,7 +64,27 @@ def validate_policies(layout: ArtifactLayout, datasets: Sequence[str], settings:
 
 def validation_document(settings: ValidationSettings, validation: Mapping) -> dict:
     """What ``validation.json`` holds: the slice's settings, then every policy's report."""
-    return {"settings": {name: getattr(settings, name) for name in RECORDED_SETTINGS}, **validation}
+    return {"settings": recorded_settings(settings), **validation}
+
+
+def recorded_settings(settings: ValidationSettings) -> dict:
+    return {name: getattr(settings, name) for name in RECORDED_SETTINGS}
+
+
+def saved_report(path: Path, policy: str, settings: ValidationSettings, suites: Sequence[ValidationSuite]) -> dict | None:
+    """``policy``'s report from a published ``validation.json`` when it scored exactly this
+    slice (same settings, same task ids), else None: the RL stage then need not score its start
+    policy again, which its SFT stage already did."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    report = document.get(policy)
+    if document.get("settings") != recorded_settings(settings) or not isinstance(report, dict):
+        return None
+    scored = sorted((row.get("dataset"), row.get("task_id")) for row in report.get("per_task", []))
+    wanted = sorted((suite.dataset, task.task_id) for suite in suites for task in suite.tasks)
+    return report if scored == wanted else None
 
 
 def validation_table(validation: Mapping) -> str:
