@@ -7,7 +7,7 @@ shapes, and the ceiling they put on the agent loop's generated tokens per second
 
 Both rates are measured as the backend decodes (``model.generate`` over the backend's
 preallocated KV cache, every row active, none stopping: ``min_new_tokens``), on rows of random
-token ids:
+token ids, timed by a logits processor that notes when each token's logits arrive:
 
 - prefill: ``rows`` x ``prefill-tokens`` new tokens from an empty cache, tokens per second.
   The agent prefills its turns after up to a thousand cached tokens, which costs more
@@ -38,9 +38,23 @@ from recthinker_dagster.agent.backends.transformers_backend import (
 )
 
 
-def timed_generate(backend: TransformersBackend, rows: int, length: int, new_tokens: int, seed: int) -> float:
-    """Seconds of one greedy ``model.generate`` of ``new_tokens`` over ``rows`` random rows."""
-    from transformers import Cache, GenerationConfig
+class StepClock:
+    """A logits processor that only notes the time of each call: one per generated token, the
+    first right after the prefill."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(backend: TransformersBackend, rows: int, length: int, new_tokens: int,
+                   seed: int) -> tuple[float, float]:
+    """(prefill seconds, seconds per decoding step) of one greedy ``model.generate`` of
+    ``new_tokens`` over ``rows`` random rows of ``length`` tokens."""
+    from transformers import Cache, GenerationConfig, LogitsProcessorList
 
     model = backend.model
     generator = torch.Generator().manual_seed(seed)
@@ -49,11 +63,14 @@ def timed_generate(backend: TransformersBackend, rows: int, length: int, new_tok
     cache = Cache(layers=[_preallocated_layer_class()(length + new_tokens) for _ in range(layers)])
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=backend.pad_id, eos_token_id=backend.stop_ids, use_cache=True)
+    clock = StepClock()
     started = time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
-                       past_key_values=cache, generation_config=config)
-    return time.perf_counter() - started
+                       past_key_values=cache, generation_config=config, logits_processor=LogitsProcessorList([clock]))
+    steps = len(clock.times) - 1
+    per_step = (clock.times[-1] - clock.times[0]) / steps if steps else float("nan")
+    return clock.times[0] - started, per_step
 
 
 def ceiling(prefill_rate: float, decode_rate: float, prefilled_per_generated: float) -> float:
@@ -77,19 +94,17 @@ def main() -> None:
     args = ap.parse_args()
 
     backend = TransformersBackend.from_pretrained(args.model, dtype=args.dtype, num_threads=args.threads)
-    timed_generate(backend, 4, 64, 2, seed=0)  # warm-up: kernels, allocator
+    timed_generate(backend, 4, 64, 3, seed=0)  # warm-up: kernels, allocator
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
                      "dtype": args.dtype, "prefill": [], "decoding": [], "ceilings": []}
     for rows in args.rows:
-        seconds = timed_generate(backend, rows, args.prefill_tokens, 1, seed=1)
+        seconds, _ = timed_generate(backend, rows, args.prefill_tokens, 1, seed=1)
         rate = rows * args.prefill_tokens / seconds
         results["prefill"].append({"rows": rows, "tokens": args.prefill_tokens, "seconds": round(seconds, 2),
                                    "tokens_per_s": round(rate, 1)})
         print(f"prefill {rows} x {args.prefill_tokens}: {seconds:.2f} s, {rate:.0f} tokens/s", flush=True)
         for context in args.contexts:
-            one = timed_generate(backend, rows, context, 1, seed=2)
-            full = timed_generate(backend, rows, context, args.steps + 1, seed=2)
-            step = (full - one) / args.steps
+            _, step = timed_generate(backend, rows, context, args.steps + 1, seed=2)
             results["decoding"].append({"rows": rows, "context": context, "ms_per_step": round(1000 * step, 1),
                                         "tokens_per_s": round(rows / step, 1)})
             print(f"decoding {rows} rows x {context} tokens: {1000 * step:.1f} ms per step, "
