@@ -95,6 +95,37 @@ def test_batched_generation_matches_one_at_a_time(smollm, backends):
 
 
 @pytest.mark.slow
+def test_decoding_without_padding_runs_masked_with_the_same_output(smollm, monkeypatch):
+    """One conversation has no padding, so transformers drops the mask; every decoding step must
+    still reach SDPA with one (the fast grouped-query path on CPU), and greedy output must not change."""
+    from transformers.integrations import sdpa_attention
+
+    from recthinker_dagster.agent.backends import attention
+    from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
+
+    model, tokenizer = smollm
+    backend = TransformersBackend(model, tokenizer, prefix_cache=False, conversation_cache=False)
+    assert model.config._attn_implementation == attention.NAME
+    seen: list[tuple[int, bool]] = []  # (query length, mask given) per layer call
+    original = sdpa_attention.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.shape[2], attention_mask is not None))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    params = SamplingParams(max_new_tokens=6)
+    masked = backend.generate([conversation("7", "Heat and Fargo")], None, params)[0]
+    assert any(length == 1 for length, _ in seen) and all(given for length, given in seen if length == 1)
+    try:
+        model.config._attn_implementation = "sdpa"  # transformers' own path, unmasked decoding
+        plain = backend.generate([conversation("7", "Heat and Fargo")], None, params)[0]
+    finally:
+        model.config._attn_implementation = attention.NAME
+    assert masked.token_ids == plain.token_ids and masked.completion_tokens >= 2
+
+
+@pytest.mark.slow
 def test_multi_turn_greedy_is_the_same_with_the_conversation_cache(smollm):
     """Three agent-like turns (each reply appended, then a tool result) of rows of different
     lengths: the conversation cache reuses each row's KV, token for token the same output."""

@@ -63,6 +63,10 @@ inside its answer is continued (same state, only the tokens the answer still nee
 constrained answer is never cut off. ``rank_labels`` is the label head on its own: one
 forward pass over a conversation plus ``<answer>``.
 
+Attention: on CPU, every decoding step runs SDPA with a mask, also where a batch has no
+padding (``attention.py``: without one, ``transformers`` takes SDPA's grouped-query path, several
+times slower there).
+
 Threads: ``from_pretrained`` sets torch threads to the available cores. On a machine shared
 with other busy processes, run with ``OMP_WAIT_POLICY=PASSIVE`` (set before Python starts):
 spinning OpenMP threads that lose their core made 2-thread decoding up to 10x slower.
@@ -81,6 +85,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recthinker_dagster.agent.backends.attention import masked_decoding
 from recthinker_dagster.agent.backends.base import AnswerSpec, Generation, SamplingParams, head_ranking, tools_for
 from recthinker_dagster.agent.backends.chat_template import (
     ensure_tool_chat_template,
@@ -185,6 +190,7 @@ class TransformersBackend:
         chat_template: str = "auto",
     ):
         self.model = model.eval()
+        masked_decoding(model)  # CPU: a mask in every decoding step (attention.py)
         self.tokenizer = ensure_tool_chat_template(tokenizer, chat_template)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.batch_size = max(1, batch_size)
