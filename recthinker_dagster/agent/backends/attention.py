@@ -7,7 +7,8 @@ heads). SmolLM2-135M in bf16 on a 2-core EPYC, ms per decoding step without padd
 against masked: 1 row of 1,024 tokens 48.5 / 36.6, 1 row of 2,048 tokens 63.2 / 41.0, 8 rows of
 1,024 tokens 141.8 / 62.5, 32 rows of 1,024 tokens 567 / 146. ``masked_decoding(model)``
 registers an attention function that hands SDPA an all-zero additive mask in that case, so every
-decoding step takes the packed path. The result is the same attention (a zero mask hides nothing); prefill is unchanged.
+decoding step takes the packed path. The result is the same attention (a zero mask hides
+nothing); prefill is unchanged.
 """
 
 from __future__ import annotations
