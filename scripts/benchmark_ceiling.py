@@ -33,8 +33,8 @@ import torch
 
 from recthinker_dagster.agent.backends.transformers_backend import (
     TransformersBackend,
-    _preallocated_layer_class,
     available_cores,
+    preallocated_cache,
 )
 
 
@@ -54,13 +54,12 @@ def timed_generate(backend: TransformersBackend, rows: int, length: int, new_tok
                    seed: int) -> tuple[float, float]:
     """(prefill seconds, seconds per decoding step) of one greedy ``model.generate`` of
     ``new_tokens`` over ``rows`` random rows of ``length`` tokens."""
-    from transformers import Cache, GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList
 
     model = backend.model
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, backend.tokenizer.vocab_size - 100, (rows, length), generator=generator)
-    layers = model.config.get_text_config().num_hidden_layers
-    cache = Cache(layers=[_preallocated_layer_class()(length + new_tokens) for _ in range(layers)])
+    cache = preallocated_cache(model.config, length + new_tokens)
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=backend.pad_id, eos_token_id=backend.stop_ids, use_cache=True)
     # one padded column, as in most of the backend's batches (agent/backends/attention.py says

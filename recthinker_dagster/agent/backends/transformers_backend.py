@@ -477,13 +477,12 @@ class TransformersBackend:
         """A KV cache holding every row's reused KV in columns ``[0, c_i)`` (zeros up to the
         longest): preallocated for ``max_len`` positions when given and ``static_cache`` is on
         (see the module docstring), else growing."""
-        from transformers import Cache, DynamicCache, StaticCache
+        from transformers import DynamicCache, StaticCache
 
         config = self.model.config
         preallocated = self.static_cache and max_len is not None and _full_attention_only(config)
-        if preallocated:
-            layers = config.get_text_config().num_hidden_layers
-            cache = Cache(layers=[_preallocated_layer_class()(max_len) for _ in range(layers)])
+        if preallocated and max_len is not None:
+            cache = preallocated_cache(config, max_len)
         elif self.static_cache and max_len is not None:
             cache = StaticCache(config=self.model.config, max_cache_len=max_len)
         else:
@@ -678,6 +677,13 @@ class HalfStopped:
         last = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
         self.stopped = last if self.stopped is None else self.stopped | last
         return torch.full_like(self.stopped, 2 * int(self.stopped.sum()) >= len(self.stopped))
+
+
+def preallocated_cache(config, capacity: int):
+    """A KV cache of ``PreallocatedLayer`` s holding up to ``capacity`` positions per row."""
+    from transformers import Cache
+
+    return Cache(layers=[_preallocated_layer_class()(capacity) for _ in range(config.get_text_config().num_hidden_layers)])
 
 
 @functools.cache
