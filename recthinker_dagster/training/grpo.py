@@ -332,22 +332,21 @@ def first_and_last_visits(visits: Sequence[Mapping]) -> dict:
     pairs = [(seen[0]["ndcg@10"], seen[-1]["ndcg@10"]) for seen in by_task.values() if len(seen) > 1]
     if not pairs:
         return {"tasks": 0}
-    diffs = [last - first for first, last in pairs]
-    se = round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 4) if len(diffs) > 1 else None  # JSON: no NaN
+    difference, se = mean_and_se([last - first for first, last in pairs])
     return {"tasks": len(pairs), "first": round(statistics.fmean(f for f, _ in pairs), 4),
-            "last": round(statistics.fmean(last for _, last in pairs), 4),
-            "difference": round(statistics.fmean(diffs), 4), "se": se}
+            "last": round(statistics.fmean(last for _, last in pairs), 4), "difference": difference, "se": se}
+
+
+def mean_and_se(values: Sequence[float]) -> list[float | None]:
+    """[mean, standard error], rounded; the error is None for a single value (JSON has no NaN)."""
+    se = round(statistics.stdev(values) / math.sqrt(len(values)), 4) if len(values) > 1 else None
+    return [round(statistics.fmean(values), 4), se]
 
 
 def quarter_summary(values: Sequence[float]) -> dict:
     """Mean and standard error of the first and of the last quarter of ``values`` (a step series)."""
     n = max(1, len(values) // 4)
-
-    def mean_se(part: Sequence[float]) -> list[float | None]:
-        se = round(statistics.stdev(part) / math.sqrt(len(part)), 4) if len(part) > 1 else None
-        return [round(statistics.fmean(part), 4), se]
-
-    return {"steps_per_quarter": n, "first_quarter": mean_se(values[:n]), "last_quarter": mean_se(values[-n:])}
+    return {"steps_per_quarter": n, "first_quarter": mean_and_se(values[:n]), "last_quarter": mean_and_se(values[-n:])}
 
 
 def learning_summary(steps: Sequence[Mapping], visits: Sequence[Mapping]) -> dict:
