@@ -24,15 +24,14 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def masked_decoding(model) -> bool:
-    """Switch a CPU model that uses SDPA to :data:`NAME`; whether it was switched."""
+def masked_decoding(model) -> None:
+    """Switch a CPU model that uses SDPA to :data:`NAME` (other models are left as they are)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
-        return config._attn_implementation == NAME
+        return
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     config._attn_implementation = NAME
-    return True
