@@ -208,6 +208,9 @@ class ToolRollout:
         receive = getattr(trainer, "receive_answer_constraints", None)
         if receive is not None:  # the trainer scores answer tokens as they were sampled (grpo_trainer.py)
             receive(constraints)
+        receive = getattr(trainer, "receive_trained_masks", None)
+        if receive is not None:  # ... and projects its LM head on the sampled tokens only
+            receive(env_mask)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
         record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling.temperature,
                                         constraints))

@@ -7,6 +7,11 @@ reference model's for the KL, the policy's for the loss) is taken among those id
 constrained positions (``answer_logprobs.py``); the table rides along with the batch through
 TRL's shuffling and micro-batching as the ``answer_allowed`` tensor. Without constraints
 (HTTP backends, unconstrained recipes) this is TRL's trainer unchanged.
+
+The LM head is projected only on the tokens the policy sampled (``scored_head.py``): the rollout
+also hands over its ``env_mask`` rows (``receive_trained_masks``), and every log-prob pass (the
+reference's, the policy's) turns the other completion positions' labels to -100. Their
+log-probs are 0; the loss, the KL and the metrics never read them (TRL masks them out).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from trl import GRPOTrainer
 
 from recthinker_dagster.training.answer_logprobs import allowed_table, constrained_positions, restrict_logprobs
+from recthinker_dagster.training.scored_head import IGNORE, project_labelled_positions_only
 
 ALLOWED_KEY = "answer_allowed"
 
@@ -24,27 +30,44 @@ ALLOWED_KEY = "answer_allowed"
 class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _batch_constraints: list | None = None  # this generation batch's rows, in rollout order
     _loss_allowed = None  # the micro-batch's table while its loss is computed
+    _batch_trained: list | None = None  # this generation batch's env_mask rows, in rollout order
+    _loss_trained = None  # the micro-batch's trained-token mask while its loss is computed
+    _scored = None  # the trained-token mask of the log-prob pass under way, and its next row
+    _scored_row = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+                project_labelled_positions_only(causal_lm, temperature=self.temperature,
+                                                label_filter=self._trained_labels_only)
+
+    def receive_trained_masks(self, rows: Sequence[Sequence[int]] | None) -> None:
+        self._batch_trained = list(rows) if rows is not None else None
 
     def receive_answer_constraints(self, rows: Sequence[Sequence[Sequence[int] | None]] | None) -> None:
         self._batch_constraints = list(rows) if rows is not None else None
 
     def _generate_and_score_completions(self, inputs):
-        self._batch_constraints = None
+        self._batch_constraints = self._batch_trained = None
         try:
             output = super()._generate_and_score_completions(inputs)
             if self._batch_constraints is not None:
                 output[ALLOWED_KEY] = allowed_table(self._batch_constraints, output["completion_ids"].shape[1]).to(
                     output["completion_ids"].device)
         finally:
-            self._batch_constraints = None
+            self._batch_constraints = self._batch_trained = None
         return output
 
     def _compute_loss(self, model, inputs):
         self._loss_allowed = inputs.get(ALLOWED_KEY)
+        trained = inputs["completion_mask"]
+        self._loss_trained = (trained * inputs["tool_mask"] if "tool_mask" in inputs else trained).bool()
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._loss_allowed = None
+            self._loss_allowed = self._loss_trained = None
 
     def _allowed_for(self, rows: int, width: int):
         if self._loss_allowed is not None:
@@ -53,7 +76,36 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
             return allowed_table(self._batch_constraints, width)
         return None
 
+    def _trained_for(self, rows: int, width: int):
+        if self._loss_trained is not None:
+            return self._loss_trained
+        if self._batch_trained is not None and len(self._batch_trained) == rows:
+            table = torch.zeros(rows, width, dtype=torch.bool)
+            for r, mask in enumerate(self._batch_trained):
+                table[r, : min(len(mask), width)] = torch.tensor(list(mask[:width]), dtype=torch.bool)
+            return table
+        return None
+
+    def _trained_labels_only(self, labels: torch.Tensor) -> torch.Tensor:
+        """The fused head's labels of the next rows of this pass, -100 off the trained tokens."""
+        if self._scored is None:
+            return labels
+        mask = self._scored[self._scored_row: self._scored_row + labels.shape[0]].to(labels.device)
+        self._scored_row += labels.shape[0]
+        if mask.shape[0] != labels.shape[0]:
+            raise RuntimeError("the trained-token mask has fewer rows than the log-prob pass scored")
+        labels = labels.clone()
+        labels[:, -mask.shape[1]:] = labels[:, -mask.shape[1]:].masked_fill(~mask, IGNORE)
+        return labels
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        self._scored, self._scored_row = self._trained_for(input_ids.shape[0], logits_to_keep), 0
+        try:
+            return self._logps_under_constraints(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        finally:
+            self._scored = None
+
+    def _logps_under_constraints(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         allowed = self._allowed_for(input_ids.shape[0], logits_to_keep)
         if allowed is None or constrained_positions(allowed)[0].numel() == 0:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,

@@ -127,6 +127,7 @@ def train_sft(
         ensure_tool_chat_template,
     )
     from recthinker_dagster.training.callbacks import StepClock
+    from recthinker_dagster.training.scored_head import project_labelled_positions_only
 
     recipe = load_recipe(recipe)
     output_dir, base_model_dir = Path(output_dir), Path(base_model_dir)
@@ -162,6 +163,10 @@ def train_sft(
         data_collator=collator,
         callbacks=[clock, *(callbacks or [])],
     )
+
+    # the LM head runs on the labelled (assistant) positions only, where TRL's CPU path runs it on all
+    project_labelled_positions_only(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
+                                    else trainer.model)
 
     # train, continuing from the last checkpoint when there is one (resume=False starts over)
     if not resume and checkpoint_dir.is_dir():
