@@ -3,7 +3,8 @@ projected) and with the head on the trained positions only (``training/scored_he
 the same run, on the same examples.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_training_step.py --model assets/base_model \\
-        --trajectories assets/filtered_trajectories/trajectories.jsonl [--examples 8] [--repeats 2]
+        --trajectories assets/filtered_trajectories/trajectories.jsonl [--examples 8] [--repeats 2] \\
+        [--lora-dropout 0.05]
 
 Examples are kept teacher trajectories rendered as the SFT stage renders them (labels on the
 assistant turns). Each pass is one example's forward and backward through a rank-16 LoRA, at
@@ -40,11 +41,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trajectories", type=Path, required=True, help="kept trajectories (jsonl)")
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per example and head")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="the recipes' is 0 (sft_demo v6 on)")
     parser.add_argument("--json-out", type=Path)
     return parser.parse_args()
 
 
-def lora_models(model_dir: Path):
+def lora_models(model_dir: Path, lora_dropout: float):
     """(TRL's fused head, the compact head) on two copies of one LoRA model, and the autocast."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -57,10 +59,13 @@ def lora_models(model_dir: Path):
     add_fused_lm_head(base, outputs=("log_probs", "entropy"))
     compact_base = copy.deepcopy(base)
     project_labelled_positions_only(compact_base)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    return get_peft_model(base, lora), get_peft_model(compact_base, copy.deepcopy(lora)), autocast, precision
+    models = get_peft_model(base, lora), get_peft_model(compact_base, copy.deepcopy(lora))
+    for model in models:
+        model.train()  # as in training: dropout (if any) active
+    return *models, autocast, precision
 
 
 def one_pass(model, ids: torch.Tensor, labels: torch.Tensor, trained: torch.Tensor, autocast) -> tuple[float, float]:
@@ -84,7 +89,7 @@ def main() -> None:
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
     records = [json.loads(line) for line in args.trajectories.read_text().splitlines() if line.strip()]
     rows, _ = tokenize_examples(tokenizer, sft_examples(records[: args.examples]), None)
-    trl_model, compact_model, autocast, precision = lora_models(args.model)
+    trl_model, compact_model, autocast, precision = lora_models(args.model, args.lora_dropout)
     seconds: dict = {(mode, head): [] for mode in ("sft", "grpo") for head in ("trl", "compact")}
     loss_gap = {"sft": 0.0, "grpo": 0.0}
     tokens = labelled = 0
@@ -107,9 +112,11 @@ def main() -> None:
                 seconds[mode, "compact"].append(t_compact)
                 loss_gap[mode] = max(loss_gap[mode], abs(loss_trl - loss_compact))
     result = {"precision": precision, "threads": torch.get_num_threads(), "examples": len(rows),
+              "lora_dropout": args.lora_dropout,
               "mean_tokens": tokens / len(rows), "labelled_share": labelled / tokens}
     print(f"{len(rows)} examples, {result['mean_tokens']:.0f} tokens on average, "
-          f"{result['labelled_share']:.1%} of them trained; {precision}, {result['threads']} threads")
+          f"{result['labelled_share']:.1%} of them trained; {precision}, {result['threads']} threads, "
+          f"LoRA dropout {args.lora_dropout}")
     for mode in ("sft", "grpo"):
         trl_s, compact_s = (statistics.fmean(seconds[mode, head]) for head in ("trl", "compact"))
         result[mode] = {"trl_s": round(trl_s, 3), "compact_s": round(compact_s, 3),
