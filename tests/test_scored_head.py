@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from recthinker_dagster.training.scored_head import IGNORE, project_labelled_positions_only, score_positions
+from recthinker_dagster.training.data import IGNORE_INDEX as IGNORE
+from recthinker_dagster.training.scored_head import project_labelled_positions_only, score_positions
 
 
 def _tiny_causal_lm(seed: int = 0):

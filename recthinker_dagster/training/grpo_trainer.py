@@ -22,7 +22,8 @@ import torch
 from trl import GRPOTrainer
 
 from recthinker_dagster.training.answer_logprobs import allowed_table, constrained_positions, restrict_logprobs
-from recthinker_dagster.training.scored_head import IGNORE, project_labelled_positions_only
+from recthinker_dagster.training.data import IGNORE_INDEX
+from recthinker_dagster.training.scored_head import project_labelled_positions_only
 
 ALLOWED_KEY = "answer_allowed"
 
@@ -39,8 +40,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         for model in (self.model, self.ref_model):
             if model is not None:
-                causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-                project_labelled_positions_only(causal_lm, temperature=self.temperature,
+                project_labelled_positions_only(model, temperature=self.temperature,
                                                 label_filter=self._trained_labels_only)
 
     def receive_trained_masks(self, rows: Sequence[Sequence[int]] | None) -> None:
@@ -95,7 +95,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         if mask.shape[0] != labels.shape[0]:
             raise RuntimeError("the trained-token mask has fewer rows than the log-prob pass scored")
         labels = labels.clone()
-        labels[:, -mask.shape[1]:] = labels[:, -mask.shape[1]:].masked_fill(~mask, IGNORE)
+        labels[:, -mask.shape[1]:] = labels[:, -mask.shape[1]:].masked_fill(~mask, IGNORE_INDEX)
         return labels
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):

@@ -28,15 +28,18 @@ from typing import cast
 
 import torch
 
-IGNORE = -100
+from recthinker_dagster.training.data import IGNORE_INDEX
+
 BLOCK = 1024
 
 
 def project_labelled_positions_only(model, temperature: float = 1.0,
                                     label_filter: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                     block: int = BLOCK) -> None:
-    """Wrap ``model.forward`` (already patched by TRL's ``add_fused_lm_head``; the causal LM,
-    not its PEFT wrapper) so that ``fused_lm_head=True`` calls project only labelled positions."""
+    """Wrap the causal LM's ``forward`` (already patched by TRL's ``add_fused_lm_head``; a PEFT
+    wrapper is unwrapped) so that ``fused_lm_head=True`` calls project only labelled positions."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     fused_forward = model.forward
     text_config = model.config.get_text_config()
     plain_head = not any(getattr(text_config, name, None) for name in
@@ -64,7 +67,7 @@ def _compact_forward(model, head, args, labels, kwargs, temperature: float, bloc
     kwargs["use_cache"] = False
     hidden = getattr(model, model.base_model_prefix)(*args, **kwargs).last_hidden_state[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
-    mask = targets != IGNORE
+    mask = targets != IGNORE_INDEX
     log_probs, entropy, is_top1 = score_positions(hidden[mask], head, targets[mask], temperature, block)
     per_token = [hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, values)
                  for values in (log_probs, entropy)]

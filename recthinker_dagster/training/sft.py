@@ -165,8 +165,7 @@ def train_sft(
     )
 
     # the LM head runs on the labelled (assistant) positions only, where TRL's CPU path runs it on all
-    project_labelled_positions_only(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
-                                    else trainer.model)
+    project_labelled_positions_only(trainer.model)
 
     # train, continuing from the last checkpoint when there is one (resume=False starts over)
     if not resume and checkpoint_dir.is_dir():
