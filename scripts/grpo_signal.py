@@ -2,7 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/grpo_signal.py --root DIR \\
         [--sft-adapter DIR/adapter] [--recipe demo] [--set FIELD=VALUE ...] [--datasets ml-1m amazon-cds] \\
-        [--answer-mode generate] [--out DIR]
+        [--answer-mode generate] [--unsolved-from POOL] [--out DIR]
 
 Reads the published tasks, tool indexes and ``assets/base_model`` under ``--root`` (build them
 with the pipeline or ``scripts/sft_learning_curve.py``), takes the recipe's ``n_train_tasks``
@@ -15,6 +15,9 @@ the sampler-trainer log-prob gap and seconds; then the mean reward of the first 
 quarter of the steps with their standard errors, the mean ``frac_reward_zero_std``, and the
 paired per-task figure: each train task's rollout NDCG@10 at its first and its last visit
 (``first_and_last_visits``; step means mix easy and hard tasks, this pairs the same task).
+``--unsolved-from POOL`` screens the first ``POOL`` train tasks per dataset with the start policy
+(greedy, the recipe's turn and token budgets) and trains on the first ``n_train_tasks`` per
+dataset it did not solve (NDCG@10 below 1): a solved task's rollouts can only stay or fall.
 Writes ``grpo_signal.json`` to ``--out`` (default ``<root>/grpo_signal``).
 """
 
@@ -44,6 +47,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-cds"])
     parser.add_argument("--answer-mode", default="generate", choices=["generate", "logits"])
     parser.add_argument("--prompt-history-len", type=int, default=10)
+    parser.add_argument("--unsolved-from", type=int, default=0, metavar="POOL",
+                        help="train on the start policy's unsolved tasks among the first POOL per dataset")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -56,7 +61,11 @@ def main() -> None:
         overrides[field_name] = yaml.safe_load(value)
     recipe = load_rl_recipe(args.recipe).with_overrides(**overrides)
     layout = ArtifactLayout(args.root.resolve())
-    tasks, toolboxes = rl_tasks(layout, args.datasets, recipe.n_train_tasks, args.prompt_history_len)
+    if args.unsolved_from:
+        tasks, toolboxes = rl_tasks(layout, args.datasets, args.unsolved_from, args.prompt_history_len)
+        tasks = unsolved_tasks(tasks, toolboxes, layout.asset_dir("base_model"), args.sft_adapter, recipe)
+    else:
+        tasks, toolboxes = rl_tasks(layout, args.datasets, recipe.n_train_tasks, args.prompt_history_len)
     out = args.out or layout.root / "grpo_signal"
     print(f"GRPO {recipe.name} ({recipe.digest}) on {len(tasks)} train tasks, {recipe.num_generations} rollouts "
           f"each, {recipe.max_steps} steps; overrides {overrides}", flush=True)
@@ -80,6 +89,31 @@ def main() -> None:
     (out / "grpo_signal.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("reward", "mean_frac_reward_zero_std", "tasks_first_and_last_visit",
                                              "seconds_per_step", "time_split_per_step")}, indent=2))
+
+
+def unsolved_tasks(pool: list, toolboxes, base_model: Path, sft_adapter: Path | None, recipe) -> list:
+    """The first ``recipe.n_train_tasks`` tasks per dataset of ``pool`` whose greedy rollout by
+    the start policy has NDCG@10 below 1, in pool order."""
+    from recthinker_dagster.agent import AgentConfig, SamplingParams
+    from recthinker_dagster.training.validation import ValidationSuite, evaluate_policy
+
+    datasets = list(dict.fromkeys(task.dataset for task in pool))
+    suites = [ValidationSuite(d, [t for t in pool if t.dataset == d], toolboxes) for d in datasets]
+    config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
+                         sampling=SamplingParams(max_new_tokens=recipe.max_new_tokens))
+    report = evaluate_policy(base_model, [sft_adapter] if sft_adapter else [], suites, config,
+                             batch_size=recipe.rollout_batch_size)
+    score = {row["task_id"]: row["ndcg@10"] for row in report["per_task"]}
+    kept = []
+    for dataset in datasets:
+        unsolved = [t for t in pool if t.dataset == dataset and score[t.task_id] < 1.0]
+        print(f"{dataset}: start policy's greedy NDCG@10 on the pool "
+              f"{[round(score[t.task_id], 3) for t in pool if t.dataset == dataset]}; "
+              f"{len(unsolved)} unsolved, training on {len(unsolved[: recipe.n_train_tasks])}", flush=True)
+        kept += unsolved[: recipe.n_train_tasks]
+    if not kept:
+        raise SystemExit("the start policy solves every task of the pool greedily: nothing to select")
+    return kept
 
 
 if __name__ == "__main__":
