@@ -63,7 +63,8 @@ def main() -> None:
     layout = ArtifactLayout(args.root.resolve())
     if args.unsolved_from:
         tasks, toolboxes = rl_tasks(layout, args.datasets, args.unsolved_from, args.prompt_history_len)
-        tasks = unsolved_tasks(tasks, toolboxes, layout.asset_dir("base_model"), args.sft_adapter, recipe)
+        tasks = unsolved_tasks(tasks, toolboxes, layout.asset_dir("base_model"), args.sft_adapter, recipe,
+                               args.answer_mode)
     else:
         tasks, toolboxes = rl_tasks(layout, args.datasets, recipe.n_train_tasks, args.prompt_history_len)
     out = args.out or layout.root / "grpo_signal"
@@ -91,24 +92,25 @@ def main() -> None:
                                              "seconds_per_step", "time_split_per_step")}, indent=2))
 
 
-def unsolved_tasks(pool: list, toolboxes, base_model: Path, sft_adapter: Path | None, recipe) -> list:
+def unsolved_tasks(pool: list, toolboxes, base_model: Path, sft_adapter: Path | None, recipe,
+                   answer_mode: str) -> list:
     """The first ``recipe.n_train_tasks`` tasks per dataset of ``pool`` whose greedy rollout by
-    the start policy has NDCG@10 below 1, in pool order."""
-    from recthinker_dagster.agent import AgentConfig, SamplingParams
+    the start policy (the recipe's rollout settings) has NDCG@10 below 1, in pool order."""
+    from recthinker_dagster.training.grpo import rollout_agent
     from recthinker_dagster.training.validation import ValidationSuite, evaluate_policy
 
-    datasets = list(dict.fromkeys(task.dataset for task in pool))
-    suites = [ValidationSuite(d, [t for t in pool if t.dataset == d], toolboxes) for d in datasets]
-    config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
-                         sampling=SamplingParams(max_new_tokens=recipe.max_new_tokens))
+    by_dataset: dict[str, list] = {}
+    for task in pool:
+        by_dataset.setdefault(task.dataset, []).append(task)
+    config, toolbox_factory = rollout_agent(recipe, toolboxes, answer_mode)
+    suites = [ValidationSuite(dataset, tasks, toolbox_factory) for dataset, tasks in by_dataset.items()]
     report = evaluate_policy(base_model, [sft_adapter] if sft_adapter else [], suites, config,
                              batch_size=recipe.rollout_batch_size)
     score = {row["task_id"]: row["ndcg@10"] for row in report["per_task"]}
     kept = []
-    for dataset in datasets:
-        unsolved = [t for t in pool if t.dataset == dataset and score[t.task_id] < 1.0]
-        print(f"{dataset}: start policy's greedy NDCG@10 on the pool "
-              f"{[round(score[t.task_id], 3) for t in pool if t.dataset == dataset]}; "
+    for dataset, tasks in by_dataset.items():
+        unsolved = [t for t in tasks if score[t.task_id] < 1.0]
+        print(f"{dataset}: start policy's greedy NDCG@10 on the pool {[round(score[t.task_id], 3) for t in tasks]}; "
               f"{len(unsolved)} unsolved, training on {len(unsolved[: recipe.n_train_tasks])}", flush=True)
         kept += unsolved[: recipe.n_train_tasks]
     if not kept:

@@ -407,6 +407,18 @@ def grpo_config(recipe: RLRecipe, checkpoint_dir: Path, precision: str, use_cpu:
     )
 
 
+def rollout_agent(recipe: RLRecipe, toolbox_factory: Callable, answer_mode: str = "generate"
+                  ) -> tuple[AgentConfig, Callable]:
+    """The agent settings and toolbox factory of the recipe's rollouts (greedy until the rollout
+    sets its sampling temperature): the recipe's turn, call and token budgets, or for a ``think``
+    conversation one tool-free turn of tagged reasoning, then the answer."""
+    sampling = SamplingParams(max_new_tokens=recipe.max_new_tokens)
+    if recipe.conversation == "think":
+        return think_config(sampling, answer_mode=answer_mode), without_tools(toolbox_factory)
+    return AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls, sampling=sampling,
+                       answer_mode=answer_mode), toolbox_factory
+
+
 def load_policy_start(base_model_dir, adapter_dirs, precision: str):
     """The base model with the given (SFT) adapters merged in: the frozen start of RL."""
     model, _ = load_agent_model(base_model_dir, adapter_dirs, dtype="bfloat16" if precision == "bf16" else "float32",
@@ -462,13 +474,7 @@ def train_grpo(
         tokenizer.pad_token = tokenizer.eos_token
     model = load_policy_start(base_model_dir, adapters, precision)
 
-    sampling = SamplingParams(max_new_tokens=recipe.max_new_tokens)
-    if recipe.conversation == "think":  # one tool-free turn of tagged reasoning, then the answer
-        agent_config = think_config(sampling, answer_mode=answer_mode)
-        toolbox_factory = without_tools(toolbox_factory)
-    else:
-        agent_config = AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls,
-                                   sampling=sampling, answer_mode=answer_mode)
+    agent_config, toolbox_factory = rollout_agent(recipe, toolbox_factory, answer_mode)
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
                           seed=recipe.seed, backend_factory=backend_factory)
     from datasets import Dataset
