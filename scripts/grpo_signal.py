@@ -18,6 +18,8 @@ paired per-task figure: each train task's rollout NDCG@10 at its first and its l
 ``--unsolved-from POOL`` screens the first ``POOL`` train tasks per dataset with the start policy
 (greedy, the recipe's turn and token budgets) and trains on the first ``n_train_tasks`` per
 dataset it did not solve (NDCG@10 below 1): a solved task's rollouts can only stay or fall.
+A recipe with ``screen_pool`` (the demo's) picks its tasks by the stage's screening instead
+(``training/task_screening.py``); ``--set screen_pool=0`` takes the first tasks.
 Writes ``grpo_signal.json`` to ``--out`` (default ``<root>/grpo_signal``).
 """
 
@@ -65,6 +67,12 @@ def main() -> None:
         tasks, toolboxes = rl_tasks(layout, args.datasets, args.unsolved_from, args.prompt_history_len)
         tasks = unsolved_tasks(tasks, toolboxes, layout.asset_dir("base_model"), args.sft_adapter, recipe,
                                args.answer_mode)
+    elif recipe.screen_pool:  # as the rl_model stage: the pool's tasks whose sampled rewards vary most
+        from recthinker_dagster.training.task_screening import screen_tasks
+
+        pool, toolboxes = rl_tasks(layout, args.datasets, recipe.screen_pool, args.prompt_history_len)
+        tasks = screen_tasks(pool, toolboxes, layout.asset_dir("base_model"),
+                             [args.sft_adapter] if args.sft_adapter else [], recipe, answer_mode=args.answer_mode).tasks
     else:
         tasks, toolboxes = rl_tasks(layout, args.datasets, recipe.n_train_tasks, args.prompt_history_len)
     out = args.out or layout.root / "grpo_signal"

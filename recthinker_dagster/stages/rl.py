@@ -36,6 +36,7 @@ from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
 from recthinker_dagster.training.validation import paired_difference, validation_slice
 
 ASSET = "rl_model"
+SCREENING = "screening.json"
 LOGGED_METRICS = ("train_seconds", "seconds_per_step", "global_step", "final_reward", "n_tasks", "trainable_parameters")
 HEALTH_IN_PROGRESS = ("frac_reward_zero_std", "rewards/ranking/mean", "tools/call_frequency", "rollout/valid_rate")
 SERIES = ("reward", "reward_std", "frac_reward_zero_std", "kl", "learning_rate", "completions/mean_length",
@@ -88,22 +89,50 @@ def rl_recipe(settings: RLSettings) -> RLRecipe:
 
 
 def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int,
-             prompt_history_len: int) -> tuple[list, DatasetToolboxes]:
-    """The RL prompts (a group-balanced slice of every dataset's train tasks) and their toolboxes."""
+             prompt_history_len: int, task_ids: Sequence[str] | None = None) -> tuple[list, DatasetToolboxes]:
+    """The RL prompts (a group-balanced slice of every dataset's train tasks, or of those only the
+    ones in ``task_ids``: the screening's choice) and their toolboxes."""
     tasks, factories = [], {}
     for dataset in datasets:
         frame = validation_slice(read_table(layout, "task_splits", dataset, "tasks_train.parquet"), n_train_tasks)
         indexes = load_tool_indexes(layout, dataset)
         tasks.extend(agent_tasks(frame, indexes, prompt_history_len))
         factories[dataset] = Toolboxes(indexes)
+    if task_ids is not None:
+        missing = set(task_ids) - {task.task_id for task in tasks}
+        if missing:
+            raise ValueError(f"RL tasks {sorted(missing)} are not among the first {n_train_tasks} train tasks of "
+                             f"{list(datasets)}: were the task splits rebuilt since they were chosen?")
+        tasks = [task for task in tasks if task.task_id in set(task_ids)]
     return tasks, DatasetToolboxes(factories)
 
 
 def rl_tasks_at(root: str, datasets: Sequence[str], n_train_tasks: int, prompt_history_len: int,
-                data_dir: str | None = None, cache_dir: str | None = None) -> tuple[list, DatasetToolboxes]:
+                data_dir: str | None = None, cache_dir: str | None = None,
+                task_ids: Sequence[str] | None = None) -> tuple[list, DatasetToolboxes]:
     """``rl_tasks`` of the project at ``root``: what every data-parallel GRPO process rebuilds."""
     layout = ArtifactLayout(Path(root), Path(data_dir) if data_dir else None, Path(cache_dir) if cache_dir else None)
-    return rl_tasks(layout, datasets, n_train_tasks, prompt_history_len)
+    return rl_tasks(layout, datasets, n_train_tasks, prompt_history_len, task_ids)
+
+
+def screened_tasks(pool: list, toolboxes: DatasetToolboxes, policy: PolicyLineage, recipe: RLRecipe,
+                   answer_mode: str, work_dir: Path, log: Callable[[str], None], *, resume: bool = True) -> dict:
+    """The screening's choice among ``pool`` (``training/task_screening.py``), kept in the run's
+    work folder so that a resumed run trains on the tasks it started with, without screening again."""
+    saved = work_dir / SCREENING
+    if resume and saved.is_file():
+        screening = json.loads(saved.read_text())
+        log(f"screening: resuming with the tasks chosen before, {screening['chosen']}")
+        return screening
+    from recthinker_dagster.training.task_screening import screen_tasks
+
+    selection = screen_tasks(pool, toolboxes, policy.base_model, policy.adapters, recipe, answer_mode=answer_mode,
+                             log=log)
+    screening = {"pool_per_dataset": recipe.screen_pool, "rollouts_per_task": recipe.screen_rollouts,
+                 "seconds": selection.seconds, "chosen": selection.chosen_ids(), "tasks": selection.report}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(screening, indent=2))
+    return screening
 
 
 def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets: Sequence[str],
@@ -123,18 +152,25 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     sft_md5 = tracked_md5(layout.asset_dir(start_name)) or "untracked"
     validation_settings = replace(settings.validation, conversation=recipe.conversation)
     # the prompts show as much history as the validation (and the evaluation) prompts
-    tasks, toolboxes = rl_tasks(layout, datasets, recipe.n_train_tasks, settings.validation.prompt_history_len)
+    history_len = settings.validation.prompt_history_len
+    tasks, toolboxes = rl_tasks(layout, datasets, recipe.screen_pool or recipe.n_train_tasks, history_len)
     mode = "" if settings.answer_mode == "generate" else f"|{settings.answer_mode}"  # a logits run never resumes a generate one
     fingerprint = hashlib.sha256(f"{recipe.digest}|{sft_md5}|{','.join(datasets)}{mode}".encode()).hexdigest()[:16]
     work_dir = layout.work_dir(asset, fingerprint)
+    screening = None
+    if recipe.screen_pool:
+        screening = screened_tasks(tasks, toolboxes, policy, recipe, settings.answer_mode, work_dir, log,
+                                   resume=settings.resume)
+        tasks = [task for task in tasks if task.task_id in set(screening["chosen"])]
     log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
         f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
     if recipe.num_processes > 1:
         source = TaskSource(f"{__name__}:rl_tasks_at", {
-            "root": str(layout.root), "datasets": list(datasets), "n_train_tasks": recipe.n_train_tasks,
-            "prompt_history_len": settings.validation.prompt_history_len,
+            "root": str(layout.root), "datasets": list(datasets),
+            "n_train_tasks": recipe.screen_pool or recipe.n_train_tasks, "prompt_history_len": history_len,
             "data_dir": str(layout.data_dir) if layout.data_dir else None,
-            "cache_dir": str(layout.cache_dir) if layout.cache_dir else None})
+            "cache_dir": str(layout.cache_dir) if layout.cache_dir else None,
+            "task_ids": [task.task_id for task in tasks]})
         result = launch_grpo(source, policy.base_model, policy.adapters, work_dir, recipe, resume=settings.resume,
                              answer_mode=settings.answer_mode, log=log, progress_figures=HEALTH_IN_PROGRESS,
                              rollout_server=settings.rollout_server)
@@ -144,6 +180,8 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
                             answer_mode=settings.answer_mode,
                             backend_factory=policy_server(settings.rollout_server, work_dir, recipe.rollout_batch_size))
     m = result.metrics
+    if screening is not None:
+        m["task_screening"] = screening
     log(f"GRPO to step {result.global_step}: {m['seconds_per_step']} s/step, split "
         f"{m['time_split_per_step']}, final reward {m['final_reward']}")
     refuse_no_op(m["steps"], work_dir)
@@ -192,6 +230,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
                                   for s in steps]),
             "health": Json(last),
             "learning": Json(m.get("learning")),
+            "task_screening": Json(screening_summary(screening)),
             "validation": Markdown(validation_table(validation)),
             gain_key: Json(versus_sft),
         },
@@ -267,6 +306,16 @@ def learning_line(learning: Mapping | None) -> str:
         parts.append(f"rollout NDCG@10 per task, last minus first visit {metrics['task_visits_last_minus_first']} "
                      f"+- {metrics.get('task_visits_last_minus_first_se')}")
     return "; ".join(parts)
+
+
+def screening_summary(screening: Mapping | None) -> dict:
+    """The chosen tasks with their screening rewards' mean and spread (``{}``: no screening)."""
+    if not screening:
+        return {}
+    rows = {row["task_id"]: row for row in screening["tasks"]}
+    return {"pool_per_dataset": screening["pool_per_dataset"], "seconds": screening["seconds"],
+            "chosen": {task_id: {"mean": rows[task_id]["mean"], "std": rows[task_id]["std"]}
+                       for task_id in screening["chosen"]}}
 
 
 def rl_series(steps: list[dict]) -> dict[str, list[float]]:

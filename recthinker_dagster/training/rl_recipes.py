@@ -61,6 +61,10 @@ class RLRecipe(RecipeFields):
     max_new_tokens: int = 192  # per assistant turn
     rollout_batch_size: int = 8  # conversations per generate call
     n_train_tasks: int = 0  # train tasks per dataset in the RL set (0: all), spread over the groups
+    # task screening (training/task_screening.py): 0 takes the first n_train_tasks; N > 0 samples the
+    # start policy on the first N train tasks per dataset and keeps the n_train_tasks whose rewards vary most
+    screen_pool: int = 0
+    screen_rollouts: int = 4  # sampled rollouts per pool task
     # rewards
     reward_weights: dict = field(default_factory=lambda: {"ranking": 1.0, "format": 0.1, "tool_efficiency": 0.1})
     reward_params: dict = field(default_factory=lambda: {"correct_k": 5})
@@ -88,6 +92,11 @@ class RLRecipe(RecipeFields):
         if self.max_steps < 1 or self.max_turns < 1 or self.max_tool_calls < 0:
             raise ValueError("max_steps and max_turns must be >= 1, max_tool_calls >= 0")
         check_weights(self.reward_weights)
+        if self.screen_pool and not (self.n_train_tasks > 0 and self.screen_pool >= self.n_train_tasks):
+            raise ValueError(f"screen_pool ({self.screen_pool}) picks n_train_tasks tasks per dataset out of a pool: "
+                             f"it needs n_train_tasks > 0 and at most screen_pool, got {self.n_train_tasks}")
+        if self.screen_pool and self.screen_rollouts < 2:
+            raise ValueError("screen_rollouts must be >= 2: a task's reward spread needs two rollouts")
         self._check_processes()
         if self.conversation not in CONVERSATIONS:
             raise ValueError(f"conversation must be one of {CONVERSATIONS}, got {self.conversation!r}")

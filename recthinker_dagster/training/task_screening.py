@@ -1,0 +1,99 @@
+"""Which train tasks GRPO learns from: the start policy's sampled rollouts on a pool of tasks.
+
+    selection = screen_tasks(pool, toolbox_factory, "assets/base_model", ["assets/sft_model/adapter"], recipe)
+    selection.tasks       # recipe.n_train_tasks per dataset: the ones whose rewards varied most
+    selection.report      # per pool task: its rollouts' rewards, their mean and spread, chosen or not
+
+GRPO learns only from a group whose rewards differ: the advantage of every rollout of an
+all-equal group is 0. Most train tasks are ones the SFT policy already solves (they are the
+tasks its teacher trajectories came from), so their groups are flat or differ by noise, and a
+policy that is confidently wrong is flat too. The screening samples ``recipe.screen_rollouts``
+rollouts per task of the pool (the first ``recipe.screen_pool`` train tasks per dataset) with
+the start policy, the recipe's temperature and budgets, scores them with the recipe's reward
+and keeps, per dataset, the ``n_train_tasks`` tasks with the largest reward spread (the tasks
+the policy gets partly right), in pool order. Ties go to the earlier task.
+
+The screening rollouts are never trained on and never counted in the run's reward curve: the
+run's first steps sample afresh, so picking tasks on a spread says nothing about the rewards of
+the first and the last quarter it is judged by.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from recthinker_dagster.agent.backends.base import SamplingParams
+from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
+from recthinker_dagster.training.rl_recipes import RLRecipe
+
+SCREEN_SEED_OFFSET = 7919  # the screening samples a stream of its own, not the first step's
+
+
+@dataclass
+class TaskSelection:
+    tasks: list  # the chosen AgentTasks, in pool order
+    report: list[dict]  # per pool task: task_id, dataset, rewards, mean, std, chosen
+    seconds: float = 0.0
+
+    def chosen_ids(self) -> list[str]:
+        return [task.task_id for task in self.tasks]
+
+
+def screen_tasks(pool: Sequence, toolbox_factory: Callable, base_model_dir: str | os.PathLike, adapter_dirs,
+                 recipe: RLRecipe, *, answer_mode: str = "generate",
+                 log: Callable[[str], None] = print) -> TaskSelection:
+    """Sample the start policy (base model plus ``adapter_dirs``) on every pool task and choose
+    the recipe's ``n_train_tasks`` per dataset with the largest reward spread (module docstring)."""
+    import time
+
+    from recthinker_dagster.agent import run_agent
+    from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
+    from recthinker_dagster.models.loading import load_agent_model
+    from recthinker_dagster.training.grpo import rollout_agent
+
+    started = time.perf_counter()
+    config, factory = rollout_agent(recipe, toolbox_factory, answer_mode)
+    config = replace(config, producer="screening", sampling=SamplingParams(
+        max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature, top_p=recipe.top_p,
+        seed=recipe.seed + SCREEN_SEED_OFFSET))
+    model, tokenizer = load_agent_model(base_model_dir, adapter_dirs, dtype="auto", device="auto")
+    backend = TransformersBackend(model, tokenizer, name="screening", batch_size=recipe.rollout_batch_size)
+    repeated = [task for task in pool for _ in range(recipe.screen_rollouts)]
+    log(f"screening {len(pool)} train tasks with the start policy: {recipe.screen_rollouts} sampled rollouts each "
+        f"at temperature {recipe.temperature}, {len(repeated)} in all")
+    trajectories = run_agent(repeated, backend, factory, config, on_step=lambda turn, active: log(
+        f"screening: turn {turn + 1}, {active} of {len(repeated)} conversations still going"))
+    rewards: dict[str, list[float]] = {}
+    for trajectory in trajectories:
+        outcome = RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls)
+        rewards.setdefault(trajectory.task_id, []).append(
+            round(weighted_reward(outcome, recipe.reward_weights, recipe.reward_params), 4))
+    selection = choose_varied(pool, rewards, recipe.n_train_tasks)
+    selection.seconds = round(time.perf_counter() - started, 1)
+    for dataset in dict.fromkeys(task.dataset for task in pool):
+        rows = [row for row in selection.report if row["dataset"] == dataset]
+        log(f"screening {dataset}: reward spread per task {[row['std'] for row in rows]}; chose "
+            f"{[row['task_id'] for row in rows if row['chosen']]}")
+    return selection
+
+
+def choose_varied(pool: Sequence, rewards: dict[str, list[float]], per_dataset: int) -> TaskSelection:
+    """Per dataset, the ``per_dataset`` pool tasks whose ``rewards`` (task id -> the rollouts'
+    rewards) have the largest population standard deviation, earlier tasks winning ties; the
+    chosen keep their pool order. ``per_dataset`` <= 0: every task."""
+    report = []
+    for index, task in enumerate(pool):
+        values = rewards[task.task_id]
+        report.append({"task_id": task.task_id, "dataset": task.dataset, "rewards": values,
+                       "mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4),
+                       "index": index})
+    chosen: set[int] = set()
+    for dataset in dict.fromkeys(row["dataset"] for row in report):
+        rows = sorted((row for row in report if row["dataset"] == dataset), key=lambda row: (-row["std"], row["index"]))
+        chosen.update(row["index"] for row in (rows[:per_dataset] if per_dataset > 0 else rows))
+    for row in report:
+        row["chosen"] = row.pop("index") in chosen
+    return TaskSelection([task for index, task in enumerate(pool) if index in chosen], report)
