@@ -198,3 +198,37 @@ def test_a_recipe_that_needs_more_tasks_per_step_than_there_are_is_refused(tmp_p
     recipe = load_rl_recipe("smoke")  # 2 x 4 rollouts per step / 4 per group: two tasks per step
     with pytest.raises(ValueError, match="takes 2 tasks per step .* only 1 train tasks"):
         train_grpo(agent_tasks("train", 1), toolbox_factory, tmp_path / "no-model", [], tmp_path / "out", recipe)
+
+
+def test_flat_groups_are_found_where_trls_float32_std_misses_them():
+    from trl.trainer.utils import nanstd
+
+    from recthinker_dagster.training.grpo_trainer import flat_group_rows
+
+    weights = torch.tensor([1.0, 0.1, 0.1])
+    perfect = torch.ones(8, 3)  # eight rollouts with every term at 1: totals 1.2 (not exact in float32)
+    totals = (perfect * weights).nansum(dim=1)
+    assert not torch.isclose(nanstd(totals.view(-1, 8), dim=1), torch.zeros(1)).item()  # TRL's test: "varied"
+    varied = perfect.clone()
+    varied[3, 0] = 0.63  # one rollout ranked the target second
+    rows = flat_group_rows(torch.cat([perfect, varied]), weights, 8)
+    assert rows.tolist() == [True] * 8 + [False] * 8
+
+
+def round_off_reward(prompts, completions, **kwargs) -> list[float]:
+    """1 for every rollout, give or take one float32 step: what summing 1.0 + 0.1 + 0.1 leaves."""
+    return [1.0 + 1.2e-7 * (k % 2) for k in range(len(completions))]
+
+
+@pytest.mark.slow
+def test_a_flat_group_logs_zero_std_and_trains_nothing(tmp_path, tiny_base_model):
+    """The tiny random model never answers: the forced head ranks each task's candidates the
+    same way in every rollout, so with a reward equal up to round-off on top every group is
+    flat (TRL's float32 test calls it varied): frac_reward_zero_std 1, every advantage 0, no gradient."""
+    recipe = load_rl_recipe("smoke").with_overrides(name="test", max_steps=1, max_turns=1, max_new_tokens=16,
+                                                    per_device_train_batch_size=1)
+    result = train_grpo(agent_tasks("train", 2), toolbox_factory, tiny_base_model, [], tmp_path, recipe,
+                        extra_reward_funcs=[round_off_reward])
+    step = result.metrics["steps"][0]
+    assert step["frac_reward_zero_std"] == 1.0 and step["rollout/forced_head_rate"] == 1.0
+    assert step["grad_norm"] == 0.0

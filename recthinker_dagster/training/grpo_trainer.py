@@ -12,6 +12,13 @@ The LM head is projected only on the tokens the policy sampled (``scored_head.py
 also hands over its ``env_mask`` rows (``receive_trained_masks``), and every log-prob pass (the
 reference's, the policy's) turns the other completion positions' labels to -100. Their
 log-probs are 0; the loss, the KL and the metrics never read them (TRL masks them out).
+
+Flat groups. TRL calls a group flat when its float32 reward std ``isclose`` to 0 (absolute
+tolerance 1e-8), but the std of eight identical rewards of 1.2 (1.0 + 0.1 + 0.1) is 1.3e-7 in
+float32, so a group of equal rewards counted as varied: ``frac_reward_zero_std`` read 0 and the
+group's advantages were round-off divided by 1e-4. Here a group is flat when its weighted
+rewards (float64) differ by at most ``FLAT_TOLERANCE``; ``frac_reward_zero_std`` is the share
+of such groups and their advantages are exactly 0.
 """
 
 from __future__ import annotations
@@ -26,6 +33,16 @@ from recthinker_dagster.training.data import IGNORE_INDEX
 from recthinker_dagster.training.scored_head import project_labelled_positions_only
 
 ALLOWED_KEY = "answer_allowed"
+FLAT_TOLERANCE = 1e-6  # rewards closer than this are equal (ours are sums of weights x [0, 1] terms)
+
+
+def flat_group_rows(rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per row of a generation batch (groups of ``group_size`` consecutive rows): whether its
+    group's weighted total rewards all lie within ``FLAT_TOLERANCE``."""
+    totals = (rewards_per_func.double() * weights.double().to(rewards_per_func.device)).nansum(dim=1)
+    grouped = totals.view(-1, group_size)
+    flat = (grouped.max(dim=1).values - grouped.min(dim=1).values) <= FLAT_TOLERANCE
+    return flat.repeat_interleave(group_size)
 
 
 class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
@@ -35,6 +52,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _loss_trained = None  # the micro-batch's trained-token mask while its loss is computed
     _scored = None  # the trained-token mask of the log-prob pass under way, and its next row
     _scored_row = 0
+    _flat_rows: torch.Tensor | None = None  # this generation batch's rows (every process's) in a flat group
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,16 +67,33 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     def receive_answer_constraints(self, rows: Sequence[Sequence[Sequence[int] | None]] | None) -> None:
         self._batch_constraints = list(rows) if rows is not None else None
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._flat_rows = flat_group_rows(rewards_per_func, self.reward_weights, self.num_generations)
+        return rewards_per_func
+
     def _generate_and_score_completions(self, inputs):
-        self._batch_constraints = self._batch_trained = None
+        self._batch_constraints = self._batch_trained = self._flat_rows = None
         try:
             output = super()._generate_and_score_completions(inputs)
             if self._batch_constraints is not None:
                 output[ALLOWED_KEY] = allowed_table(self._batch_constraints, output["completion_ids"].shape[1]).to(
                     output["completion_ids"].device)
+            if self._flat_rows is not None:
+                self._zero_flat_groups(output)
         finally:
-            self._batch_constraints = self._batch_trained = None
+            self._batch_constraints = self._batch_trained = self._flat_rows = None
         return output
+
+    def _zero_flat_groups(self, output: dict) -> None:
+        """Log the share of flat groups as ``frac_reward_zero_std`` (replacing TRL's figure for
+        this batch) and give their rows advantage 0 (module docstring)."""
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["frac_reward_zero_std"][-1] = self._flat_rows.float().mean().item()
+        local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * local
+        mine = self._flat_rows[start:start + local].to(output["advantages"].device)
+        output["advantages"] = output["advantages"].masked_fill(mine, 0.0)
 
     def _compute_loss(self, model, inputs):
         self._loss_allowed = inputs.get(ALLOWED_KEY)
