@@ -80,19 +80,19 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
                 output[ALLOWED_KEY] = allowed_table(self._batch_constraints, output["completion_ids"].shape[1]).to(
                     output["completion_ids"].device)
             if self._flat_rows is not None:
-                self._zero_flat_groups(output)
+                self._zero_flat_groups(output, self._flat_rows)
         finally:
             self._batch_constraints = self._batch_trained = self._flat_rows = None
         return output
 
-    def _zero_flat_groups(self, output: dict) -> None:
+    def _zero_flat_groups(self, output: dict, flat_rows: torch.Tensor) -> None:
         """Log the share of flat groups as ``frac_reward_zero_std`` (replacing TRL's figure for
         this batch) and give their rows advantage 0 (module docstring)."""
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["frac_reward_zero_std"][-1] = self._flat_rows.float().mean().item()
+        self._metrics[mode]["frac_reward_zero_std"][-1] = flat_rows.float().mean().item()
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
-        mine = self._flat_rows[start:start + local].to(output["advantages"].device)
+        mine = flat_rows[start:start + local].to(output["advantages"].device)
         output["advantages"] = output["advantages"].masked_fill(mine, 0.0)
 
     def _compute_loss(self, model, inputs):
