@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -47,8 +48,6 @@ def screen_tasks(pool: Sequence, toolbox_factory: Callable, base_model_dir: str 
                  log: Callable[[str], None] = print) -> TaskSelection:
     """Sample the start policy (base model plus ``adapter_dirs``) on every pool task and choose
     the recipe's ``n_train_tasks`` per dataset with the largest reward spread (module docstring)."""
-    import time
-
     from recthinker_dagster.agent import run_agent
     from recthinker_dagster.agent.backends.transformers_backend import TransformersBackend
     from recthinker_dagster.models.loading import load_agent_model
