@@ -35,13 +35,15 @@ def tiny_backend(smollm2_tokenizer):
 
 
 @pytest.mark.parametrize("labels", [LETTERS, NUMBERED], ids=["single-token", "multi-token"])
-@pytest.mark.parametrize("temperature", (0.7, 1.5))
-def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, labels, temperature):
+@pytest.mark.parametrize("temperature,answer_temperature", [(0.7, None), (1.5, None), (1.0, 3.0)])
+def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, labels, temperature, answer_temperature):
+    """... also when the labels are sampled at an answer temperature of their own."""
     tokenizer = tiny_backend.tokenizer
     conversation = [{"role": "user", "content": "Rank the candidates."}]
     tokens = tiny_backend.label_tokens(labels)
     for seed in range(3):
-        params = SamplingParams(max_new_tokens=64, temperature=temperature, seed=seed)
+        params = SamplingParams(max_new_tokens=64, temperature=temperature, seed=seed,
+                                answer_temperature=answer_temperature)
         generation = tiny_backend.generate([conversation], None, params, answers=[AnswerSpec(labels)])[0]
         ids = generation.token_ids
         allowed = replay_allowed(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
@@ -55,7 +57,8 @@ def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, lab
         logits = logits / temperature
         table = allowed_table([allowed], len(ids))[0]
         at = torch.tensor(constrained)
-        mine = log_prob_among(logits[at].gather(1, table[at].clamp(min=0)), table[at], torch.tensor(ids)[at])
+        scores = logits[at].gather(1, table[at].clamp(min=0)) * temperature / (answer_temperature or temperature)
+        mine = log_prob_among(scores, table[at], torch.tensor(ids)[at])
         sampled = torch.tensor([generation.logprobs[k] for k in constrained])
         assert torch.allclose(mine, sampled, atol=1e-3), (mine - sampled).abs().max()
         plain = torch.log_softmax(logits[at], dim=-1).gather(1, torch.tensor(ids)[at, None])[:, 0]

@@ -135,27 +135,33 @@ def test_grpo_logs_health_figures_and_time_split(grpo_runs):
 
 
 @pytest.mark.slow
-def test_grpo_scores_answer_tokens_under_the_sampling_constraint(tmp_path, answering_base_model, monkeypatch):
+@pytest.mark.parametrize("answer_temperature", [None, 2.5])
+def test_grpo_scores_answer_tokens_under_the_sampling_constraint(tmp_path, answering_base_model, monkeypatch,
+                                                                 answer_temperature):
     """A policy that answers at once (the bigram model): the trainer takes the log-probs of the
-    reference (KL) and of the policy (loss) among the ids the answer constraint allowed, so
-    sampler and trainer agree on the answer tokens."""
+    reference (KL) and of the policy (loss) among the ids the answer constraint allowed, at the
+    temperature the labels were sampled at, so sampler and trainer agree on the answer tokens."""
     from recthinker_dagster.training import grpo_trainer
 
     restricted: list[int] = []
+    temperatures: list[float] = []
     original = grpo_trainer.restrict_logprobs
 
     def counting(logps, hidden, head, completion_ids, allowed, temperature):
         restricted.append(int((allowed[..., 0] >= 0).sum()))
+        temperatures.append(temperature)
         return original(logps, hidden, head, completion_ids, allowed, temperature)
 
     monkeypatch.setattr(grpo_trainer, "restrict_logprobs", counting)
     recipe = load_rl_recipe("smoke").with_overrides(
         name="test-constrained", max_steps=1, num_generations=2, per_device_train_batch_size=2,
-        gradient_accumulation_steps=1, max_turns=1, max_new_tokens=48, beta=0.04, learning_rate=5e-3)
+        gradient_accumulation_steps=1, max_turns=1, max_new_tokens=48, beta=0.04, learning_rate=5e-3,
+        answer_temperature=answer_temperature)
     result = train_grpo(agent_tasks("train", 1), toolbox_factory, answering_base_model, [], tmp_path, recipe)
     step = result.metrics["steps"][-1]
     assert step["rollout/answered_rate"] == 1.0
     assert len(restricted) == 2 and all(n > 0 for n in restricted)  # the reference's pass, then the loss's
+    assert temperatures == [answer_temperature or recipe.temperature] * 2
     assert step["rollout/sampler_logprob_abs_gap"] < 1e-3
 
 
@@ -232,3 +238,15 @@ def test_a_flat_group_logs_zero_std_and_trains_nothing(tmp_path, tiny_base_model
     step = result.metrics["steps"][0]
     assert step["frac_reward_zero_std"] == 1.0 and step["rollout/forced_head_rate"] == 1.0
     assert step["grad_norm"] == 0.0
+
+
+def test_answer_temperature_is_checked_and_reaches_the_rollouts(tmp_path):
+    from recthinker_dagster.training.grpo import rollout_agent
+
+    with pytest.raises(ValueError, match="answer_temperature must be > 0"):
+        load_rl_recipe("demo").with_overrides(answer_temperature=0.0)
+    recipe = load_rl_recipe("demo").with_overrides(answer_temperature=2.0)
+    config, _ = rollout_agent(recipe, toolbox_factory)
+    assert config.sampling.answer_temperature == 2.0
+    assert SamplingParams(temperature=1.0, answer_temperature=2.0).answer_scale == 0.5
+    assert SamplingParams(temperature=0.0, answer_temperature=2.0).answer_scale == 1.0  # greedy stays greedy

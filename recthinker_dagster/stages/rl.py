@@ -147,6 +147,9 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     from recthinker_dagster.training.policy_server import policy_server
 
     recipe = rl_recipe(settings)
+    if settings.rollout_server and recipe.answer_temperature is not None:
+        raise ValueError(f"RL recipe {recipe.name!r} sets answer_temperature, which needs the local backend's answer "
+                         "constraint; a rollout server samples free text. Drop rollout_server or answer_temperature.")
     policy = policy_lineage(layout, start)
     start_name = start or "base_model"
     sft_md5 = tracked_md5(layout.asset_dir(start_name)) or "untracked"

@@ -187,6 +187,7 @@ class ToolRollout:
             max_new_tokens=self.agent_config.sampling.max_new_tokens,
             temperature=getattr(trainer.args, "temperature", 1.0), top_p=getattr(trainer.args, "top_p", 1.0) or 1.0,
             seed=self.seed + 1000 * step + 100 * process,
+            answer_temperature=self.agent_config.sampling.answer_temperature,
         )
         config = replace(self.agent_config, sampling=sampling, producer="policy")
         tool_clock = [0.0]
@@ -212,7 +213,7 @@ class ToolRollout:
         if receive is not None:  # ... and projects its LM head on the sampled tokens only
             receive(env_mask)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
-        record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling.temperature,
+        record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling,
                                         constraints))
         self.step_records.append(record)
         self.task_visits.extend(task_visits(step, trajectories))
@@ -257,7 +258,7 @@ class ToolRollout:
             rows.append(row)
         return rows
 
-    def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, temperature,
+    def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, sampling: SamplingParams,
                      constraints=None) -> dict:
         """The trainer's log-probs of the sampled tokens against the sampler's, on the first
         ``gap_rollouts`` rollouts (one forward pass each): mean and mean absolute difference.
@@ -275,14 +276,14 @@ class ToolRollout:
                 for k in rows:
                     ids = torch.tensor([prompt_ids[k] + completion_ids[k]], device=model.device)
                     logits = model(input_ids=ids).logits[0, len(prompt_ids[k]) - 1 : -1].float()
-                    logits = logits / (temperature if temperature > 0 else 1.0)
+                    logits = logits / (sampling.temperature if sampling.temperature > 0 else 1.0)
                     completion = ids[0, len(prompt_ids[k]):]
                     trained = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
                     if constraints is not None:
                         allowed = allowed_table([constraints[k]], len(completion))[0]
                         at = constrained_positions(allowed[None])[1]
                         if at.numel():
-                            scores = logits[at].gather(1, allowed[at].clamp(min=0))
+                            scores = logits[at].gather(1, allowed[at].clamp(min=0)) * sampling.answer_scale
                             trained[at] = log_prob_among(scores, allowed[at], completion[at])
                     diffs += [sampled - float(t) for sampled, t, m in zip(logprobs[k], trained.tolist(), env_mask[k])
                               if m and not math.isnan(sampled)]
@@ -412,7 +413,7 @@ def rollout_agent(recipe: RLRecipe, toolbox_factory: Callable, answer_mode: str 
     """The agent settings and toolbox factory of the recipe's rollouts (greedy until the rollout
     sets its sampling temperature): the recipe's turn, call and token budgets, or for a ``think``
     conversation one tool-free turn of tagged reasoning, then the answer."""
-    sampling = SamplingParams(max_new_tokens=recipe.max_new_tokens)
+    sampling = SamplingParams(max_new_tokens=recipe.max_new_tokens, answer_temperature=recipe.answer_temperature)
     if recipe.conversation == "think":
         return think_config(sampling, answer_mode=answer_mode), without_tools(toolbox_factory)
     return AgentConfig(max_turns=recipe.max_turns, max_tool_calls=recipe.max_tool_calls, sampling=sampling,
@@ -494,6 +495,7 @@ def train_grpo(
                                target_modules=list(recipe.lora_target_modules), task_type="CAUSAL_LM"),
         rollout_func=rollout,
         callbacks=[clock, *(callbacks or [])],
+        answer_temperature=recipe.answer_temperature,
     )
     if not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)

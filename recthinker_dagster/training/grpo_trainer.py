@@ -6,7 +6,9 @@ generation batch, the ids the answer constraint allowed at each completion posit
 reference model's for the KL, the policy's for the loss) is taken among those ids at the
 constrained positions (``answer_logprobs.py``); the table rides along with the batch through
 TRL's shuffling and micro-batching as the ``answer_allowed`` tensor. Without constraints
-(HTTP backends, unconstrained recipes) this is TRL's trainer unchanged.
+(HTTP backends, unconstrained recipes) this is TRL's trainer unchanged. With an
+``answer_temperature`` (the recipe's; the sampler drew the labels at it) the constrained
+positions are scored at that temperature, the rest at TRL's.
 
 The LM head is projected only on the tokens the policy sampled (``scored_head.py``): the rollout
 also hands over its ``env_mask`` rows (``receive_trained_masks``), and every log-prob pass (the
@@ -54,8 +56,10 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _scored_row = 0
     _flat_rows: torch.Tensor | None = None  # this generation batch's rows (every process's) in a flat group
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, answer_temperature: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # the answer labels' sampling temperature (SamplingParams.answer_temperature): their log-probs use it
+        self.answer_temperature = answer_temperature if answer_temperature is not None else self.temperature
         for model in (self.model, self.ref_model):
             if model is not None:
                 project_labelled_positions_only(model, temperature=self.temperature,
@@ -159,5 +163,5 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
             handle.remove()
         states = torch.cat(hidden, dim=0)
         logps = restrict_logprobs(logps, states, causal_lm.get_output_embeddings(), input_ids[:, -logits_to_keep:],
-                                  allowed.to(logps.device), self.temperature)
+                                  allowed.to(logps.device), self.answer_temperature)
         return logps, entropies, aux

@@ -54,6 +54,9 @@ class RLRecipe(RecipeFields):
     scale_rewards: str = "group"
     temperature: float = 1.0
     top_p: float = 1.0
+    # the answer's labels are sampled at this temperature (None: at temperature), the tool calls
+    # and the rest at temperature: exploring rankings without breaking calls (generate mode, local backend)
+    answer_temperature: float | None = None
     # rollouts: the conversation, the agent's budgets and the tasks
     conversation: str = "tools"  # "tools": the agent; "think": think before recommend, no tools (RecZero, RecOne)
     max_turns: int = 4
@@ -95,6 +98,8 @@ class RLRecipe(RecipeFields):
         if self.screen_pool and not (self.n_train_tasks > 0 and self.screen_pool >= self.n_train_tasks):
             raise ValueError(f"screen_pool ({self.screen_pool}) picks n_train_tasks tasks per dataset out of a pool: "
                              f"it needs n_train_tasks > 0 and at most screen_pool, got {self.n_train_tasks}")
+        if self.answer_temperature is not None and self.answer_temperature <= 0:
+            raise ValueError(f"answer_temperature must be > 0 (or null: the temperature), got {self.answer_temperature}")
         if self.screen_pool and self.screen_rollouts < 2:
             raise ValueError("screen_rollouts must be >= 2: a task's reward spread needs two rollouts")
         self._check_processes()

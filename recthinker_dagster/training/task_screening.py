@@ -57,7 +57,7 @@ def screen_tasks(pool: Sequence, toolbox_factory: Callable, base_model_dir: str 
     config, factory = rollout_agent(recipe, toolbox_factory, answer_mode)
     config = replace(config, producer="screening", sampling=SamplingParams(
         max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature, top_p=recipe.top_p,
-        seed=recipe.seed + SCREEN_SEED_OFFSET))
+        seed=recipe.seed + SCREEN_SEED_OFFSET, answer_temperature=recipe.answer_temperature))
     model, tokenizer = load_agent_model(base_model_dir, adapter_dirs, dtype="auto", device="auto")
     backend = TransformersBackend(model, tokenizer, name="screening", batch_size=recipe.rollout_batch_size)
     repeated = [task for task in pool for _ in range(recipe.screen_rollouts)]

@@ -41,6 +41,19 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = 0
+    # the answer's labels under the answer constraint are sampled at this temperature (None: at
+    # ``temperature``): exploring the ranking without loosening the tool calls. Local backend only.
+    answer_temperature: float | None = None
+
+    @property
+    def answer_scale(self) -> float:
+        """What the answer constraint multiplies the allowed labels' scores by, so that the
+        sampler's division by ``temperature`` leaves them at ``answer_temperature``."""
+        if self.greedy or self.answer_temperature is None:
+            return 1.0
+        if self.answer_temperature <= 0:
+            raise ValueError(f"answer_temperature must be > 0, got {self.answer_temperature}")
+        return self.temperature / self.answer_temperature
 
     @property
     def greedy(self) -> bool:

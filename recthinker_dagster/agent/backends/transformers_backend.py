@@ -356,7 +356,8 @@ class TransformersBackend:
         cache = self._new_cache(plans, width + params.max_new_tokens)
         processors = LogitsProcessorList()
         if states is not None:
-            processors.append(AnswerConstraint(self.tokenizer, states, self.stop_ids, fresh=fresh))
+            processors.append(AnswerConstraint(self.tokenizer, states, self.stop_ids, fresh=fresh,
+                                               answer_scale=params.answer_scale))
         recorder = SampledLogprobs(params.temperature)
         processors.append(recorder)
         split = self.split_stragglers and len(rows) >= self.min_split_rows
