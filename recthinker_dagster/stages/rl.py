@@ -99,12 +99,18 @@ def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int
         tasks.extend(agent_tasks(frame, indexes, prompt_history_len))
         factories[dataset] = Toolboxes(indexes)
     if task_ids is not None:
-        missing = set(task_ids) - {task.task_id for task in tasks}
-        if missing:
-            raise ValueError(f"RL tasks {sorted(missing)} are not among the first {n_train_tasks} train tasks of "
-                             f"{list(datasets)}: were the task splits rebuilt since they were chosen?")
-        tasks = [task for task in tasks if task.task_id in set(task_ids)]
+        tasks = only_tasks(tasks, task_ids, f"the first {n_train_tasks} train tasks of {list(datasets)}")
     return tasks, DatasetToolboxes(factories)
+
+
+def only_tasks(tasks: Sequence, task_ids: Sequence[str], where: str) -> list:
+    """The tasks whose ids are in ``task_ids``, in their order; an error names any id not among them."""
+    wanted = set(task_ids)
+    missing = wanted - {task.task_id for task in tasks}
+    if missing:
+        raise ValueError(f"RL tasks {sorted(missing)} are not among {where}: were the task splits rebuilt since "
+                         "they were chosen?")
+    return [task for task in tasks if task.task_id in wanted]
 
 
 def rl_tasks_at(root: str, datasets: Sequence[str], n_train_tasks: int, prompt_history_len: int,
@@ -164,7 +170,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     if recipe.screen_pool:
         screening = screened_tasks(tasks, toolboxes, policy, recipe, settings.answer_mode, work_dir, log,
                                    resume=settings.resume)
-        tasks = [task for task in tasks if task.task_id in set(screening["chosen"])]
+        tasks = only_tasks(tasks, screening["chosen"], "the screening's pool")
     log(f"GRPO recipe {recipe.name} v{recipe.version} ({recipe.digest}) on {len(tasks)} train tasks, "
         f"{recipe.num_generations} rollouts each per step, in {layout.relative(work_dir)}")
     if recipe.num_processes > 1:

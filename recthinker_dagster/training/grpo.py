@@ -183,11 +183,10 @@ class ToolRollout:
         step = trainer.state.global_step
         # each data-parallel process samples its own stream (a group can span processes)
         process = accelerator.process_index if accelerator is not None else 0
-        sampling = SamplingParams(
-            max_new_tokens=self.agent_config.sampling.max_new_tokens,
+        sampling = replace(  # the agent's token budget and answer temperature, the trainer's sampling
+            self.agent_config.sampling,
             temperature=getattr(trainer.args, "temperature", 1.0), top_p=getattr(trainer.args, "top_p", 1.0) or 1.0,
             seed=self.seed + 1000 * step + 100 * process,
-            answer_temperature=self.agent_config.sampling.answer_temperature,
         )
         config = replace(self.agent_config, sampling=sampling, producer="policy")
         tool_clock = [0.0]

@@ -73,7 +73,8 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._flat_rows = flat_group_rows(rewards_per_func, self.reward_weights, self.num_generations)
+        group_size = self.num_generations if self.model.training else self.num_generations_eval  # as TRL groups them
+        self._flat_rows = flat_group_rows(rewards_per_func, self.reward_weights, group_size)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):

@@ -5,8 +5,8 @@
     selection.report      # per pool task: its rollouts' rewards, their mean and spread, chosen or not
 
 GRPO learns only from a group whose rewards differ: the advantage of every rollout of an
-all-equal group is 0. Most train tasks are ones the SFT policy already solves (they are the
-tasks its teacher trajectories came from), so their groups are flat or differ by noise, and a
+all-equal group is 0. The SFT policy already solves most train tasks (most of them have a
+teacher trajectory in its training set), so their groups are flat or differ by noise, and a
 policy that is confidently wrong is flat too. The screening samples ``recipe.screen_rollouts``
 rollouts per task of the pool (the first ``recipe.screen_pool`` train tasks per dataset) with
 the start policy, the recipe's temperature and budgets, scores them with the recipe's reward
@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from recthinker_dagster.agent.backends.base import SamplingParams
 from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
 from recthinker_dagster.training.rl_recipes import RLRecipe
 
@@ -55,9 +54,8 @@ def screen_tasks(pool: Sequence, toolbox_factory: Callable, base_model_dir: str 
 
     started = time.perf_counter()
     config, factory = rollout_agent(recipe, toolbox_factory, answer_mode)
-    config = replace(config, producer="screening", sampling=SamplingParams(
-        max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature, top_p=recipe.top_p,
-        seed=recipe.seed + SCREEN_SEED_OFFSET, answer_temperature=recipe.answer_temperature))
+    config = replace(config, producer="screening", sampling=replace(
+        config.sampling, temperature=recipe.temperature, top_p=recipe.top_p, seed=recipe.seed + SCREEN_SEED_OFFSET))
     model, tokenizer = load_agent_model(base_model_dir, adapter_dirs, dtype="auto", device="auto")
     backend = TransformersBackend(model, tokenizer, name="screening", batch_size=recipe.rollout_batch_size)
     repeated = [task for task in pool for _ in range(recipe.screen_rollouts)]

@@ -226,7 +226,7 @@ class AnswerConstraint:
     def __init__(self, tokenizer, states: Sequence[AnswerState | None], stop_ids: Sequence[int], *, fresh: bool = True,
                  answer_scale: float = 1.0):
         self.tokenizer = tokenizer
-        self.answer_scale = answer_scale  # on the allowed scores where several are allowed (SamplingParams.answer_scale)
+        self.answer_scale = answer_scale  # on the allowed scores (SamplingParams.answer_scale)
         self.states = list(states)
         self.stop_ids = frozenset(stop_ids)
         self.started = not fresh
@@ -252,7 +252,7 @@ class AnswerConstraint:
             if allowed is None:
                 continue
             keep = scores[row, allowed].clone()
-            if self.answer_scale != 1.0 and len(allowed) > 1:
+            if self.answer_scale != 1.0:
                 keep = keep * self.answer_scale
             scores[row] = float("-inf")
             scores[row, allowed] = keep
