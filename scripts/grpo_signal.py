@@ -64,17 +64,20 @@ def main() -> None:
     recipe = load_rl_recipe(args.recipe).with_overrides(**overrides)
     layout = ArtifactLayout(args.root.resolve())
     if args.unsolved_from:
-        tasks, toolboxes = rl_tasks(layout, args.datasets, args.unsolved_from, args.prompt_history_len)
+        tasks, toolboxes = rl_tasks(layout, args.datasets, args.unsolved_from, args.prompt_history_len,
+                                    task_pool=recipe.task_pool)
         tasks = unsolved_tasks(tasks, toolboxes, layout.asset_dir("base_model"), args.sft_adapter, recipe,
                                args.answer_mode)
     elif recipe.screen_pool:  # as the rl_model stage: the pool's tasks whose sampled rewards vary most
         from recthinker_dagster.training.task_screening import screen_tasks
 
-        pool, toolboxes = rl_tasks(layout, args.datasets, recipe.screen_pool, args.prompt_history_len)
+        pool, toolboxes = rl_tasks(layout, args.datasets, recipe.screen_pool, args.prompt_history_len,
+                                   task_pool=recipe.task_pool)
         tasks = screen_tasks(pool, toolboxes, layout.asset_dir("base_model"),
                              [args.sft_adapter] if args.sft_adapter else [], recipe, answer_mode=args.answer_mode).tasks
     else:
-        tasks, toolboxes = rl_tasks(layout, args.datasets, recipe.n_train_tasks, args.prompt_history_len)
+        tasks, toolboxes = rl_tasks(layout, args.datasets, recipe.n_train_tasks, args.prompt_history_len,
+                                    task_pool=recipe.task_pool)
     out = args.out or layout.root / "grpo_signal"
     print(f"GRPO {recipe.name} ({recipe.digest}) on {len(tasks)} train tasks, {recipe.num_generations} rollouts "
           f"each, {recipe.max_steps} steps; overrides {overrides}", flush=True)

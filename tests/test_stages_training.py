@@ -213,6 +213,44 @@ def test_dataset_toolboxes_route_each_task_to_its_dataset():
     assert toolboxes(SimpleNamespace(dataset="b", task_id="t1")) == ("b", "t1")
 
 
+def test_the_unimitated_task_pool_leaves_out_every_task_sft_saw_a_solution_of(filtered, tmp_path, monkeypatch):
+    import recthinker_dagster.stages.rl as rl_stage
+
+    published, _, _, _ = filtered
+    layout = ArtifactLayout(tmp_path)
+    splits = layout.asset_dir("task_splits", DATASET)
+    splits.mkdir(parents=True)
+    real_world().tasks.filter(pl.col("split") == "train").write_parquet(splits / "tasks_train.parquet")
+    monkeypatch.setattr(rl_stage, "load_tool_indexes", lambda layout, dataset: real_world().indexes)
+    with pytest.raises(FileNotFoundError, match="materialize filtered_trajectories first"):
+        rl_stage.rl_tasks(layout, [DATASET], 0, 10, task_pool="unimitated")
+    decisions = pl.read_parquet(published.asset_dir("filtered_trajectories") / "decisions.parquet")
+    layout.asset_dir("filtered_trajectories").mkdir(parents=True)
+    decisions.write_parquet(layout.asset_dir("filtered_trajectories") / "decisions.parquet")
+
+    every, _ = rl_stage.rl_tasks(layout, [DATASET], 0, 10)
+    unimitated, toolboxes = rl_stage.rl_tasks(layout, [DATASET], 0, 10, task_pool="unimitated")
+    imitated = set(decisions.filter(pl.col("kept"))["task_id"])
+    assert imitated and unimitated  # the fixture kept some and dropped some (an eval leak at least)
+    assert [t.task_id for t in unimitated] == [t.task_id for t in every if t.task_id not in imitated]
+    assert toolboxes(unimitated[0]).task_id == unimitated[0].task_id
+    two, _ = rl_stage.rl_tasks(layout, [DATASET], 2, 10, task_pool="unimitated")  # group-balanced, in the pool
+    assert len(two) == 2 and not {t.task_id for t in two} & imitated
+    with pytest.raises(ValueError, match="task_pool must be one of"):
+        rl_stage.rl_tasks(layout, [DATASET], 2, 10, task_pool="seen")
+
+    decisions.with_columns(kept=pl.lit(True)).write_parquet(layout.asset_dir("filtered_trajectories") / "decisions.parquet")
+    with pytest.raises(ValueError, match="every train task of ml-1m has a kept teacher trajectory"):
+        rl_stage.rl_tasks(layout, [DATASET], 2, 10, task_pool="unimitated")
+
+
+def test_rl_recipes_check_their_task_pool():
+    assert rl_recipe(RLSettings(recipe="demo")).task_pool == "unimitated"
+    assert rl_recipe(RLSettings(recipe="smoke")).task_pool == "train"
+    with pytest.raises(ValueError, match="task_pool must be one of"):
+        rl_recipe(RLSettings(recipe="demo")).with_overrides(task_pool="seen")
+
+
 def test_rl_metrics_and_series():
     steps = [{"step": 1, "reward": 0.1, "rewards/ranking/mean": 0.1, "kl": 0.0},
              {"step": 2, "reward": 0.3, "rewards/ranking/mean": 0.2, "tools/call_frequency": 2.0, "note": "x"}]

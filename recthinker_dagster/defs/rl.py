@@ -21,7 +21,8 @@ from recthinker_dagster.stages.rl import build_rl_model_stage
 def build_rl_assets(datasets: list[str]) -> list:
     @dg.asset(
         key=keys.RL_MODEL,
-        deps=[keys.SFT_MODEL, *keys.dataset_keys(datasets, "task_splits"), *keys.dataset_keys(datasets, "tool_suite")],
+        deps=[keys.SFT_MODEL, keys.FILTERED_TRAJECTORIES,  # the 'unimitated' task pool reads its decisions
+              *keys.dataset_keys(datasets, "task_splits"), *keys.dataset_keys(datasets, "tool_suite")],
         group_name=keys.AGENT_GROUP,
         pool=keys.HEAVY_POOL,
         kinds={"pytorch", "dvc"},

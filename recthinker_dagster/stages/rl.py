@@ -4,10 +4,10 @@
     result.artifact.folder       # assets/rl_model: adapter/, metrics.json, validation.json, lineage.json
 
 Train tasks of every dataset (a fixed, group-balanced sample of the recipe's ``n_train_tasks``
-each) are the prompts; the rollouts run the real agent loop and tools. The run works in
-``.work/rl_model/<fingerprint>/`` (recipe, SFT adapter version and datasets), so an interrupted
-run resumes from its last checkpoint. After training the SFT policy and the SFT+RL policy are
-scored on the same validation slice.
+each, from its ``task_pool``: every train task, or the ones SFT never imitated) are the prompts;
+the rollouts run the real agent loop and tools. The run works in ``.work/rl_model/<fingerprint>/``
+(recipe, SFT adapter version and datasets), so an interrupted run resumes from its last checkpoint.
+After training the SFT policy and the SFT+RL policy are scored on the same validation slice.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import polars as pl
 
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_lineage, read_table, tracked_md5
@@ -32,11 +34,12 @@ from recthinker_dagster.stages.validation import (
     validation_table,
 )
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
-from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
+from recthinker_dagster.training.rl_recipes import TASK_POOLS, RLRecipe, load_rl_recipe
 from recthinker_dagster.training.validation import paired_difference, validation_slice
 
 ASSET = "rl_model"
 SCREENING = "screening.json"
+FILTERED_TRAJECTORIES = "filtered_trajectories"
 LOGGED_METRICS = ("train_seconds", "seconds_per_step", "global_step", "final_reward", "n_tasks", "trainable_parameters")
 HEALTH_IN_PROGRESS = ("frac_reward_zero_std", "rewards/ranking/mean", "tools/call_frequency", "rollout/valid_rate")
 SERIES = ("reward", "reward_std", "frac_reward_zero_std", "kl", "learning_rate", "completions/mean_length",
@@ -89,18 +92,41 @@ def rl_recipe(settings: RLSettings) -> RLRecipe:
 
 
 def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int,
-             prompt_history_len: int, task_ids: Sequence[str] | None = None) -> tuple[list, DatasetToolboxes]:
-    """The RL prompts (a group-balanced slice of every dataset's train tasks, or of those only the
-    ones in ``task_ids``: the screening's choice) and their toolboxes."""
+             prompt_history_len: int, task_ids: Sequence[str] | None = None,
+             task_pool: str = "train") -> tuple[list, DatasetToolboxes]:
+    """The RL prompts (a group-balanced slice of every dataset's train tasks in ``task_pool``, or
+    of those only the ones in ``task_ids``: the screening's choice) and their toolboxes.
+    ``task_pool`` "train": every train task; "unimitated": the train tasks none of whose teacher
+    trajectories passed the quality filter, so the SFT policy never imitated a solution."""
+    if task_pool not in TASK_POOLS:
+        raise ValueError(f"task_pool must be one of {TASK_POOLS}, got {task_pool!r}")
+    imitated = imitated_task_ids(layout) if task_pool == "unimitated" else set()
     tasks, factories = [], {}
     for dataset in datasets:
-        frame = validation_slice(read_table(layout, "task_splits", dataset, "tasks_train.parquet"), n_train_tasks)
+        frame = read_table(layout, "task_splits", dataset, "tasks_train.parquet")
+        if imitated:
+            frame = frame.filter(~pl.col("task_id").is_in(sorted(imitated)))
+            if frame.is_empty():
+                raise ValueError(f"every train task of {dataset} has a kept teacher trajectory: the "
+                                 "'unimitated' RL task pool is empty there; use task_pool: train")
+        frame = validation_slice(frame, n_train_tasks)
         indexes = load_tool_indexes(layout, dataset)
         tasks.extend(agent_tasks(frame, indexes, prompt_history_len))
         factories[dataset] = Toolboxes(indexes)
     if task_ids is not None:
-        tasks = only_tasks(tasks, task_ids, f"the first {n_train_tasks} train tasks of {list(datasets)}")
+        tasks = only_tasks(tasks, task_ids, f"the first {n_train_tasks} {task_pool} tasks of {list(datasets)}")
     return tasks, DatasetToolboxes(factories)
+
+
+def imitated_task_ids(layout: ArtifactLayout) -> set[str]:
+    """The train tasks with at least one teacher trajectory kept for SFT (the published
+    ``filtered_trajectories``' decisions)."""
+    decisions = layout.asset_dir(FILTERED_TRAJECTORIES) / "decisions.parquet"
+    if not decisions.is_file():
+        raise FileNotFoundError(f"the 'unimitated' RL task pool reads the quality filter's decisions, and "
+                                f"{layout.relative(decisions)} is missing: materialize {FILTERED_TRAJECTORIES} first")
+    frame = pl.read_parquet(decisions, columns=["task_id", "kept"])
+    return set(frame.filter(pl.col("kept"))["task_id"].to_list())
 
 
 def only_tasks(tasks: Sequence, task_ids: Sequence[str], where: str) -> list:
@@ -115,10 +141,10 @@ def only_tasks(tasks: Sequence, task_ids: Sequence[str], where: str) -> list:
 
 def rl_tasks_at(root: str, datasets: Sequence[str], n_train_tasks: int, prompt_history_len: int,
                 data_dir: str | None = None, cache_dir: str | None = None,
-                task_ids: Sequence[str] | None = None) -> tuple[list, DatasetToolboxes]:
+                task_ids: Sequence[str] | None = None, task_pool: str = "train") -> tuple[list, DatasetToolboxes]:
     """``rl_tasks`` of the project at ``root``: what every data-parallel GRPO process rebuilds."""
     layout = ArtifactLayout(Path(root), Path(data_dir) if data_dir else None, Path(cache_dir) if cache_dir else None)
-    return rl_tasks(layout, datasets, n_train_tasks, prompt_history_len, task_ids)
+    return rl_tasks(layout, datasets, n_train_tasks, prompt_history_len, task_ids, task_pool)
 
 
 def screened_tasks(pool: list, toolboxes: DatasetToolboxes, policy: PolicyLineage, recipe: RLRecipe,
@@ -162,7 +188,8 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     validation_settings = replace(settings.validation, conversation=recipe.conversation)
     # the prompts show as much history as the validation (and the evaluation) prompts
     history_len = settings.validation.prompt_history_len
-    tasks, toolboxes = rl_tasks(layout, datasets, recipe.screen_pool or recipe.n_train_tasks, history_len)
+    tasks, toolboxes = rl_tasks(layout, datasets, recipe.screen_pool or recipe.n_train_tasks, history_len,
+                                task_pool=recipe.task_pool)
     mode = "" if settings.answer_mode == "generate" else f"|{settings.answer_mode}"  # a logits run never resumes a generate one
     fingerprint = hashlib.sha256(f"{recipe.digest}|{sft_md5}|{','.join(datasets)}{mode}".encode()).hexdigest()[:16]
     work_dir = layout.work_dir(asset, fingerprint)
@@ -179,7 +206,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
             "n_train_tasks": recipe.screen_pool or recipe.n_train_tasks, "prompt_history_len": history_len,
             "data_dir": str(layout.data_dir) if layout.data_dir else None,
             "cache_dir": str(layout.cache_dir) if layout.cache_dir else None,
-            "task_ids": [task.task_id for task in tasks]})
+            "task_ids": [task.task_id for task in tasks], "task_pool": recipe.task_pool})
         result = launch_grpo(source, policy.base_model, policy.adapters, work_dir, recipe, resume=settings.resume,
                              answer_mode=settings.answer_mode, log=log, progress_figures=HEALTH_IN_PROGRESS,
                              rollout_server=settings.rollout_server)

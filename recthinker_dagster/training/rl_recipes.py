@@ -25,6 +25,7 @@ from recthinker_dagster.training.recipes import (
 from recthinker_dagster.training.rewards import check_weights
 
 CONVERSATIONS = ("tools", "think")
+TASK_POOLS = ("train", "unimitated")  # the RL task pools (stages/rl.py, rl_tasks)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class RLRecipe(RecipeFields):
     # start policy on the first N train tasks per dataset and keeps the n_train_tasks whose rewards vary most
     screen_pool: int = 0
     screen_rollouts: int = 4  # sampled rollouts per pool task
+    # which train tasks: "train" (all) or "unimitated" (none of their teacher trajectories passed the
+    # quality filter, so SFT never imitated a solution of theirs: the policy's rankings there have room)
+    task_pool: str = "train"
     # rewards
     reward_weights: dict = field(default_factory=lambda: {"ranking": 1.0, "format": 0.1, "tool_efficiency": 0.1})
     reward_params: dict = field(default_factory=lambda: {"correct_k": 5})
@@ -103,6 +107,8 @@ class RLRecipe(RecipeFields):
         if self.screen_pool and self.screen_rollouts < 2:
             raise ValueError("screen_rollouts must be >= 2: a task's reward spread needs two rollouts")
         self._check_processes()
+        if self.task_pool not in TASK_POOLS:
+            raise ValueError(f"task_pool must be one of {TASK_POOLS}, got {self.task_pool!r}")
         if self.conversation not in CONVERSATIONS:
             raise ValueError(f"conversation must be one of {CONVERSATIONS}, got {self.conversation!r}")
 
