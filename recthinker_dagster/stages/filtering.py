@@ -33,6 +33,7 @@ from recthinker_dagster.training.filtering import REASONS, filter_trajectories
 from recthinker_dagster.training.recipes import SFTRecipe, load_recipe
 
 ASSET = "filtered_trajectories"
+DECISIONS = "decisions.parquet"  # one row per teacher trajectory: kept or not, and why
 
 
 @dataclass
@@ -80,7 +81,7 @@ def build_filtered_trajectories_stage(settings: FilterSettings, layout: Artifact
     with staged_directory(folder, audit=audit, lock_dir=layout.lock_dir) as staging:
         with open(staging / "trajectories.jsonl", "w", encoding="utf-8") as out:
             out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in kept)
-        pl.DataFrame(decisions).with_columns(pl.col("reasons").list.join(",")).write_parquet(staging / "decisions.parquet")
+        pl.DataFrame(decisions).with_columns(pl.col("reasons").list.join(",")).write_parquet(staging / DECISIONS)
         (staging / "counts.json").write_text(json.dumps({
             "total": totals, "by_dataset": counts, "filter": recipe.filter_config.to_dict(),
             "recipe": recipe.name, "recipe_digest": recipe.digest, "min_examples": settings.min_examples,
@@ -158,10 +159,13 @@ def eval_tasks_of(layout: ArtifactLayout, datasets: Sequence[str]) -> pl.DataFra
 
 def kept_decisions(folder: Path) -> tuple[pl.DataFrame, int]:
     """The kept rows of ``folder``'s ``decisions.parquet`` and the ``min_examples`` they were filtered for."""
-    decisions = pl.read_parquet(folder / "decisions.parquet")
     min_examples = json.loads((folder / "counts.json").read_text())["min_examples"]
-    kept = decisions.filter(pl.col("kept")).with_columns(pl.col("user_id", "target_item_id").cast(pl.Utf8))
-    return kept, min_examples
+    return kept_rows(folder).with_columns(pl.col("user_id", "target_item_id").cast(pl.Utf8)), min_examples
+
+
+def kept_rows(folder: Path) -> pl.DataFrame:
+    """The rows of ``folder``'s decisions whose trajectory was kept for SFT."""
+    return pl.read_parquet(folder / DECISIONS).filter(pl.col("kept"))
 
 
 def check_sft_examples(layout: ArtifactLayout, datasets: Sequence[str]) -> QualityResult:

@@ -24,6 +24,8 @@ import polars as pl
 from recthinker_dagster.agent.history import Toolboxes, agent_tasks
 from recthinker_dagster.artifacts import ArtifactLayout, load_tool_indexes, read_lineage, read_table, tracked_md5
 from recthinker_dagster.settings import RLSettings
+from recthinker_dagster.stages.filtering import ASSET as FILTERED_TRAJECTORIES
+from recthinker_dagster.stages.filtering import DECISIONS, kept_rows
 from recthinker_dagster.stages.result import Json, Markdown, StageArtifact
 from recthinker_dagster.stages.validation import (
     saved_report,
@@ -34,12 +36,11 @@ from recthinker_dagster.stages.validation import (
     validation_table,
 )
 from recthinker_dagster.storage import remove_stale_staging, staged_directory
-from recthinker_dagster.training.rl_recipes import TASK_POOLS, RLRecipe, load_rl_recipe
+from recthinker_dagster.training.rl_recipes import RLRecipe, check_task_pool, load_rl_recipe
 from recthinker_dagster.training.validation import paired_difference, validation_slice
 
 ASSET = "rl_model"
 SCREENING = "screening.json"
-FILTERED_TRAJECTORIES = "filtered_trajectories"
 LOGGED_METRICS = ("train_seconds", "seconds_per_step", "global_step", "final_reward", "n_tasks", "trainable_parameters")
 HEALTH_IN_PROGRESS = ("frac_reward_zero_std", "rewards/ranking/mean", "tools/call_frequency", "rollout/valid_rate")
 SERIES = ("reward", "reward_std", "frac_reward_zero_std", "kl", "learning_rate", "completions/mean_length",
@@ -98,14 +99,13 @@ def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int
     of those only the ones in ``task_ids``: the screening's choice) and their toolboxes.
     ``task_pool`` "train": every train task; "unimitated": the train tasks none of whose teacher
     trajectories passed the quality filter, so the SFT policy never imitated a solution."""
-    if task_pool not in TASK_POOLS:
-        raise ValueError(f"task_pool must be one of {TASK_POOLS}, got {task_pool!r}")
+    check_task_pool(task_pool)
     imitated = imitated_task_ids(layout) if task_pool == "unimitated" else set()
     tasks, factories = [], {}
     for dataset in datasets:
         frame = read_table(layout, "task_splits", dataset, "tasks_train.parquet")
         if imitated:
-            frame = frame.filter(~pl.col("task_id").is_in(sorted(imitated)))
+            frame = frame.filter(~pl.col("task_id").is_in(list(imitated)))
             if frame.is_empty():
                 raise ValueError(f"every train task of {dataset} has a kept teacher trajectory: the "
                                  "'unimitated' RL task pool is empty there; use task_pool: train")
@@ -121,12 +121,12 @@ def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int
 def imitated_task_ids(layout: ArtifactLayout) -> set[str]:
     """The train tasks with at least one teacher trajectory kept for SFT (the published
     ``filtered_trajectories``' decisions)."""
-    decisions = layout.asset_dir(FILTERED_TRAJECTORIES) / "decisions.parquet"
+    folder = layout.asset_dir(FILTERED_TRAJECTORIES)
+    decisions = folder / DECISIONS
     if not decisions.is_file():
         raise FileNotFoundError(f"the 'unimitated' RL task pool reads the quality filter's decisions, and "
                                 f"{layout.relative(decisions)} is missing: materialize {FILTERED_TRAJECTORIES} first")
-    frame = pl.read_parquet(decisions, columns=["task_id", "kept"])
-    return set(frame.filter(pl.col("kept"))["task_id"].to_list())
+    return set(kept_rows(folder)["task_id"].to_list())
 
 
 def only_tasks(tasks: Sequence, task_ids: Sequence[str], where: str) -> list:

@@ -107,8 +107,7 @@ class RLRecipe(RecipeFields):
         if self.screen_pool and self.screen_rollouts < 2:
             raise ValueError("screen_rollouts must be >= 2: a task's reward spread needs two rollouts")
         self._check_processes()
-        if self.task_pool not in TASK_POOLS:
-            raise ValueError(f"task_pool must be one of {TASK_POOLS}, got {self.task_pool!r}")
+        check_task_pool(self.task_pool)
         if self.conversation not in CONVERSATIONS:
             raise ValueError(f"conversation must be one of {CONVERSATIONS}, got {self.conversation!r}")
 
@@ -118,3 +117,9 @@ def load_rl_recipe(name_or_path: str | os.PathLike | RLRecipe) -> RLRecipe:
     if isinstance(name_or_path, RLRecipe):
         return name_or_path
     return RLRecipe.from_dict(read_recipe_file(recipe_path(name_or_path, "rl"), "rl"))
+
+
+def check_task_pool(task_pool: str) -> None:
+    """Refuse a task pool other than :data:`TASK_POOLS`."""
+    if task_pool not in TASK_POOLS:
+        raise ValueError(f"task_pool must be one of {TASK_POOLS}, got {task_pool!r}")
