@@ -297,3 +297,34 @@ def test_unfinished_rows_continue_alone_with_the_same_greedy_output(smollm2_toke
         assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
     assert len({len(g.token_ids) for g in got}) >= 3  # rows really stop at different steps
     assert split.stats["straggler_splits"] >= 1 and whole.stats["straggler_splits"] == 0
+
+
+
+def test_a_wrapped_forward_still_gets_positions_that_skip_padding(tiny_model, smollm2_tokenizer):
+    """GRPO's trainer wraps the policy's ``forward`` (``*args, **kwargs``: the scored head), and
+    ``generate`` derives position ids from the mask only for a forward that names them: padded
+    rows then ran at shifted positions, sampled from another distribution than the one trained.
+    Every pass must get positions that count each row's real tokens only, and sample as the
+    unwrapped model does."""
+    import copy
+
+    wrapped = copy.deepcopy(tiny_model)
+    inner, seen = wrapped.forward, []
+
+    def forward(*args, **kwargs):
+        if kwargs.get("attention_mask") is not None:  # generate's passes (the shared prefix has none)
+            seen.append((kwargs.get("position_ids"), kwargs["attention_mask"]))
+        return inner(*args, **kwargs)
+
+    wrapped.forward = forward
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5)
+    plain, other = backend(tiny_model, smollm2_tokenizer), backend(wrapped, smollm2_tokenizer)
+    conv = conversations()
+    for mine, theirs in zip(other.generate(conv, None, params), plain.generate(conv, None, params)):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
+    positions, mask = seen[0]  # the prefill: rows of different lengths, so padded
+    assert positions is not None and bool((mask == 0).any())
+    real = mask.sum(-1)
+    assert positions[:, -1].tolist() == (real - 1).tolist()  # each row's last token: its length - 1
+    assert run_turns(other) == run_turns(plain)

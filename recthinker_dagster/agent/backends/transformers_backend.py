@@ -364,6 +364,9 @@ class TransformersBackend:
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            # explicit: generate derives them from the mask only when the model's forward names
+            # ``position_ids``, which a wrapped forward (GRPO's scored head) does not
+            position_ids=mask_positions(attention_mask),
             past_key_values=cache,
             generation_config=self._generation_config(params),
             logits_processor=processors,
@@ -456,7 +459,7 @@ class TransformersBackend:
         plans = self._plan(rows, limit=prefix_limit)
         input_ids, mask = self._layout(rows, plans)
         reused = max(plan.reused for plan in plans)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = mask_positions(mask)
         output = self.model(input_ids=input_ids[:, reused:], attention_mask=mask,
                             position_ids=positions[:, reused:], past_key_values=self._new_cache(plans),
                             use_cache=True, logits_to_keep=keep)
@@ -724,6 +727,12 @@ def _preallocated_layer_class():
             return self.keys, self.values
 
     return PreallocatedLayer
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each column's position within its row: padding (mask 0) does not count, so a row's
+    tokens after padding continue its cached ones."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
