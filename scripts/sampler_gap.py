@@ -52,10 +52,9 @@ def main() -> None:
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(policy.adapters[-1]))
     model = load_policy_start(policy.base_model, policy.adapters, args.precision)
     agent_config, toolbox_factory = rollout_agent(recipe, toolboxes)
-    prompts = [row["prompt"] for row in ToolRollout(tasks, toolbox_factory, agent_config, tokenizer).dataset_rows()
-               for _ in range(recipe.num_generations)]
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
-                          seed=recipe.seed, gap_rollouts=len(prompts))
+                          seed=recipe.seed, gap_rollouts=len(tasks) * recipe.num_generations)
+    prompts = [row["prompt"] for row in rollout.dataset_rows() for _ in range(recipe.num_generations)]
     trainer = SimpleNamespace(model=model, state=SimpleNamespace(global_step=0),
                               args=SimpleNamespace(temperature=recipe.temperature, top_p=recipe.top_p))
     batch = rollout(prompts, trainer)

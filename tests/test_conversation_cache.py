@@ -299,7 +299,6 @@ def test_unfinished_rows_continue_alone_with_the_same_greedy_output(smollm2_toke
     assert split.stats["straggler_splits"] >= 1 and whole.stats["straggler_splits"] == 0
 
 
-
 def test_a_wrapped_forward_still_gets_positions_that_skip_padding(tiny_model, smollm2_tokenizer):
     """GRPO's trainer wraps the policy's ``forward`` (``*args, **kwargs``: the scored head), and
     ``generate`` derives position ids from the mask only for a forward that names them: padded
