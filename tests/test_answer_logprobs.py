@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams
-from recthinker_dagster.agent.backends.constrained import replay_allowed
+from recthinker_dagster.agent.backends.constrained import replay_allowed, replay_placed
 from recthinker_dagster.agent.labels import NUMBERED_STYLE, candidate_labels
 from recthinker_dagster.training.answer_logprobs import (
     FREE,
@@ -65,6 +65,29 @@ def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, lab
         assert (plain - sampled).abs().max() > 0.1  # the whole-vocabulary figure is another distribution
         forced = [k for k in constrained if len(allowed[k]) == 1]
         assert forced and all(generation.logprobs[k] == 0.0 for k in forced)  # ",", "</answer>", the stop
+
+
+@pytest.mark.parametrize("labels", [LETTERS, NUMBERED], ids=["single-token", "multi-token"])
+def test_a_label_counts_as_placed_from_the_token_after_its_own(tiny_backend, labels):
+    """``replay_placed`` marks the sampled ids after the answer wrote a label, never the label's
+    own tokens: the GRPO trainer gives those ids no advantage (the reward is settled)."""
+    tokenizer = tiny_backend.tokenizer
+    decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    tokens = tiny_backend.label_tokens(labels)
+    params = SamplingParams(max_new_tokens=64, temperature=1.0, seed=1)
+    generation = tiny_backend.generate([[{"role": "user", "content": "Rank."}]], None, params,
+                                       answers=[AnswerSpec(labels)])[0]
+    ids = generation.token_ids
+    text = tokenizer.decode(ids)
+    order = [label.strip() for label in text.split("<answer>")[1].split("</answer>")[0].split(",")]
+    for rank in (0, 4, len(order) - 1):
+        placed = replay_placed(tokens, ids, decode, tiny_backend.stop_ids, order[rank])
+        first = placed.index(True)
+        assert not any(placed[:first]) and all(placed[first:])  # once placed, placed for good
+        # the ids before the first placed one spell the answer up to and including that label
+        written = tokenizer.decode(ids[:first]).split("<answer>")[1]
+        assert [label.strip() for label in written.split(",")] == order[: rank + 1]
+    assert not any(replay_placed(tokens, ids, decode, tiny_backend.stop_ids, "not a label"))
 
 
 def test_restricted_log_probs_match_a_hand_computed_softmax_and_forced_tokens_get_no_gradient():

@@ -67,6 +67,29 @@ def test_rollout_runs_real_tools_and_masks_tool_results(tokenizer):
         rollout([[{"role": "user", "content": "unknown"}]], trainer)
 
 
+def test_relabelled_rollouts_show_each_group_one_fresh_candidate_order_per_step(tokenizer):
+    """With ``relabel_candidates`` every rollout of a task in a step sees the same candidate
+    order, drawn anew per step, so the target's label moves between visits; the rollouts run on it."""
+    tasks = agent_tasks("train", 2)
+    config = AgentConfig(max_turns=3, max_tool_calls=4, sampling=SamplingParams(max_new_tokens=64))
+    plain = ToolRollout(tasks, toolbox_factory, config, tokenizer)
+    assert all(plain.shown_task(task, 3) is task for task in tasks)
+    rollout = ToolRollout(tasks, toolbox_factory, config, tokenizer, relabel_candidates=True,
+                          backend_factory=lambda model, tok: ScriptedInvestigator())
+    task = tasks[0]
+    orders = [rollout.shown_task(task, step).candidate_item_ids for step in range(6)]
+    assert orders[0] == rollout.shown_task(task, 0).candidate_item_ids  # seeded: one order per (step, task)
+    assert all(sorted(order) == sorted(task.candidate_item_ids) for order in orders)
+    assert len({order.index(task.target_item_id) for order in orders}) > 1  # the target's label moves
+    prompt = rollout.dataset_rows()[0]["prompt"]
+    rollout([prompt, prompt], _fake_trainer(step=4))
+    shown = rollout.shown_task(task, 4)
+    assert shown.candidate_item_ids != task.candidate_item_ids
+    item_of = toolbox_factory(shown).labels  # label -> item in the shown order
+    for trajectory in rollout.last_trajectories:  # both rollouts answered in the shown labels
+        assert [item_of[label] for label in trajectory.final_labels] == trajectory.final_ranking
+
+
 def test_first_and_last_visits_pair_each_task_with_itself():
     visits = [{"step": 3, "task_id": "a", "ndcg@10": 0.9}, {"step": 1, "task_id": "a", "ndcg@10": 0.5},
               {"step": 2, "task_id": "a", "ndcg@10": 0.1}, {"step": 1, "task_id": "b", "ndcg@10": 1.0},
@@ -135,9 +158,10 @@ def test_grpo_logs_health_figures_and_time_split(grpo_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("answer_temperature", [None, 2.5])
+@pytest.mark.parametrize(("answer_temperature", "non_answer_weight", "answer_credit"),
+                         [(None, 1.0, "all"), (2.5, 0.1, "until_target")])
 def test_grpo_scores_answer_tokens_under_the_sampling_constraint(tmp_path, answering_base_model, monkeypatch,
-                                                                 answer_temperature):
+                                                                 answer_temperature, non_answer_weight, answer_credit):
     """A policy that answers at once (the bigram model): the trainer takes the log-probs of the
     reference (KL) and of the policy (loss) among the ids the answer constraint allowed, at the
     temperature the labels were sampled at, so sampler and trainer agree on the answer tokens."""
@@ -152,13 +176,32 @@ def test_grpo_scores_answer_tokens_under_the_sampling_constraint(tmp_path, answe
         temperatures.append(temperature)
         return original(logps, hidden, head, completion_ids, allowed, temperature)
 
+    weighted: list[tuple] = []
+    original_weighting = grpo_trainer.token_advantages
+
+    def recording(advantages, allowed, weight, decided):
+        weighted.append((advantages, allowed, decided, original_weighting(advantages, allowed, weight, decided)))
+        return weighted[-1][-1]
+
     monkeypatch.setattr(grpo_trainer, "restrict_logprobs", counting)
+    monkeypatch.setattr(grpo_trainer, "token_advantages", recording)
     recipe = load_rl_recipe("smoke").with_overrides(
         name="test-constrained", max_steps=1, num_generations=2, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, max_turns=1, max_new_tokens=48, beta=0.04, learning_rate=5e-3,
-        answer_temperature=answer_temperature)
+        answer_temperature=answer_temperature, non_answer_weight=non_answer_weight, answer_credit=answer_credit)
     result = train_grpo(agent_tasks("train", 1), toolbox_factory, answering_base_model, [], tmp_path, recipe)
     step = result.metrics["steps"][-1]
+    # the loss's advantages: per token when the recipe weighs the answer's labels apart, else TRL's per rollout
+    assert len(weighted) == (0 if non_answer_weight == 1.0 else 1)
+    if weighted:
+        advantages, allowed, decided, per_token = weighted[0]
+        answer, per_rollout = allowed[..., 0] >= 0, advantages[:, None].expand_as(per_token)
+        # every answer places the target, and the labels after it (then the forced close) are settled
+        assert decided.any(dim=1).all() and (answer & ~decided).any(dim=1).all()
+        assert torch.equal(per_token[decided], torch.zeros(int(decided.sum())))
+        live = answer & ~decided
+        assert torch.equal(per_token[live], per_rollout[live])
+        assert torch.allclose(per_token[~answer & ~decided], non_answer_weight * per_rollout[~answer & ~decided])
     assert step["rollout/answered_rate"] == 1.0
     assert len(restricted) == 2 and all(n > 0 for n in restricted)  # the reference's pass, then the loss's
     assert temperatures == [answer_temperature or recipe.temperature] * 2
@@ -219,6 +262,44 @@ def test_flat_groups_are_found_where_trls_float32_std_misses_them():
     varied[3, 0] = 0.63  # one rollout ranked the target second
     rows = flat_group_rows(torch.cat([perfect, varied]), weights, 8)
     assert rows.tolist() == [True] * 8 + [False] * 8
+
+
+def test_token_advantages_weigh_the_answer_labels_fully_and_the_rest_less():
+    from recthinker_dagster.training.answer_logprobs import allowed_table
+    from recthinker_dagster.training.grpo_trainer import token_advantages
+
+    # two rollouts of 5 completion positions: the first answered at positions 2-3, the second never
+    allowed = allowed_table([[None, None, [7, 8, 9], [8, 9], None], [None] * 5], 5)
+    weighted = token_advantages(torch.tensor([2.0, -1.0]), allowed, 0.25)
+    assert weighted.tolist() == [[0.5, 0.5, 2.0, 2.0, 0.5], [-0.25] * 5]
+    assert token_advantages(torch.tensor([2.0, -1.0]), allowed, 1.0).tolist() == [[2.0] * 5, [-1.0] * 5]
+    with pytest.raises(ValueError, match="one advantage per rollout"):
+        token_advantages(torch.zeros(2, 5), allowed, 0.25)
+    decided = torch.tensor([[False, False, False, True, True], [False] * 5])  # the first placed its target at 2
+    assert token_advantages(torch.tensor([2.0, -1.0]), allowed, 0.25, decided).tolist() == [
+        [0.5, 0.5, 2.0, 0.0, 0.0], [-0.25] * 5]
+
+
+def test_answer_weighting_fields_are_checked():
+    with pytest.raises(ValueError, match="non_answer_weight must be in"):
+        load_rl_recipe("demo").with_overrides(non_answer_weight=1.5)
+    with pytest.raises(ValueError, match="answer_credit must be one of"):
+        load_rl_recipe("demo").with_overrides(answer_credit="after_target")
+    smoke = load_rl_recipe("smoke")  # plain GRPO unless a recipe says otherwise
+    assert (smoke.non_answer_weight, smoke.answer_credit) == (1.0, "all")
+
+
+@pytest.mark.parametrize(("answer_mode", "rollout_server"), [("logits", None), ("generate", "http://localhost:8000")])
+def test_a_run_without_the_answer_constraint_refuses_answer_weighted_steps(answer_mode, rollout_server):
+    from recthinker_dagster.settings import RLSettings
+    from recthinker_dagster.stages.rl import check_recipe_fits_run
+
+    settings = RLSettings(answer_mode=answer_mode, rollout_server=rollout_server)
+    recipe = load_rl_recipe("demo").with_overrides(non_answer_weight=0.1, answer_credit="until_target")
+    with pytest.raises(ValueError, match=f"sets non_answer_weight and answer_credit.*answer_mode '{answer_mode}'"):
+        check_recipe_fits_run(recipe, settings)
+    check_recipe_fits_run(recipe.with_overrides(non_answer_weight=1.0, answer_credit="all"), settings)
+    check_recipe_fits_run(recipe, RLSettings())  # the local generate mode
 
 
 def round_off_reward(prompts, completions, **kwargs) -> list[float]:

@@ -92,6 +92,21 @@ def rl_recipe(settings: RLSettings) -> RLRecipe:
     return recipe.with_overrides(max_steps=settings.max_steps) if settings.max_steps is not None else recipe
 
 
+def check_recipe_fits_run(recipe: RLRecipe, settings: RLSettings) -> None:
+    """Refuse a recipe whose answer options need the local backend's answer constraint in a run
+    that samples elsewhere (a rollout server: free text) or answers by the label head."""
+    if settings.rollout_server and recipe.answer_temperature is not None:
+        raise ValueError(f"RL recipe {recipe.name!r} sets answer_temperature, which needs the local backend's answer "
+                         "constraint; a rollout server samples free text. Drop rollout_server or answer_temperature.")
+    weighted = " and ".join(name for name, value in (("non_answer_weight", recipe.non_answer_weight != 1.0),
+                                                     ("answer_credit", recipe.answer_credit != "all")) if value)
+    if weighted and (settings.rollout_server or settings.answer_mode != "generate"):
+        raise ValueError(f"RL recipe {recipe.name!r} sets {weighted}, which needs the answer's labels as the "
+                         "local backend's answer constraint marks them (answer_mode generate, no rollout_server); "
+                         f"this run has answer_mode {settings.answer_mode!r}, rollout_server "
+                         f"{settings.rollout_server!r}. Drop {weighted} or use the local generate mode.")
+
+
 def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int,
              prompt_history_len: int, task_ids: Sequence[str] | None = None,
              task_pool: str = "train") -> tuple[list, DatasetToolboxes]:
@@ -179,9 +194,7 @@ def build_rl_model_stage(settings: RLSettings, layout: ArtifactLayout, datasets:
     from recthinker_dagster.training.policy_server import policy_server
 
     recipe = rl_recipe(settings)
-    if settings.rollout_server and recipe.answer_temperature is not None:
-        raise ValueError(f"RL recipe {recipe.name!r} sets answer_temperature, which needs the local backend's answer "
-                         "constraint; a rollout server samples free text. Drop rollout_server or answer_temperature.")
+    check_recipe_fits_run(recipe, settings)
     policy = policy_lineage(layout, start)
     start_name = start or "base_model"
     sft_md5 = tracked_md5(layout.asset_dir(start_name)) or "untracked"

@@ -35,9 +35,14 @@ def allowed_table(rows: Sequence[Sequence[Sequence[int] | None]], length: int) -
     return table
 
 
+def constrained_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """``(rows, length)`` booleans: True at the constrained positions of a table."""
+    return allowed[..., 0] != FREE
+
+
 def constrained_positions(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, position) indices of the constrained positions of a table."""
-    rows, positions = (allowed[..., 0] != FREE).nonzero(as_tuple=True)
+    rows, positions = constrained_mask(allowed).nonzero(as_tuple=True)
     return rows, positions
 
 

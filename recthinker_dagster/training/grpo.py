@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import time
@@ -135,15 +136,17 @@ class ToolRollout:
     """TRL ``rollout_func``: the real agent loop and tools over the policy being trained."""
 
     def __init__(self, tasks: Sequence, toolbox_factory: Callable, agent_config: AgentConfig, tokenizer, *,
-                 batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None, gap_rollouts: int = 2):
+                 batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None, gap_rollouts: int = 2,
+                 relabel_candidates: bool = False):
         self.agent_config, self.tokenizer = agent_config, tokenizer
+        self.relabel_candidates = relabel_candidates  # a fresh candidate order per step (``shown_task``)
         self.toolbox_factory, self.batch_size, self.seed = toolbox_factory, batch_size, seed
         self.backend_factory = backend_factory
         self.gap_rollouts = gap_rollouts  # rollouts per step whose sampler-trainer log-prob gap is measured
         self.chat_template = training_chat_template(tokenizer)
         self.by_prompt: dict[str, Any] = {}  # prompt text -> AgentTask
         self.rows: list[dict] = []
-        self.labels: dict[str, tuple[str, ...]] = {}  # task id -> candidate labels
+        self.labels: dict[str, tuple[str, ...]] = {}  # task id -> candidate labels, in candidate order
         for task in tasks:
             toolbox = toolbox_factory(task)
             messages = opening_messages(task, toolbox, agent_config)
@@ -177,10 +180,11 @@ class ToolRollout:
             if key not in self.by_prompt:
                 raise KeyError("a prompt that matches no RL task (was the dataset built by this ToolRollout?)")
             tasks.append(self.by_prompt[key])
+        step = trainer.state.global_step
+        tasks = [self.shown_task(task, step) for task in tasks]
         accelerator = getattr(trainer, "accelerator", None)
         model = accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
         was_training = model.training
-        step = trainer.state.global_step
         # each data-parallel process samples its own stream (a group can span processes)
         process = accelerator.process_index if accelerator is not None else 0
         sampling = replace(  # the agent's token budget and answer temperature, the trainer's sampling
@@ -208,6 +212,9 @@ class ToolRollout:
         receive = getattr(trainer, "receive_answer_constraints", None)
         if receive is not None:  # the trainer scores answer tokens as they were sampled (grpo_trainer.py)
             receive(constraints)
+        receive = getattr(trainer, "receive_decided_positions", None)
+        if receive is not None and constraints is not None:  # ... and knows where each reward was settled
+            receive(self.decided_positions(backend, tasks, completion_ids, env_mask))
         receive = getattr(trainer, "receive_trained_masks", None)
         if receive is not None:  # ... and projects its LM head on the sampled tokens only
             receive(env_mask)
@@ -254,6 +261,36 @@ class ToolRollout:
             row: list = [None] * len(completion)
             for start, end in _runs(mask):  # one run of sampled ids per assistant turn
                 row[start:end] = replay_allowed(tokens, completion[start:end], decode, backend.stop_ids)
+            rows.append(row)
+        return rows
+
+    def shown_task(self, task, step: int):
+        """The task as this step shows it: with ``relabel_candidates``, its candidates in an order
+        drawn from the seed, the step and the task (the same for every rollout of its group), so
+        the target's label changes between visits and the policy cannot learn a label (every
+        train task's target under one letter) in place of the item."""
+        if not self.relabel_candidates:
+            return task
+        order = list(task.candidate_item_ids)
+        random.Random(f"{self.seed}|{step}|{task.task_id}").shuffle(order)
+        return replace(task, candidate_item_ids=order)
+
+    def decided_positions(self, backend, tasks, completion_ids, masks) -> list[list[bool]]:
+        """Per rollout and completion position, whether the reward was already settled when the
+        policy sampled it: a sampled id after its answer placed the task's target. Every reward
+        term is fixed from there on (``training/rewards.py``: the ranking and format terms by the
+        target's rank, efficiency by the calls before the answer), so the rest of the answer
+        cannot change the return. Needs the answer constraint (``answer_constraints``)."""
+        from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_placed
+
+        decode = TokenTexts(self.tokenizer)
+        rows = []
+        for task, completion, mask in zip(tasks, completion_ids, masks):
+            labels = self.labels[task.task_id]
+            tokens, target = backend.label_tokens(labels), labels[task.candidate_item_ids.index(task.target_item_id)]
+            row = [False] * len(completion)
+            for start, end in _runs(mask):
+                row[start:end] = replay_placed(tokens, completion[start:end], decode, backend.stop_ids, target)
             rows.append(row)
         return rows
 
@@ -476,7 +513,8 @@ def train_grpo(
 
     agent_config, toolbox_factory = rollout_agent(recipe, toolbox_factory, answer_mode)
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
-                          seed=recipe.seed, backend_factory=backend_factory)
+                          seed=recipe.seed, backend_factory=backend_factory,
+                          relabel_candidates=recipe.relabel_candidates)
     from datasets import Dataset
 
     reward_funcs = trl_reward_functions(recipe.reward_weights, recipe.reward_params) + list(extra_reward_funcs)
@@ -495,6 +533,8 @@ def train_grpo(
         rollout_func=rollout,
         callbacks=[clock, *(callbacks or [])],
         answer_temperature=recipe.answer_temperature,
+        non_answer_weight=recipe.non_answer_weight,
+        answer_credit=recipe.answer_credit,
     )
     if not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)

@@ -26,6 +26,7 @@ from recthinker_dagster.training.rewards import check_weights
 
 CONVERSATIONS = ("tools", "think")
 TASK_POOLS = ("train", "unimitated")  # the RL task pools (stages/rl.py, rl_tasks)
+ANSWER_CREDITS = ("all", "until_target")  # which sampled tokens get their rollout's advantage (grpo_trainer.py)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ class RLRecipe(RecipeFields):
     # the answer's labels are sampled at this temperature (None: at temperature), the tool calls
     # and the rest at temperature: exploring rankings without breaking calls (generate mode, local backend)
     answer_temperature: float | None = None
+    # weight of the policy-gradient term on the sampled tokens outside the answer's labels (analysis,
+    # tool calls); the labels weigh 1. Below 1 a step moves the ranking more than the calls (the KL
+    # term still holds every sampled token). Needs the local backend's answer constraint (generate mode)
+    non_answer_weight: float = 1.0
+    # "all": every sampled token gets its rollout's advantage; "until_target": none after the
+    # answer placed the target (the reward is settled there; the later labels' advantage is noise)
+    answer_credit: str = "all"
+    # show each task's candidates in a fresh seeded order at every step (grpo.ToolRollout.shown_task):
+    # the target's label changes between visits, so no label stands in for the item
+    relabel_candidates: bool = False
     # rollouts: the conversation, the agent's budgets and the tasks
     conversation: str = "tools"  # "tools": the agent; "think": think before recommend, no tools (RecZero, RecOne)
     max_turns: int = 4
@@ -104,6 +115,10 @@ class RLRecipe(RecipeFields):
                              f"it needs n_train_tasks > 0 and at most screen_pool, got {self.n_train_tasks}")
         if self.answer_temperature is not None and self.answer_temperature <= 0:
             raise ValueError(f"answer_temperature must be > 0 (or null: the temperature), got {self.answer_temperature}")
+        if not 0.0 <= self.non_answer_weight <= 1.0:
+            raise ValueError(f"non_answer_weight must be in [0, 1] (1: plain GRPO), got {self.non_answer_weight}")
+        if self.answer_credit not in ANSWER_CREDITS:
+            raise ValueError(f"answer_credit must be one of {ANSWER_CREDITS}, got {self.answer_credit!r}")
         if self.screen_pool and self.screen_rollouts < 2:
             raise ValueError("screen_rollouts must be >= 2: a task's reward spread needs two rollouts")
         self._check_processes()
