@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams
-from recthinker_dagster.agent.backends.constrained import replay_allowed, replay_placed
+from recthinker_dagster.agent.backends.constrained import replay_allowed, replay_answer
 from recthinker_dagster.agent.labels import NUMBERED_STYLE, candidate_labels
 from recthinker_dagster.training.answer_logprobs import (
     FREE,
@@ -69,7 +69,7 @@ def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, lab
 
 @pytest.mark.parametrize("labels", [LETTERS, NUMBERED], ids=["single-token", "multi-token"])
 def test_a_label_counts_as_placed_from_the_token_after_its_own(tiny_backend, labels):
-    """``replay_placed`` marks the sampled ids after the answer wrote a label, never the label's
+    """``replay_answer`` marks the sampled ids after the answer wrote a label, never the label's
     own tokens: the GRPO trainer gives those ids no advantage (the reward is settled)."""
     tokenizer = tiny_backend.tokenizer
     decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
@@ -81,13 +81,13 @@ def test_a_label_counts_as_placed_from_the_token_after_its_own(tiny_backend, lab
     text = tokenizer.decode(ids)
     order = [label.strip() for label in text.split("<answer>")[1].split("</answer>")[0].split(",")]
     for rank in (0, 4, len(order) - 1):
-        placed = replay_placed(tokens, ids, decode, tiny_backend.stop_ids, order[rank])
+        placed = replay_answer(tokens, ids, decode, tiny_backend.stop_ids, order[rank])[1]
         first = placed.index(True)
         assert not any(placed[:first]) and all(placed[first:])  # once placed, placed for good
         # the ids before the first placed one spell the answer up to and including that label
         written = tokenizer.decode(ids[:first]).split("<answer>")[1]
         assert [label.strip() for label in written.split(",")] == order[: rank + 1]
-    assert not any(replay_placed(tokens, ids, decode, tiny_backend.stop_ids, "not a label"))
+    assert not any(replay_answer(tokens, ids, decode, tiny_backend.stop_ids, "not a label")[1])
 
 
 def test_restricted_log_probs_match_a_hand_computed_softmax_and_forced_tokens_get_no_gradient():

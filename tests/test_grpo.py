@@ -264,7 +264,7 @@ def test_flat_groups_are_found_where_trls_float32_std_misses_them():
     assert rows.tolist() == [True] * 8 + [False] * 8
 
 
-def test_token_advantages_weigh_the_answer_labels_fully_and_the_rest_less():
+def test_token_advantages_weigh_the_answer_labels_fully_the_rest_less_and_settled_tokens_not():
     from recthinker_dagster.training.answer_logprobs import allowed_table
     from recthinker_dagster.training.grpo_trainer import token_advantages
 

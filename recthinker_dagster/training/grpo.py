@@ -208,13 +208,13 @@ class ToolRollout:
             env_mask.append(m)
             logprobs.append(lp)
             outcomes.append(RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls).to_dict())
-        constraints = self.answer_constraints(backend, config, tasks, completion_ids, env_mask)
+        constraints, settled = self.answer_replay(backend, config, tasks, completion_ids, env_mask)
         receive = getattr(trainer, "receive_answer_constraints", None)
         if receive is not None:  # the trainer scores answer tokens as they were sampled (grpo_trainer.py)
             receive(constraints)
-        receive = getattr(trainer, "receive_decided_positions", None)
-        if receive is not None and constraints is not None:  # ... and knows where each reward was settled
-            receive(self.decided_positions(backend, tasks, completion_ids, env_mask))
+        receive = getattr(trainer, "receive_settled_positions", None)
+        if receive is not None:  # ... and knows where each reward was settled
+            receive(settled)
         receive = getattr(trainer, "receive_trained_masks", None)
         if receive is not None:  # ... and projects its LM head on the sampled tokens only
             receive(env_mask)
@@ -244,25 +244,33 @@ class ToolRollout:
         p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
         return p, c, m, [math.nan] * len(c)
 
-    def answer_constraints(self, backend, config: AgentConfig, tasks, completion_ids, masks) -> list | None:
-        """Per rollout and completion position, the ids the answer constraint allowed there
-        (None: free), replayed over each sampled turn; None when answers were not decoded under
-        the constraint (an HTTP backend, ``constrain_answers=False``) or in ``logits`` mode, where
-        the head's tokens are trained as written."""
+    def answer_replay(self, backend, config: AgentConfig, tasks, completion_ids, masks) -> tuple[list | None, list | None]:
+        """Per rollout and completion position, replayed over each sampled turn: the ids the answer
+        constraint allowed there (None: free), and whether the reward was already settled when the
+        policy sampled it (an id after its answer placed the task's target: every reward term is
+        fixed from there on, ``training/rewards.py``, the ranking and format terms by the target's
+        rank, efficiency by the calls before the answer, so the rest of the answer cannot change
+        the return). (None, None) when answers were not decoded under the constraint (an HTTP
+        backend, ``constrain_answers=False``) or in ``logits`` mode, where the head's tokens are
+        trained as written."""
         if not (config.constrain_answers and constrains_answers(backend) and config.answer_mode == "generate"
                 and hasattr(backend, "label_tokens")):
-            return None
-        from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_allowed
+            return None, None
+        from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_answer
 
         decode = TokenTexts(self.tokenizer)
-        rows = []
+        allowed_rows, settled_rows = [], []
         for task, completion, mask in zip(tasks, completion_ids, masks):
-            tokens = backend.label_tokens(self.labels[task.task_id])
-            row: list = [None] * len(completion)
+            labels = self.labels[task.task_id]
+            tokens, target = backend.label_tokens(labels), labels[task.candidate_item_ids.index(task.target_item_id)]
+            allowed: list = [None] * len(completion)
+            settled = [False] * len(completion)
             for start, end in _runs(mask):  # one run of sampled ids per assistant turn
-                row[start:end] = replay_allowed(tokens, completion[start:end], decode, backend.stop_ids)
-            rows.append(row)
-        return rows
+                allowed[start:end], settled[start:end] = replay_answer(tokens, completion[start:end], decode,
+                                                                       backend.stop_ids, target)
+            allowed_rows.append(allowed)
+            settled_rows.append(settled)
+        return allowed_rows, settled_rows
 
     def shown_task(self, task, step: int):
         """The task as this step shows it: with ``relabel_candidates``, its candidates in an order
@@ -274,25 +282,6 @@ class ToolRollout:
         order = list(task.candidate_item_ids)
         random.Random(f"{self.seed}|{step}|{task.task_id}").shuffle(order)
         return replace(task, candidate_item_ids=order)
-
-    def decided_positions(self, backend, tasks, completion_ids, masks) -> list[list[bool]]:
-        """Per rollout and completion position, whether the reward was already settled when the
-        policy sampled it: a sampled id after its answer placed the task's target. Every reward
-        term is fixed from there on (``training/rewards.py``: the ranking and format terms by the
-        target's rank, efficiency by the calls before the answer), so the rest of the answer
-        cannot change the return. Needs the answer constraint (``answer_constraints``)."""
-        from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_placed
-
-        decode = TokenTexts(self.tokenizer)
-        rows = []
-        for task, completion, mask in zip(tasks, completion_ids, masks):
-            labels = self.labels[task.task_id]
-            tokens, target = backend.label_tokens(labels), labels[task.candidate_item_ids.index(task.target_item_id)]
-            row = [False] * len(completion)
-            for start, end in _runs(mask):
-                row[start:end] = replay_placed(tokens, completion[start:end], decode, backend.stop_ids, target)
-            rows.append(row)
-        return rows
 
     def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, sampling: SamplingParams,
                      constraints=None) -> dict:

@@ -27,7 +27,7 @@ advantage weighs 1 at the answer's constrained positions and ``non_answer_weight
 other sampled tokens (analysis, tool calls): the step moves the ranking, where a group's
 rollouts mostly differ, more than the calls. With ``answer_credit: until_target`` the tokens
 sampled after the answer placed the target get advantage 0: the reward was settled there
-(``grpo.ToolRollout.decided_positions``, handed over by ``receive_decided_positions``), so
+(``grpo.ToolRollout.answer_replay``, handed over by ``receive_settled_positions``), so
 their share of the advantage is noise. Both are TRL's ``(rows, positions)`` advantages; the
 KL term is not weighted.
 """
@@ -49,22 +49,22 @@ from recthinker_dagster.training.data import IGNORE_INDEX
 from recthinker_dagster.training.scored_head import project_labelled_positions_only
 
 ALLOWED_KEY = "answer_allowed"
-DECIDED_KEY = "answer_decided"
+SETTLED_KEY = "answer_settled"
 FLAT_TOLERANCE = 1e-6  # rewards closer than this are equal (ours are sums of weights x [0, 1] terms)
 
 
 def token_advantages(advantages: torch.Tensor, allowed: torch.Tensor, non_answer_weight: float = 1.0,
-                     decided: torch.Tensor | None = None) -> torch.Tensor:
+                     settled: torch.Tensor | None = None) -> torch.Tensor:
     """``(rows, positions)`` advantages: each row's advantage at its constrained (answer)
     positions of the ``allowed`` table, times ``non_answer_weight`` elsewhere, and 0 where
-    ``decided`` (``(rows, positions)`` booleans) says the reward was already settled."""
+    ``settled`` (``(rows, positions)`` booleans) says the reward was already settled."""
     if advantages.dim() != 1:
         raise ValueError(f"expected one advantage per rollout, got shape {tuple(advantages.shape)}")
     answer = constrained_mask(allowed).to(advantages.device)
     weights = torch.full(answer.shape, non_answer_weight, dtype=advantages.dtype, device=advantages.device)
     weights = weights.masked_fill(answer, 1.0)
-    if decided is not None:
-        weights = weights.masked_fill(decided.to(advantages.device), 0.0)
+    if settled is not None:
+        weights = weights.masked_fill(settled.to(advantages.device), 0.0)
     return advantages[:, None] * weights
 
 
@@ -89,7 +89,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _batch_constraints: list | None = None  # this generation batch's rows, in rollout order
     _loss_allowed = None  # the micro-batch's table while its loss is computed
     _batch_trained: list | None = None  # this generation batch's env_mask rows, in rollout order
-    _batch_decided: list | None = None  # this generation batch's settled-reward rows, in rollout order
+    _batch_settled: list | None = None  # this generation batch's settled-reward rows, in rollout order
     _loss_trained = None  # the micro-batch's trained-token mask while its loss is computed
     _scored = None  # the trained-token mask of the log-prob pass under way, and its next row
     _scored_row = 0
@@ -109,8 +109,8 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     def receive_trained_masks(self, rows: Sequence[Sequence[int]] | None) -> None:
         self._batch_trained = list(rows) if rows is not None else None
 
-    def receive_decided_positions(self, rows: Sequence[Sequence[bool]] | None) -> None:
-        self._batch_decided = list(rows) if rows is not None else None
+    def receive_settled_positions(self, rows: Sequence[Sequence[bool]] | None) -> None:
+        self._batch_settled = list(rows) if rows is not None else None
 
     def receive_answer_constraints(self, rows: Sequence[Sequence[Sequence[int] | None]] | None) -> None:
         self._batch_constraints = list(rows) if rows is not None else None
@@ -122,18 +122,18 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        self._batch_constraints = self._batch_trained = self._batch_decided = self._flat_rows = None
+        self._batch_constraints = self._batch_trained = self._batch_settled = self._flat_rows = None
         try:
             output = super()._generate_and_score_completions(inputs)
             width, device = output["completion_ids"].shape[1], output["completion_ids"].device
             if self._batch_constraints is not None:
                 output[ALLOWED_KEY] = allowed_table(self._batch_constraints, width).to(device)
-            if self._batch_decided is not None and self.answer_credit == "until_target":
-                output[DECIDED_KEY] = bool_table(self._batch_decided, width).to(device)
+            if self._batch_settled is not None and self.answer_credit == "until_target":
+                output[SETTLED_KEY] = bool_table(self._batch_settled, width).to(device)
             if self._flat_rows is not None:
                 self._zero_flat_groups(output, self._flat_rows)
         finally:
-            self._batch_constraints = self._batch_trained = self._batch_decided = self._flat_rows = None
+            self._batch_constraints = self._batch_trained = self._batch_settled = self._flat_rows = None
         return output
 
     def _zero_flat_groups(self, output: dict, flat_rows: torch.Tensor) -> None:
@@ -151,12 +151,12 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         trained = inputs["completion_mask"]
         self._loss_trained = (trained * inputs["tool_mask"] if "tool_mask" in inputs else trained).bool()
         if self.non_answer_weight != 1.0 or self.answer_credit != "all":
-            if self._loss_allowed is None or (self.answer_credit != "all" and DECIDED_KEY not in inputs):
+            if self._loss_allowed is None or (self.answer_credit != "all" and SETTLED_KEY not in inputs):
                 raise RuntimeError("non_answer_weight and answer_credit need the answer constraint's positions, and "
                                    "this batch has none (a rollout server or the logits answer mode): set "
                                    "non_answer_weight to 1 and answer_credit to 'all'")
             inputs = {**inputs, "advantages": token_advantages(inputs["advantages"], self._loss_allowed,
-                                                               self.non_answer_weight, inputs.get(DECIDED_KEY))}
+                                                               self.non_answer_weight, inputs.get(SETTLED_KEY))}
         try:
             return super()._compute_loss(model, inputs)
         finally:

@@ -29,7 +29,7 @@ the labels with one more forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -259,24 +259,23 @@ class AnswerConstraint:
         return scores
 
 
-def replay_states(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int]) -> Iterator[AnswerState]:
-    """The answer state before each token of one sampled turn (``generate`` mode), replaying the
-    sampler's state machine over the sampled ids. One state object advances: read it before
-    asking for the next."""
+def replay_answer(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int],
+                  label: str | None = None) -> tuple[list[list[int] | None], list[bool]]:
+    """Per token of one sampled turn (``generate`` mode), replaying the sampler's state machine
+    over the sampled ids: the ids :class:`AnswerConstraint` allowed at its position when it was
+    sampled (None: free), and whether its answer had already placed ``label`` by then. The first
+    gives back the constraint without the sampler keeping it, so a learner scores answer tokens
+    under the distribution they were drawn from; the second tells it where the reward was settled."""
     state, stops = AnswerState(tokens), frozenset(stop_ids)
+    allowed: list[list[int] | None] = []
+    placed: list[bool] = []
     for token in ids:
-        yield state
+        allowed.append(state.allowed() if state.in_answer else None)
+        placed.append(label is not None and label in state.used)
         state.feed(token, decode(token), stops)
+    return allowed, placed
 
 
 def replay_allowed(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int]) -> list[list[int] | None]:
-    """Per token of one sampled turn, the ids :class:`AnswerConstraint` allowed at its position
-    when it was sampled (None: free). Replaying gives back the constraint without the sampler
-    keeping it; a learner uses it to score answer tokens under the distribution they were drawn from."""
-    return [state.allowed() if state.in_answer else None for state in replay_states(tokens, ids, decode, stop_ids)]
-
-
-def replay_placed(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int], label: str) -> list[bool]:
-    """Per token of one sampled turn, whether its answer had already placed ``label`` when the
-    token was sampled."""
-    return [label in state.used for state in replay_states(tokens, ids, decode, stop_ids)]
+    """The allowed ids per token of one sampled turn (:func:`replay_answer`)."""
+    return replay_answer(tokens, ids, decode, stop_ids)[0]
