@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams
-from recthinker_dagster.agent.backends.constrained import replay_allowed, replay_answer
+from recthinker_dagster.agent.backends.constrained import replay_answer
 from recthinker_dagster.agent.labels import NUMBERED_STYLE, candidate_labels
 from recthinker_dagster.training.answer_logprobs import (
     FREE,
@@ -46,8 +46,8 @@ def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, lab
                                 answer_temperature=answer_temperature)
         generation = tiny_backend.generate([conversation], None, params, answers=[AnswerSpec(labels)])[0]
         ids = generation.token_ids
-        allowed = replay_allowed(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
-                                 tiny_backend.stop_ids)
+        allowed, _ = replay_answer(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
+                                   tiny_backend.stop_ids)
         constrained = [k for k, a in enumerate(allowed) if a is not None]
         assert constrained and all(ids[k] in allowed[k] for k in constrained)
         assert all(allowed[k] is None for k in range(constrained[0]))  # "<answer>" itself was free

@@ -274,8 +274,3 @@ def replay_answer(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Seq
         placed.append(label is not None and label in state.used)
         state.feed(token, decode(token), stops)
     return allowed, placed
-
-
-def replay_allowed(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int]) -> list[list[int] | None]:
-    """The allowed ids per token of one sampled turn (:func:`replay_answer`)."""
-    return replay_answer(tokens, ids, decode, stop_ids)[0]
