@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams
+from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams, head_ranking
 from recthinker_dagster.agent.backends.constrained import replay_answer
 from recthinker_dagster.agent.labels import NUMBERED_STYLE, candidate_labels
 from recthinker_dagster.training.answer_logprobs import (
@@ -51,20 +51,58 @@ def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, lab
         constrained = [k for k, a in enumerate(allowed) if a is not None]
         assert constrained and all(ids[k] in allowed[k] for k in constrained)
         assert all(allowed[k] is None for k in range(constrained[0]))  # "<answer>" itself was free
-        full = torch.tensor([generation.prompt_ids + ids])
-        with torch.no_grad():
-            logits = tiny_backend.model(input_ids=full).logits[0, len(generation.prompt_ids) - 1 : -1].float()
-        logits = logits / temperature
-        table = allowed_table([allowed], len(ids))[0]
-        at = torch.tensor(constrained)
-        scores = logits[at].gather(1, table[at].clamp(min=0)) * temperature / (answer_temperature or temperature)
-        mine = log_prob_among(scores, table[at], torch.tensor(ids)[at])
+        mine, plain = learner_log_probs(tiny_backend, generation, allowed, constrained, temperature,
+                                        answer_temperature)
         sampled = torch.tensor([generation.logprobs[k] for k in constrained])
         assert torch.allclose(mine, sampled, atol=1e-3), (mine - sampled).abs().max()
-        plain = torch.log_softmax(logits[at], dim=-1).gather(1, torch.tensor(ids)[at, None])[:, 0]
         assert (plain - sampled).abs().max() > 0.1  # the whole-vocabulary figure is another distribution
         forced = [k for k in constrained if len(allowed[k]) == 1]
         assert forced and all(generation.logprobs[k] == 0.0 for k in forced)  # ",", "</answer>", the stop
+
+
+def learner_log_probs(backend, generation, allowed, constrained, temperature, answer_temperature=None):
+    """A fresh forward pass's log-probs of the sampled ids at the ``constrained`` positions: among
+    the replayed ``allowed`` ids (as the GRPO trainer scores them), and over the whole vocabulary."""
+    ids = generation.token_ids
+    full = torch.tensor([generation.prompt_ids + ids])
+    with torch.no_grad():
+        logits = backend.model(input_ids=full).logits[0, len(generation.prompt_ids) - 1 : -1].float()
+    logits = logits / temperature
+    table = allowed_table([allowed], len(ids))[0]
+    at = torch.tensor(constrained)
+    scores = logits[at].gather(1, table[at].clamp(min=0)) * temperature / (answer_temperature or temperature)
+    plain = torch.log_softmax(logits[at], dim=-1).gather(1, torch.tensor(ids)[at, None])[:, 0]
+    return log_prob_among(scores, table[at], torch.tensor(ids)[at]), plain
+
+
+def test_a_sampled_logits_mode_answer_draws_its_first_label_and_the_head_orders_the_rest(tiny_backend):
+    """In ``logits`` mode a sampled rollout's first label is the policy's draw among all labels
+    and the rest follow the head; the replay allows all labels there and forces the rest, so the
+    learner's log-probs equal the sampler's on every answer token (the forced ones are 0)."""
+    tokenizer = tiny_backend.tokenizer
+    tokens = tiny_backend.label_tokens(LETTERS)
+    firsts = set()
+    for seed in range(6):
+        params = SamplingParams(max_new_tokens=64, temperature=1.0, seed=seed, answer_temperature=3.0)
+        generation = tiny_backend.generate([[{"role": "user", "content": "Rank."}]], None, params,
+                                           answers=[AnswerSpec(LETTERS, "logits")])[0]
+        ids = generation.token_ids
+        allowed, _ = replay_answer(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
+                                   tiny_backend.stop_ids, mode="logits")
+        constrained = [k for k, a in enumerate(allowed) if a is not None]
+        first, rest = constrained[0], constrained[1:]
+        assert set(allowed[first]) == {seq[0] for seqs in tokens.variants.values() for seq in seqs}
+        assert rest and all(allowed[k] == [ids[k]] for k in rest)  # the head's tokens: forced
+        mine, _ = learner_log_probs(tiny_backend, generation, allowed, constrained, 1.0, 3.0)
+        sampled = torch.tensor([generation.logprobs[k] for k in constrained])
+        assert torch.allclose(mine, sampled, atol=1e-3), (mine - sampled).abs().max()
+        assert sampled[0] < 0 and all(generation.logprobs[k] == 0.0 for k in rest)
+        order = [label.strip() for label in tokenizer.decode(ids).split("<answer>")[1].split("</answer>")[0].split(",")]
+        assert sorted(order) == sorted(LETTERS)
+        assert generation.head_scores is not None
+        assert order[1:] == [label for label in head_ranking(generation.head_scores, LETTERS) if label != order[0]]
+        firsts.add(order[0])
+    assert len(firsts) > 1  # drawn, not the head's best every time
 
 
 @pytest.mark.parametrize("labels", [LETTERS, NUMBERED], ids=["single-token", "multi-token"])

@@ -64,8 +64,9 @@ def test_rank_labels_is_one_forward_pass_at_the_answer_position(tiny_backend):
     expected = {label: float(torch.logsumexp(logp[[single_token(tok, label), single_token(tok, " " + label)]], 0))
                 for label in labels}
     assert scores == pytest.approx(expected, abs=1e-4)
-    # in logits mode the generated answer is that ranking, read at the same position
-    (generation,) = tiny_backend.generate([CONVERSATION], None, SamplingParams(max_new_tokens=40, temperature=1.0),
+    # in logits mode a greedy answer is that ranking, read at the same position (a sampled one
+    # draws its first label: tests/test_answer_logprobs.py)
+    (generation,) = tiny_backend.generate([CONVERSATION], None, SamplingParams(max_new_tokens=40, temperature=0.0),
                                           answers=[AnswerSpec(labels, "logits")])
     order = head_ranking(expected, labels)
     assert generation.text == f"<answer>{', '.join(order)}</answer>"

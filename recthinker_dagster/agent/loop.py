@@ -27,7 +27,10 @@ Answers (``AgentConfig.answer_mode``, recorded on every trajectory):
   an incomplete one takes the documented repair (``parser.py``), counted as ``repaired``.
 - ``logits``: the ranking head. Once the model opens ``<answer>``, the labels are ordered by
   their log-probabilities at that position (``Trajectory.head_scores``) and that order is the
-  answer. It needs a backend with a head; others are refused up front.
+  answer. With sampled decoding (``temperature > 0``, single-token labels) the first label is
+  drawn among the labels and the rest follow in the head's order, so a rollout's answer is a
+  sample whose log-prob the learner can score (``AnswerState.start_head``). It needs a backend
+  with a head; others are refused up front.
 
 Labels: when the backend can tell (``labels_fit``, local models), a task whose labels are not
 single tokens of its tokenizer is relabelled ``C1..CN`` (``agent/labels.py``), with a warning.

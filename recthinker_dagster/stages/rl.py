@@ -94,17 +94,16 @@ def rl_recipe(settings: RLSettings) -> RLRecipe:
 
 def check_recipe_fits_run(recipe: RLRecipe, settings: RLSettings) -> None:
     """Refuse a recipe whose answer options need the local backend's answer constraint in a run
-    that samples elsewhere (a rollout server: free text) or answers by the label head."""
+    that samples elsewhere (a rollout server: free text)."""
     if settings.rollout_server and recipe.answer_temperature is not None:
         raise ValueError(f"RL recipe {recipe.name!r} sets answer_temperature, which needs the local backend's answer "
                          "constraint; a rollout server samples free text. Drop rollout_server or answer_temperature.")
     weighted = " and ".join(name for name, value in (("non_answer_weight", recipe.non_answer_weight != 1.0),
                                                      ("answer_credit", recipe.answer_credit != "all")) if value)
-    if weighted and (settings.rollout_server or settings.answer_mode != "generate"):
+    if weighted and settings.rollout_server:
         raise ValueError(f"RL recipe {recipe.name!r} sets {weighted}, which needs the answer's labels as the "
-                         "local backend's answer constraint marks them (answer_mode generate, no rollout_server); "
-                         f"this run has answer_mode {settings.answer_mode!r}, rollout_server "
-                         f"{settings.rollout_server!r}. Drop {weighted} or use the local generate mode.")
+                         "local backend's answer constraint marks them; this run samples on rollout_server "
+                         f"{settings.rollout_server!r}. Drop {weighted} or rollout_server.")
 
 
 def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int,

@@ -30,11 +30,14 @@ permutation by construction; the policy still samples the order). The trainer sc
 answer tokens under the same constraint (``grpo_trainer.py``): the rollout replays the
 constraint over each sampled turn and hands the trainer the allowed ids per position, so a
 label's log-prob is taken among the labels still allowed (as it was sampled) and a forced
-token (``,``, ``</answer>``) trains nothing. In ``logits`` mode the label head orders the
-labels once the policy opens ``<answer>``, and the ranking reward is the NDCG of the head's
-ranking after the sampled trajectory; the head's tokens are trained as written (unconstrained),
-which moves the head towards rankings that earned reward. The forced head's answer after an
-unanswered final request was never sampled and is not trained (``TokenTranscript.trained_mask``).
+token (``,``, ``</answer>``) trains nothing. In ``logits`` mode the policy samples the first
+label among all labels at the answer's first position and the label head orders the rest
+(``AnswerState.start_head``); the ranking reward is the NDCG of that ranking. The replay then
+allows all labels at the first label and only the written token after it, so the first label
+is trained as it was sampled and the head's forced order trains nothing: the gradient reaches
+the head's scores at that position (the same logits rank the rest) and the tokens before it.
+The forced head's answer after an unanswered final request was never sampled and is not
+trained (``TokenTranscript.trained_mask``).
 
 Health figures logged per step (TRL's own plus these): ``tools/call_frequency``,
 ``tools/failure_rate``, ``rollout/valid_rate``, ``rollout/ndcg@10``, ``rollout/turns``,
@@ -251,10 +254,8 @@ class ToolRollout:
         fixed from there on, ``training/rewards.py``, the ranking and format terms by the target's
         rank, efficiency by the calls before the answer, so the rest of the answer cannot change
         the return). (None, None) when answers were not decoded under the constraint (an HTTP
-        backend, ``constrain_answers=False``) or in ``logits`` mode, where the head's tokens are
-        trained as written."""
-        if not (config.constrain_answers and constrains_answers(backend) and config.answer_mode == "generate"
-                and hasattr(backend, "label_tokens")):
+        backend, ``constrain_answers=False``)."""
+        if not (config.constrain_answers and constrains_answers(backend) and hasattr(backend, "label_tokens")):
             return None, None
         from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_answer
 
@@ -267,7 +268,7 @@ class ToolRollout:
             settled = [False] * len(completion)
             for start, end in _runs(mask):  # one run of sampled ids per assistant turn
                 allowed[start:end], settled[start:end] = replay_answer(tokens, completion[start:end], decode,
-                                                                       backend.stop_ids, target)
+                                                                       backend.stop_ids, target, config.answer_mode)
             allowed_rows.append(allowed)
             settled_rows.append(settled)
         return allowed_rows, settled_rows

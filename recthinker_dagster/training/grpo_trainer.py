@@ -153,7 +153,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         if self.non_answer_weight != 1.0 or self.answer_credit != "all":
             if self._loss_allowed is None or (self.answer_credit != "all" and SETTLED_KEY not in inputs):
                 raise RuntimeError("non_answer_weight and answer_credit need the answer constraint's positions, and "
-                                   "this batch has none (a rollout server or the logits answer mode): set "
+                                   "this batch has none (a rollout server, or constrain_answers off): set "
                                    "non_answer_weight to 1 and answer_credit to 'all'")
             inputs = {**inputs, "advantages": token_advantages(inputs["advantages"], self._loss_allowed,
                                                                self.non_answer_weight, inputs.get(SETTLED_KEY))}

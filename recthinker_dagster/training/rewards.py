@@ -7,7 +7,8 @@
 Every reward maps one finished rollout to a number in [0, 1]; the weights live in the RL recipe
 (``reward_weights``). "Correct" means: a valid answer whose target ranks within ``correct_k``.
 The ranking is the trajectory's final ranking: the model's answer (``answer_mode: generate``)
-or the label head's ranking (``logits``, and the forced head). A ranking that took the
+or the label head's ranking (``logits``: its first label sampled in rollouts, and the forced
+head). A ranking that took the
 parser's repair is not valid and earns nothing; the forced head's ranking is valid but not
 ``answered``, so it earns the ranking term only.
 

@@ -86,6 +86,7 @@ class AnswerState:
     queue: list[int] = field(default_factory=list)  # forced tokens (the head's ranking)
     head_scores: dict[str, float] | None = None
     needs_head: bool = False  # logits mode, multi-token labels: the backend ranks after generation
+    sample_first: bool = False  # logits mode, sampled decoding: the policy draws the first label (see start_head)
     tail: str = ""
     opened: bool = False
 
@@ -135,6 +136,8 @@ class AnswerState:
             if complete is not None and not self._extendable(self.partial):
                 self._commit(complete)
                 self.phase = CLOSE if not self.unused() else SEPARATOR
+                if self.mode == "logits" and self.head_scores is not None and len(self.used) == 1:
+                    self._queue_head_rest()
             else:
                 self.pending = complete
         elif self.phase == SEPARATOR:
@@ -145,6 +148,15 @@ class AnswerState:
                 self.phase = STOP
         elif self.phase == STOP:
             self.phase = DONE
+
+    def _queue_head_rest(self) -> None:
+        """Logits mode after a sampled first label: the other labels follow in the head's order."""
+        from recthinker_dagster.agent.backends.base import head_ranking
+
+        assert self.head_scores is not None
+        first = self.used[0]
+        order = [first] + [label for label in head_ranking(self.head_scores, self.tokens.labels) if label != first]
+        self.queue = self.tokens.answer_tokens(order)[len(self.tokens.variants[first][0]):]
 
     def _commit(self, label: str) -> None:
         self.used.append(label)
@@ -191,7 +203,13 @@ class AnswerState:
         }
 
     def start_head(self, scores: torch.Tensor) -> None:
-        """Logits mode, first answer position: order the labels by ``scores`` and queue them."""
+        """Logits mode, first answer position: order the labels by ``scores`` and queue them.
+
+        With ``sample_first`` (sampled decoding, single-token labels) only the first label is the
+        policy's: it is drawn among the labels like any constrained token, so its log-prob is the
+        sampler's and a learner can score it exactly (``replay_answer``); the rest are then
+        queued in the head's order (``feed``) and are forced. Greedy decoding queues the whole
+        head ranking here, so the first label is the head's best."""
         from recthinker_dagster.agent.backends.base import head_ranking
 
         t = self.tokens
@@ -201,7 +219,8 @@ class AnswerState:
             return
         self.score_head(scores)
         assert self.head_scores is not None
-        self.queue = t.answer_tokens(head_ranking(self.head_scores, t.labels))
+        if not self.sample_first:
+            self.queue = t.answer_tokens(head_ranking(self.head_scores, t.labels))
 
 
 class TokenTexts:
@@ -260,17 +279,22 @@ class AnswerConstraint:
 
 
 def replay_answer(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int],
-                  label: str | None = None) -> tuple[list[list[int] | None], list[bool]]:
-    """Per token of one sampled turn (``generate`` mode), replaying the sampler's state machine
-    over the sampled ids: the ids :class:`AnswerConstraint` allowed at its position when it was
-    sampled (None: free), and whether its answer had already placed ``label`` by then. The first
-    gives back the constraint without the sampler keeping it, so a learner scores answer tokens
-    under the distribution they were drawn from; the second tells it where the reward was settled."""
-    state, stops = AnswerState(tokens), frozenset(stop_ids)
+                  label: str | None = None, mode: str = "generate") -> tuple[list[list[int] | None], list[bool]]:
+    """Per token of one sampled turn, replaying the sampler's state machine over the sampled ids:
+    the ids :class:`AnswerConstraint` allowed at its position when it was sampled (None: free),
+    and whether its answer had already placed ``label`` by then. The first gives back the
+    constraint without the sampler keeping it, so a learner scores answer tokens under the
+    distribution they were drawn from; the second tells it where the reward was settled.
+
+    ``mode="logits"`` replays a sampled logits-mode turn (``AnswerState.sample_first``): the
+    first label was drawn among all labels, and every answer token after it (or, with
+    multi-token labels, the whole answer) was forced by the head, so it allows only itself."""
+    state, stops = AnswerState(tokens, mode), frozenset(stop_ids)
     allowed: list[list[int] | None] = []
     placed: list[bool] = []
     for token in ids:
-        allowed.append(state.allowed() if state.in_answer else None)
+        forced = mode == "logits" and (bool(state.used) or not tokens.single_token)
+        allowed.append(([token] if forced else state.allowed()) if state.in_answer else None)
         placed.append(label is not None and label in state.used)
         state.feed(token, decode(token), stops)
     return allowed, placed

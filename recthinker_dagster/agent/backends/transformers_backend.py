@@ -58,7 +58,8 @@ float32 output is identical token for token.
 
 Answers: with ``answers=[AnswerSpec, ...]`` every ``<answer>`` the model opens is decoded under
 :class:`~recthinker_dagster.agent.backends.constrained.AnswerConstraint` (a permutation of the
-labels, or the label head's ranking in ``logits`` mode). A row that hits ``max_new_tokens``
+labels, or the label head's ranking in ``logits`` mode, its first label sampled when decoding
+samples). A row that hits ``max_new_tokens``
 inside its answer is continued (same state, only the tokens the answer still needs), so a
 constrained answer is never cut off. ``rank_labels`` is the label head on its own: one
 forward pass over a conversation plus ``<answer>``.
@@ -327,7 +328,7 @@ class TransformersBackend:
         started = time.perf_counter()
         if not params.greedy and params.seed is not None:
             torch.manual_seed(params.seed)
-        states = self._answer_states(answers, len(rows))
+        states = self._answer_states(answers, len(rows), sample_first=not params.greedy)
         new_tokens, logprobs = self._generate_rows(rows, params, states, fresh=True)
         if states is not None:
             self._finish_answers(rows, new_tokens, logprobs, params, states)
@@ -335,12 +336,13 @@ class TransformersBackend:
         return [self._finish(row, tokens, row_logprobs, seconds, states[i] if states else None)
                 for i, (row, tokens, row_logprobs) in enumerate(zip(rows, new_tokens, logprobs))]
 
-    def _answer_states(self, answers, n: int) -> list[AnswerState | None] | None:
+    def _answer_states(self, answers, n: int, *, sample_first: bool) -> list[AnswerState | None] | None:
         if answers is None or not any(spec is not None for spec in answers):
             return None
         if len(answers) != n:
             raise ValueError(f"got {len(answers)} answer specs for {n} prompts")
-        return [None if spec is None else AnswerState(self.label_tokens(spec.labels), spec.mode) for spec in answers]
+        return [None if spec is None else AnswerState(self.label_tokens(spec.labels), spec.mode, sample_first=sample_first)
+                for spec in answers]
 
     def _generate_rows(self, rows: Sequence[list[int]], params: SamplingParams,
                        states: Sequence[AnswerState | None] | None, *,
