@@ -294,7 +294,8 @@ def test_a_run_without_the_answer_constraint_refuses_answer_weighted_steps():
     from recthinker_dagster.stages.rl import check_recipe_fits_run
 
     settings = RLSettings(rollout_server="http://localhost:8000")
-    recipe = load_rl_recipe("demo").with_overrides(non_answer_weight=0.1, answer_credit="until_target")
+    recipe = load_rl_recipe("demo").with_overrides(non_answer_weight=0.1, answer_credit="until_target",
+                                                   answer_temperature=None)
     with pytest.raises(ValueError, match="sets non_answer_weight and answer_credit.*rollout_server 'http://localhost"):
         check_recipe_fits_run(recipe, settings)
     check_recipe_fits_run(recipe.with_overrides(non_answer_weight=1.0, answer_credit="all"), settings)
