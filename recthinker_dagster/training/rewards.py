@@ -8,9 +8,8 @@ Every reward maps one finished rollout to a number in [0, 1]; the weights live i
 (``reward_weights``). "Correct" means: a valid answer whose target ranks within ``correct_k``.
 The ranking is the trajectory's final ranking: the model's answer (``answer_mode: generate``)
 or the label head's ranking (``logits``: its first label sampled in rollouts, and the forced
-head). A ranking that took the
-parser's repair is not valid and earns nothing; the forced head's ranking is valid but not
-``answered``, so it earns the ranking term only.
+head). A ranking that took the parser's repair is not valid and earns nothing; the forced
+head's ranking is valid but not ``answered``, so it earns the ranking term only.
 
 The format and tool-efficiency terms are paid to correct rollouts only, and are never
 negative. With non-negative weights this makes the ordering safe: a correct rollout has

@@ -151,12 +151,15 @@ class AnswerState:
 
     def _queue_head_rest(self) -> None:
         """Logits mode after a sampled first label: the other labels follow in the head's order."""
+        first = self.used[0]
+        order = [first] + [label for label in self._head_order() if label != first]
+        self.queue = self.tokens.answer_tokens(order)[len(self.tokens.variants[first][0]):]
+
+    def _head_order(self) -> list[str]:
         from recthinker_dagster.agent.backends.base import head_ranking
 
         assert self.head_scores is not None
-        first = self.used[0]
-        order = [first] + [label for label in head_ranking(self.head_scores, self.tokens.labels) if label != first]
-        self.queue = self.tokens.answer_tokens(order)[len(self.tokens.variants[first][0]):]
+        return head_ranking(self.head_scores, self.tokens.labels)
 
     def _commit(self, label: str) -> None:
         self.used.append(label)
@@ -210,17 +213,14 @@ class AnswerState:
         sampler's and a learner can score it exactly (``replay_answer``); the rest are then
         queued in the head's order (``feed``) and are forced. Greedy decoding queues the whole
         head ranking here, so the first label is the head's best."""
-        from recthinker_dagster.agent.backends.base import head_ranking
-
         t = self.tokens
         if not t.single_token:
             self.needs_head = True
             self.queue = [t.stop]
             return
         self.score_head(scores)
-        assert self.head_scores is not None
         if not self.sample_first:
-            self.queue = t.answer_tokens(head_ranking(self.head_scores, t.labels))
+            self.queue = t.answer_tokens(self._head_order())
 
 
 class TokenTexts:

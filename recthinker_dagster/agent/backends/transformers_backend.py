@@ -60,8 +60,8 @@ Answers: with ``answers=[AnswerSpec, ...]`` every ``<answer>`` the model opens i
 :class:`~recthinker_dagster.agent.backends.constrained.AnswerConstraint` (a permutation of the
 labels, or the label head's ranking in ``logits`` mode, its first label sampled when decoding
 samples). A row that hits ``max_new_tokens`` inside its answer is continued (same state, only
-the tokens the answer still needs), so a constrained answer is never cut off. ``rank_labels`` is the label head on its own: one
-forward pass over a conversation plus ``<answer>``.
+the tokens the answer still needs), so a constrained answer is never cut off. ``rank_labels``
+is the label head on its own: one forward pass over a conversation plus ``<answer>``.
 
 Attention: on CPU, every decoding step runs SDPA with a mask, also where a batch has no
 padding (``attention.py``: without one, ``transformers`` takes SDPA's grouped-query path, several
