@@ -10,12 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams, head_ranking
-from recthinker_dagster.agent.backends.constrained import replay_answer
+from recthinker_dagster.agent.backends.base import AnswerSpec, SamplingParams
+from recthinker_dagster.agent.backends.constrained import HeadDraw, replay_answer
 from recthinker_dagster.agent.labels import NUMBERED_STYLE, candidate_labels
 from recthinker_dagster.training.answer_logprobs import (
     FREE,
     allowed_table,
+    drawn_label_log_prob,
+    head_draw_logprobs,
+    head_draw_tables,
     log_prob_among,
     restrict_logprobs,
 )
@@ -46,8 +49,9 @@ def test_replayed_constraint_gives_back_the_samplers_log_probs(tiny_backend, lab
                                 answer_temperature=answer_temperature)
         generation = tiny_backend.generate([conversation], None, params, answers=[AnswerSpec(labels)])[0]
         ids = generation.token_ids
-        allowed, _ = replay_answer(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
-                                   tiny_backend.stop_ids)
+        allowed, _, draws = replay_answer(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
+                                          tiny_backend.stop_ids)
+        assert not any(draws)  # generate mode: the policy writes its own order
         constrained = [k for k, a in enumerate(allowed) if a is not None]
         assert constrained and all(ids[k] in allowed[k] for k in constrained)
         assert all(allowed[k] is None for k in range(constrained[0]))  # "<answer>" itself was free
@@ -75,34 +79,66 @@ def learner_log_probs(backend, generation, allowed, constrained, temperature, an
     return log_prob_among(scores, table[at], torch.tensor(ids)[at]), plain
 
 
-def test_a_sampled_logits_mode_answer_draws_its_first_label_and_the_head_orders_the_rest(tiny_backend):
-    """In ``logits`` mode a sampled rollout's first label is the policy's draw among all labels
-    and the rest follow the head; the replay allows all labels there and forces the rest, so the
-    learner's log-probs equal the sampler's on every answer token (the forced ones are 0)."""
+def test_a_sampled_logits_mode_answer_is_a_plackett_luce_draw_from_the_head(tiny_backend):
+    """In ``logits`` mode a sampled rollout draws every label from the head's scores at the first
+    label position, without replacement; the replay forces every answer token and gives each
+    label its draw, so the learner's Plackett-Luce log-probs (all read at that one position)
+    equal the sampler's, and the forced tokens score 0."""
     tokenizer = tiny_backend.tokenizer
     tokens = tiny_backend.label_tokens(LETTERS)
-    firsts = set()
+    orders = set()
     for seed in range(6):
         params = SamplingParams(max_new_tokens=64, temperature=1.0, seed=seed, answer_temperature=3.0)
         generation = tiny_backend.generate([[{"role": "user", "content": "Rank."}]], None, params,
                                            answers=[AnswerSpec(LETTERS, "logits")])[0]
         ids = generation.token_ids
-        allowed, _ = replay_answer(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
-                                   tiny_backend.stop_ids, mode="logits")
+        allowed, _, draws = replay_answer(tokens, ids, lambda t: tokenizer.decode([t], skip_special_tokens=False),
+                                          tiny_backend.stop_ids, mode="logits")
         constrained = [k for k, a in enumerate(allowed) if a is not None]
-        first, rest = constrained[0], constrained[1:]
-        assert set(allowed[first]) == {seq[0] for seqs in tokens.variants.values() for seq in seqs}
-        assert rest and all(allowed[k] == [ids[k]] for k in rest)  # the head's tokens: forced
-        mine, _ = learner_log_probs(tiny_backend, generation, allowed, constrained, 1.0, 3.0)
-        sampled = torch.tensor([generation.logprobs[k] for k in constrained])
+        drawn = [k for k, d in enumerate(draws) if d is not None]
+        assert all(allowed[k] == [ids[k]] for k in constrained)  # every answer token: forced
+        assert len(drawn) == len(LETTERS) and {draws[k].source for k in drawn} == {drawn[0]}
+        assert [len(draws[k].groups) for k in drawn] == list(range(len(LETTERS), 0, -1))  # without replacement
+        assert all(generation.logprobs[k] == 0.0 for k in constrained if k not in drawn)
+        with torch.no_grad():
+            logits = tiny_backend.model(input_ids=torch.tensor([generation.prompt_ids + ids])).logits[0].float()
+        source, groups = (table[0] for table in head_draw_tables([draws], len(ids)))
+        at = torch.tensor(drawn)
+        scores = logits[len(generation.prompt_ids) - 1 + source[at]]
+        mine = drawn_label_log_prob(scores[torch.arange(len(drawn))[:, None, None], groups[at].clamp(min=0)],
+                                    groups[at], 3.0)
+        sampled = torch.tensor([generation.logprobs[k] for k in drawn])
         assert torch.allclose(mine, sampled, atol=1e-3), (mine - sampled).abs().max()
-        assert sampled[0] < 0 and all(generation.logprobs[k] == 0.0 for k in rest)
+        assert sampled[-1] == 0.0 and all(sampled[:-1] < 0)  # the last label is the only one left
         order = [label.strip() for label in tokenizer.decode(ids).split("<answer>")[1].split("</answer>")[0].split(",")]
         assert sorted(order) == sorted(LETTERS)
-        assert generation.head_scores is not None
-        assert order[1:] == [label for label in head_ranking(generation.head_scores, LETTERS) if label != order[0]]
-        firsts.add(order[0])
-    assert len(firsts) > 1  # drawn, not the head's best every time
+        orders.add(tuple(order))
+    assert len(orders) > 1  # drawn, not the head's ranking every time
+
+
+def test_head_draw_log_probs_match_a_hand_computed_plackett_luce_term_scored_at_the_source():
+    torch.manual_seed(0)
+    vocab, width, hidden_size = 12, 5, 8
+    head = torch.nn.Linear(hidden_size, vocab, bias=True)
+    hidden = torch.randn(1, 3 + width, hidden_size, requires_grad=True)  # 3 prompt + 5 completion tokens
+    logps = torch.zeros(1, width)
+    draws = [[None, HeadDraw(1, ((4, 5), (6,), (2, 3))), None, HeadDraw(1, ((2, 3), (6,))), None]]
+    source, groups = head_draw_tables(draws, width)
+    assert groups.shape == (1, width, 3, 2) and source[0].tolist() == [FREE, 1, FREE, 1, FREE]
+    scored = head_draw_logprobs(logps, hidden, head, source, groups, 2.0)
+
+    def by_hand(label_groups):
+        logits = head(hidden[0, 2 + 1])  # the hidden state that predicts completion token 1
+        labels = torch.stack([logits[list(ids)].logsumexp(0) for ids in label_groups]) / 2.0
+        return torch.log_softmax(labels, dim=0)[0]
+
+    assert torch.allclose(scored[0, 1], by_hand(((4, 5), (6,), (2, 3))), atol=1e-6)
+    assert torch.allclose(scored[0, 3], by_hand(((2, 3), (6,))), atol=1e-6)
+    assert scored[0, [0, 2, 4]].tolist() == [0.0, 0.0, 0.0]
+    scored.sum().backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    touched = hidden.grad[0].abs().sum(dim=1) > 0
+    assert touched.tolist() == [k == 3 for k in range(3 + width)]  # only the source's predicting state
 
 
 @pytest.mark.parametrize("labels", [LETTERS, NUMBERED], ids=["single-token", "multi-token"])

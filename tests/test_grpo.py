@@ -208,6 +208,35 @@ def test_grpo_scores_answer_tokens_under_the_sampling_constraint(tmp_path, answe
     assert step["rollout/sampler_logprob_abs_gap"] < 1e-3
 
 
+@pytest.mark.slow
+def test_grpo_scores_a_logits_mode_answer_as_plackett_luce_draws_from_the_head(tmp_path, answering_base_model,
+                                                                               monkeypatch):
+    """``logits`` mode: the trainer scores each drawn label from the answer's first label position
+    (the reference's pass, then the loss's), every draw of every rollout, at the answer
+    temperature, and its figures agree with the sampler's."""
+    from recthinker_dagster.training import grpo_trainer
+
+    scored: list[tuple[int, float]] = []
+    original = grpo_trainer.head_draw_logprobs
+
+    def counting(logps, hidden, head, source, groups, temperature):
+        scored.append((int((source >= 0).sum()), temperature))
+        return original(logps, hidden, head, source, groups, temperature)
+
+    monkeypatch.setattr(grpo_trainer, "head_draw_logprobs", counting)
+    recipe = load_rl_recipe("smoke").with_overrides(
+        name="test-head-draws", max_steps=1, num_generations=2, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, max_turns=1, max_new_tokens=48, beta=0.04, learning_rate=5e-3,
+        answer_temperature=2.0, non_answer_weight=0.0)
+    result = train_grpo(agent_tasks("train", 1), toolbox_factory, answering_base_model, [], tmp_path, recipe,
+                        answer_mode="logits")
+    step = result.metrics["steps"][-1]
+    assert step["rollout/answered_rate"] == 1.0
+    labels = 10  # the smoke candidates, every one drawn in each of the 2 rollouts
+    assert scored == [(2 * labels, 2.0)] * 2
+    assert step["rollout/sampler_logprob_abs_gap"] < 1e-3
+
+
 def test_rl_recipes_load_and_hold_no_validation_settings():
     for name in ("smoke", "demo", "full", "reczero", "recone"):
         recipe = load_rl_recipe(name)

@@ -211,10 +211,13 @@ class ToolRollout:
             env_mask.append(m)
             logprobs.append(lp)
             outcomes.append(RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls).to_dict())
-        constraints, settled = self.answer_replay(backend, config, tasks, completion_ids, env_mask)
+        constraints, settled, draws = self.answer_replay(backend, config, tasks, completion_ids, env_mask)
         receive = getattr(trainer, "receive_answer_constraints", None)
         if receive is not None:  # the trainer scores answer tokens as they were sampled (grpo_trainer.py)
             receive(constraints)
+        receive = getattr(trainer, "receive_head_draws", None)
+        if receive is not None:  # ... the head's labels as they were drawn (logits mode)
+            receive(draws)
         receive = getattr(trainer, "receive_settled_positions", None)
         if receive is not None:  # ... and knows where each reward was settled
             receive(settled)
@@ -223,7 +226,7 @@ class ToolRollout:
             receive(env_mask)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
         record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling,
-                                        constraints))
+                                        constraints, draws))
         self.step_records.append(record)
         self.task_visits.extend(task_visits(step, trajectories))
         self.last_trajectories = trajectories
@@ -247,31 +250,36 @@ class ToolRollout:
         p, c, m = split_conversation(self.tokenizer, trajectory.messages, trajectory.tools, self.chat_template)
         return p, c, m, [math.nan] * len(c)
 
-    def answer_replay(self, backend, config: AgentConfig, tasks, completion_ids, masks) -> tuple[list | None, list | None]:
+    def answer_replay(self, backend, config: AgentConfig, tasks, completion_ids,
+                      masks) -> tuple[list | None, list | None, list | None]:
         """Per rollout and completion position, replayed over each sampled turn: the ids the answer
-        constraint allowed there (None: free), and whether the reward was already settled when the
+        constraint allowed there (None: free), whether the reward was already settled when the
         policy sampled it (an id after its answer placed the task's target: every reward term is
         fixed from there on, ``training/rewards.py``, the ranking and format terms by the target's
         rank, efficiency by the calls before the answer, so the rest of the answer cannot change
-        the return). (None, None) when answers were not decoded under the constraint (an HTTP
-        backend, ``constrain_answers=False``)."""
+        the return), and the head draw of a logits-mode label (``HeadDraw``, its source a
+        completion position; None elsewhere). (None, None, None) when answers were not decoded
+        under the constraint (an HTTP backend, ``constrain_answers=False``)."""
         if not (config.constrain_answers and constrains_answers(backend) and hasattr(backend, "label_tokens")):
-            return None, None
+            return None, None, None
         from recthinker_dagster.agent.backends.constrained import TokenTexts, replay_answer
 
         decode = TokenTexts(self.tokenizer)
-        allowed_rows, settled_rows = [], []
+        allowed_rows, settled_rows, draw_rows = [], [], []
         for task, completion, mask in zip(tasks, completion_ids, masks):
             labels = self.labels[task.task_id]
             tokens, target = backend.label_tokens(labels), labels[task.candidate_item_ids.index(task.target_item_id)]
             allowed: list = [None] * len(completion)
             settled = [False] * len(completion)
+            draws: list = [None] * len(completion)
             for start, end in _runs(mask):  # one run of sampled ids per assistant turn
-                allowed[start:end], settled[start:end] = replay_answer(tokens, completion[start:end], decode,
-                                                                       backend.stop_ids, target, config.answer_mode)
+                allowed[start:end], settled[start:end], turn_draws = replay_answer(
+                    tokens, completion[start:end], decode, backend.stop_ids, target, config.answer_mode)
+                draws[start:end] = [None if d is None else replace(d, source=start + d.source) for d in turn_draws]
             allowed_rows.append(allowed)
             settled_rows.append(settled)
-        return allowed_rows, settled_rows
+            draw_rows.append(draws)
+        return allowed_rows, settled_rows, draw_rows
 
     def shown_task(self, task, step: int):
         """The task as this step shows it: with ``relabel_candidates``, its candidates in an order
@@ -285,13 +293,20 @@ class ToolRollout:
         return replace(task, candidate_item_ids=order)
 
     def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, sampling: SamplingParams,
-                     constraints=None) -> dict:
+                     constraints=None, draws=None) -> dict:
         """The trainer's log-probs of the sampled tokens against the sampler's, on the first
         ``gap_rollouts`` rollouts (one forward pass each): mean and mean absolute difference.
         Answer tokens are scored among the ids their constraint allowed, as the trainer does."""
         import torch
 
-        from recthinker_dagster.training.answer_logprobs import allowed_table, constrained_positions, log_prob_among
+        from recthinker_dagster.training.answer_logprobs import (
+            FREE,
+            allowed_table,
+            constrained_positions,
+            drawn_label_log_prob,
+            head_draw_tables,
+            log_prob_among,
+        )
 
         diffs: list[float] = []
         rows = [k for k, row in enumerate(logprobs) if any(not math.isnan(v) for v in row)][: self.gap_rollouts]
@@ -301,8 +316,8 @@ class ToolRollout:
             with torch.no_grad():
                 for k in rows:
                     ids = torch.tensor([prompt_ids[k] + completion_ids[k]], device=model.device)
-                    logits = model(input_ids=ids).logits[0, len(prompt_ids[k]) - 1 : -1].float()
-                    logits = logits / (sampling.temperature if sampling.temperature > 0 else 1.0)
+                    raw = model(input_ids=ids).logits[0, len(prompt_ids[k]) - 1 : -1].float()
+                    logits = raw / (sampling.temperature if sampling.temperature > 0 else 1.0)
                     completion = ids[0, len(prompt_ids[k]):]
                     trained = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
                     if constraints is not None:
@@ -311,6 +326,13 @@ class ToolRollout:
                         if at.numel():
                             scores = logits[at].gather(1, allowed[at].clamp(min=0)) * sampling.answer_scale
                             trained[at] = log_prob_among(scores, allowed[at], completion[at])
+                    if draws is not None:
+                        source, groups = (table[0] for table in head_draw_tables([draws[k]], len(completion)))
+                        at = (source != FREE).nonzero(as_tuple=True)[0]
+                        if at.numel():
+                            ids_at = groups[at]
+                            scores = raw[source[at]][torch.arange(at.numel())[:, None, None], ids_at.clamp(min=0)]
+                            trained[at] = drawn_label_log_prob(scores, ids_at, sampling.temperature / sampling.answer_scale)
                     diffs += [sampled - float(t) for sampled, t, m in zip(logprobs[k], trained.tolist(), env_mask[k])
                               if m and not math.isnan(sampled)]
         finally:

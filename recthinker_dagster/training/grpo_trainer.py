@@ -8,7 +8,10 @@ constrained positions (``answer_logprobs.py``); the table rides along with the b
 TRL's shuffling and micro-batching as the ``answer_allowed`` tensor. Without constraints
 (HTTP backends, unconstrained recipes) this is TRL's trainer unchanged. With an
 ``answer_temperature`` (the recipe's; the sampler drew the labels at it) the constrained
-positions are scored at that temperature, the rest at TRL's.
+positions are scored at that temperature, the rest at TRL's. In the ``logits`` answer mode the
+rollout also hands over each label's head draw (``receive_head_draws``): those positions are
+scored as Plackett–Luce terms from the answer's first label position
+(``answer_logprobs.head_draw_logprobs``), as the sampler drew them.
 
 The LM head is projected only on the tokens the policy sampled (``scored_head.py``): the rollout
 also hands over its ``env_mask`` rows (``receive_trained_masks``), and every log-prob pass (the
@@ -43,6 +46,8 @@ from recthinker_dagster.training.answer_logprobs import (
     allowed_table,
     constrained_mask,
     constrained_positions,
+    head_draw_logprobs,
+    head_draw_tables,
     restrict_logprobs,
 )
 from recthinker_dagster.training.data import IGNORE_INDEX
@@ -50,6 +55,7 @@ from recthinker_dagster.training.scored_head import project_labelled_positions_o
 
 ALLOWED_KEY = "answer_allowed"
 SETTLED_KEY = "answer_settled"
+DRAW_SOURCE_KEY, DRAW_GROUPS_KEY = "answer_draw_source", "answer_draw_groups"
 FLAT_TOLERANCE = 1e-6  # rewards closer than this are equal (ours are sums of weights x [0, 1] terms)
 
 
@@ -90,6 +96,8 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _loss_allowed = None  # the micro-batch's table while its loss is computed
     _batch_trained: list | None = None  # this generation batch's env_mask rows, in rollout order
     _batch_settled: list | None = None  # this generation batch's settled-reward rows, in rollout order
+    _batch_draws: list | None = None  # this generation batch's head-draw rows, in rollout order
+    _loss_draws = None  # the micro-batch's (source, groups) head-draw tables while its loss is computed
     _loss_trained = None  # the micro-batch's trained-token mask while its loss is computed
     _scored = None  # the trained-token mask of the log-prob pass under way, and its next row
     _scored_row = 0
@@ -112,6 +120,9 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     def receive_settled_positions(self, rows: Sequence[Sequence[bool]] | None) -> None:
         self._batch_settled = list(rows) if rows is not None else None
 
+    def receive_head_draws(self, rows: Sequence[Sequence] | None) -> None:
+        self._batch_draws = list(rows) if rows is not None else None
+
     def receive_answer_constraints(self, rows: Sequence[Sequence[Sequence[int] | None]] | None) -> None:
         self._batch_constraints = list(rows) if rows is not None else None
 
@@ -123,17 +134,22 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._batch_constraints = self._batch_trained = self._batch_settled = self._flat_rows = None
+        self._batch_draws = None
         try:
             output = super()._generate_and_score_completions(inputs)
             width, device = output["completion_ids"].shape[1], output["completion_ids"].device
             if self._batch_constraints is not None:
                 output[ALLOWED_KEY] = allowed_table(self._batch_constraints, width).to(device)
+            if self._batch_draws is not None and any(d is not None for row in self._batch_draws for d in row):
+                output[DRAW_SOURCE_KEY], output[DRAW_GROUPS_KEY] = (
+                    table.to(device) for table in head_draw_tables(self._batch_draws, width))
             if self._batch_settled is not None and self.answer_credit == "until_target":
                 output[SETTLED_KEY] = bool_table(self._batch_settled, width).to(device)
             if self._flat_rows is not None:
                 self._zero_flat_groups(output, self._flat_rows)
         finally:
             self._batch_constraints = self._batch_trained = self._batch_settled = self._flat_rows = None
+        self._batch_draws = None
         return output
 
     def _zero_flat_groups(self, output: dict, flat_rows: torch.Tensor) -> None:
@@ -148,6 +164,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._loss_allowed = inputs.get(ALLOWED_KEY)
+        self._loss_draws = (inputs[DRAW_SOURCE_KEY], inputs[DRAW_GROUPS_KEY]) if DRAW_SOURCE_KEY in inputs else None
         trained = inputs["completion_mask"]
         self._loss_trained = (trained * inputs["tool_mask"] if "tool_mask" in inputs else trained).bool()
         if self.non_answer_weight != 1.0 or self.answer_credit != "all":
@@ -160,13 +177,20 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._loss_allowed = self._loss_trained = None
+            self._loss_allowed = self._loss_trained = self._loss_draws = None
 
     def _allowed_for(self, rows: int, width: int):
         if self._loss_allowed is not None:
             return self._loss_allowed
         if self._batch_constraints is not None and len(self._batch_constraints) == rows:
             return allowed_table(self._batch_constraints, width)
+        return None
+
+    def _draws_for(self, rows: int, width: int):
+        if self._loss_draws is not None:
+            return self._loss_draws
+        if self._batch_draws is not None and len(self._batch_draws) == rows:
+            return head_draw_tables(self._batch_draws, width)
         return None
 
     def _trained_for(self, rows: int, width: int):
@@ -215,4 +239,9 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         states = torch.cat(hidden, dim=0)
         logps = restrict_logprobs(logps, states, causal_lm.get_output_embeddings(), input_ids[:, -logits_to_keep:],
                                   allowed.to(logps.device), self.answer_temperature)
+        draws = self._draws_for(input_ids.shape[0], logits_to_keep)
+        if draws is not None:
+            source, groups = (table.to(logps.device) for table in draws)
+            logps = head_draw_logprobs(logps, states, causal_lm.get_output_embeddings(), source, groups,
+                                       self.answer_temperature)
         return logps, entropies, aux

@@ -19,10 +19,15 @@ prefix test over the unused labels' token sequences.
 
 ``mode="logits"`` (the ranking head): at the position right after ``<answer>`` the label
 tokens' log-probabilities order the labels (``head_scores``: per label, the log of the
-probability of writing it next, bare or spaced), and that order is forced out token by
-token. In ``generate`` mode the same scores are recorded (single-token labels) and the model
-goes on to write its own order: a greedy rollout then gives both modes' answers, since the two
-modes decode alike up to ``<answer>``. With multi-token labels a single position cannot score
+probability of writing it next, bare or spaced). Greedy decoding forces that order out token
+by token. Sampled decoding (``sample_ranking``, single-token labels) draws the ranking from the
+same scores, label by label without replacement (Plackett–Luce): at every label position the
+allowed ids are the unused labels' tokens, each carrying its label's head score, so the
+sampler's temperature (or ``answer_scale``) and its log-prob record apply as to any token, and a
+learner scores every draw from the one position the scores came from (``replay_answer``).
+In ``generate`` mode the same scores are recorded (single-token labels) and the model goes on
+to write its own order: a greedy rollout then gives both modes' answers, since the two modes
+decode alike up to ``<answer>``. With multi-token labels a single position cannot score
 every label: the row stops right after ``<answer>`` (``needs_head``) and the backend scores
 the labels with one more forward pass.
 """
@@ -86,7 +91,7 @@ class AnswerState:
     queue: list[int] = field(default_factory=list)  # forced tokens (the head's ranking)
     head_scores: dict[str, float] | None = None
     needs_head: bool = False  # logits mode, multi-token labels: the backend ranks after generation
-    sample_first: bool = False  # logits mode, sampled decoding: the policy draws the first label (see start_head)
+    sample_ranking: bool = False  # logits mode, sampled decoding: the ranking is drawn from the head (head_draw)
     tail: str = ""
     opened: bool = False
 
@@ -136,8 +141,6 @@ class AnswerState:
             if complete is not None and not self._extendable(self.partial):
                 self._commit(complete)
                 self.phase = CLOSE if not self.unused() else SEPARATOR
-                if self.mode == "logits" and self.head_scores is not None and len(self.used) == 1:
-                    self._queue_head_rest()
             else:
                 self.pending = complete
         elif self.phase == SEPARATOR:
@@ -148,12 +151,6 @@ class AnswerState:
                 self.phase = STOP
         elif self.phase == STOP:
             self.phase = DONE
-
-    def _queue_head_rest(self) -> None:
-        """Logits mode after a sampled first label: the other labels follow in the head's order."""
-        first = self.used[0]
-        order = [first] + [label for label in self._head_order() if label != first]
-        self.queue = self.tokens.answer_tokens(order)[len(self.tokens.variants[first][0]):]
 
     def _head_order(self) -> list[str]:
         from recthinker_dagster.agent.backends.base import head_ranking
@@ -205,21 +202,29 @@ class AnswerState:
             label: float(torch.logsumexp(logp[[seq[0] for seq in t.variants[label]]], dim=0)) for label in t.labels
         }
 
-    def start_head(self, scores: torch.Tensor) -> None:
-        """Logits mode, first answer position: order the labels by ``scores`` and queue them.
+    def head_draw(self) -> tuple[list[int], list[float]] | None:
+        """Logits mode, sampled, at a label position: the unused labels' tokens (bare first, spaced
+        after a separator, as ``LabelTokens.answer_tokens`` writes them) and their head scores,
+        which replace the position's own logits. None anywhere else."""
+        if not (self.sample_ranking and self.mode == "logits" and self.head_scores is not None
+                and self.phase == LABEL and not self.queue):
+            return None
+        unused = self.unused()
+        variant = 0 if not self.used else -1
+        return ([self.tokens.variants[label][variant][0] for label in unused],
+                [self.head_scores[label] for label in unused])
 
-        With ``sample_first`` (sampled decoding, single-token labels) only the first label is the
-        policy's: it is drawn among the labels like any constrained token, so its log-prob is the
-        sampler's and a learner can score it exactly (``replay_answer``); the rest are then
-        queued in the head's order (``feed``) and are forced. Greedy decoding queues the whole
-        head ranking here, so the first label is the head's best."""
+    def start_head(self, scores: torch.Tensor) -> None:
+        """Logits mode, first answer position: score the labels by ``scores``. Greedy decoding
+        then queues the head's ranking; with ``sample_ranking`` every label is drawn from these
+        scores (``head_draw``). Multi-token labels are ranked after generation (``needs_head``)."""
         t = self.tokens
         if not t.single_token:
             self.needs_head = True
             self.queue = [t.stop]
             return
         self.score_head(scores)
-        if not self.sample_first:
+        if not self.sample_ranking:
             self.queue = t.answer_tokens(self._head_order())
 
 
@@ -270,7 +275,12 @@ class AnswerConstraint:
             allowed = state.allowed()
             if allowed is None:
                 continue
-            keep = scores[row, allowed].clone()
+            drawn = state.head_draw()
+            if drawn is not None:
+                allowed, head = drawn
+                keep = torch.tensor(head, dtype=scores.dtype, device=scores.device)
+            else:
+                keep = scores[row, allowed].clone()
             if self.answer_scale != 1.0:
                 keep = keep * self.answer_scale
             scores[row] = float("-inf")
@@ -278,23 +288,53 @@ class AnswerConstraint:
         return scores
 
 
+@dataclass(frozen=True)
+class HeadDraw:
+    """One label of a sampled logits-mode answer: drawn among ``groups`` (each unused label's
+    token ids, bare and spaced; the drawn label's first) by the head's scores at turn position
+    ``source`` (the answer's first label, where the scores were read)."""
+
+    source: int
+    groups: tuple[tuple[int, ...], ...]
+
+
 def replay_answer(tokens: LabelTokens, ids: Sequence[int], decode, stop_ids: Sequence[int],
-                  label: str | None = None, mode: str = "generate") -> tuple[list[list[int] | None], list[bool]]:
+                  label: str | None = None,
+                  mode: str = "generate") -> tuple[list[list[int] | None], list[bool], list[HeadDraw | None]]:
     """Per token of one sampled turn, replaying the sampler's state machine over the sampled ids:
     the ids :class:`AnswerConstraint` allowed at its position when it was sampled (None: free),
-    and whether its answer had already placed ``label`` by then. The first gives back the
-    constraint without the sampler keeping it, so a learner scores answer tokens under the
-    distribution they were drawn from; the second tells it where the reward was settled.
+    whether its answer had already placed ``label`` by then, and (``mode="logits"``) the
+    :class:`HeadDraw` of each label token. The first gives back the constraint without the
+    sampler keeping it, so a learner scores answer tokens under the distribution they were drawn
+    from; the second tells it where the reward was settled.
 
-    ``mode="logits"`` replays a sampled logits-mode turn (``AnswerState.sample_first``): the
-    first label was drawn among all labels, and every answer token after it (or, with
-    multi-token labels, the whole answer) was forced by the head, so it allows only itself."""
+    ``mode="logits"`` replays a sampled logits-mode turn (``AnswerState.sample_ranking``): every
+    answer token allows only itself (the separators and the close are forced, and a label's
+    log-prob is not its token's but its draw's, from the first label's position). With multi-token
+    labels the head wrote the whole answer: every token is forced and there are no draws."""
     state, stops = AnswerState(tokens, mode), frozenset(stop_ids)
     allowed: list[list[int] | None] = []
     placed: list[bool] = []
-    for token in ids:
-        forced = mode == "logits" and (bool(state.used) or not tokens.single_token)
-        allowed.append(([token] if forced else state.allowed()) if state.in_answer else None)
+    draws: list[HeadDraw | None] = []
+    first_label: int | None = None
+    for position, token in enumerate(ids):
+        draw = None
+        if mode == "logits" and state.in_answer:
+            if tokens.single_token and state.phase == LABEL:
+                first_label = position if first_label is None else first_label
+                draw = _head_draw(tokens, state.unused(), token, first_label)
+            allowed.append([token])
+        else:
+            allowed.append(state.allowed() if state.in_answer else None)
+        draws.append(draw)
         placed.append(label is not None and label in state.used)
         state.feed(token, decode(token), stops)
-    return allowed, placed
+    return allowed, placed, draws
+
+
+def _head_draw(tokens: LabelTokens, unused: Sequence[str], token: int, source: int) -> HeadDraw:
+    groups = {label: tuple(seq[0] for seq in tokens.variants[label]) for label in unused}
+    drawn = next((label for label, group in groups.items() if token in group), None)
+    if drawn is None:
+        raise ValueError(f"token {token} at a label position is no unused label's token")
+    return HeadDraw(source, (groups.pop(drawn), *groups.values()))

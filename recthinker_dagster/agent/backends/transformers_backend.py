@@ -327,7 +327,7 @@ class TransformersBackend:
         started = time.perf_counter()
         if not params.greedy and params.seed is not None:
             torch.manual_seed(params.seed)
-        states = self._answer_states(answers, len(rows), sample_first=not params.greedy)
+        states = self._answer_states(answers, len(rows), sample_ranking=not params.greedy)
         new_tokens, logprobs = self._generate_rows(rows, params, states, fresh=True)
         if states is not None:
             self._finish_answers(rows, new_tokens, logprobs, params, states)
@@ -335,12 +335,13 @@ class TransformersBackend:
         return [self._finish(row, tokens, row_logprobs, seconds, states[i] if states else None)
                 for i, (row, tokens, row_logprobs) in enumerate(zip(rows, new_tokens, logprobs))]
 
-    def _answer_states(self, answers, n: int, *, sample_first: bool) -> list[AnswerState | None] | None:
+    def _answer_states(self, answers, n: int, *, sample_ranking: bool) -> list[AnswerState | None] | None:
         if answers is None or not any(spec is not None for spec in answers):
             return None
         if len(answers) != n:
             raise ValueError(f"got {len(answers)} answer specs for {n} prompts")
-        return [None if spec is None else AnswerState(self.label_tokens(spec.labels), spec.mode, sample_first=sample_first)
+        return [None if spec is None else
+                AnswerState(self.label_tokens(spec.labels), spec.mode, sample_ranking=sample_ranking)
                 for spec in answers]
 
     def _generate_rows(self, rows: Sequence[list[int]], params: SamplingParams,
