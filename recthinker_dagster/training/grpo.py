@@ -30,12 +30,12 @@ permutation by construction; the policy still samples the order). The trainer sc
 answer tokens under the same constraint (``grpo_trainer.py``): the rollout replays the
 constraint over each sampled turn and hands the trainer the allowed ids per position, so a
 label's log-prob is taken among the labels still allowed (as it was sampled) and a forced
-token (``,``, ``</answer>``) trains nothing. In ``logits`` mode the policy samples the first
-label among all labels at the answer's first position and the label head orders the rest
-(``AnswerState.start_head``); the ranking reward is the NDCG of that ranking. The replay then
-allows all labels at the first label and only the written token after it, so the first label
-is trained as it was sampled and the head's forced order trains nothing: the gradient reaches
-the head's scores at that position (the same logits rank the rest) and the tokens before it.
+token (``,``, ``</answer>``) trains nothing. In ``logits`` mode the policy draws the whole ranking
+from the label head's scores at the answer's first position, label by label without
+replacement (Plackett-Luce, ``AnswerState.head_draw``); the ranking reward is the NDCG of that
+ranking. The replay forces every answer token and hands the trainer each label's draw, which
+it scores from that one position (``answer_logprobs.head_draw_logprobs``): the gradient reaches
+the head's scores there and the tokens before it.
 The forced head's answer after an unanswered final request was never sampled and is not
 trained (``TokenTranscript.trained_mask``).
 
