@@ -350,3 +350,12 @@ def test_the_teacher_reports_on_validation_slices_like_a_policy(world):
     assert report["overall"]["ndcg@10"] == pytest.approx(np.mean([t.metrics["ndcg@10"] for t in canonical]), abs=1e-4)
     assert report["overall"]["answered_rate"] == 1.0 and report["by_dataset"]["ml-1m"]["tool_calls_per_task"] == 2.0
     assert paired_difference(report, report) == {"n_tasks": len(tasks), "mean": 0.0, "ci95": [0.0, 0.0]}
+    from recthinker_dagster.agent.labels import candidate_labels
+
+    by_id = {t.task_id: t for t in tasks}
+    for row in report["per_task"]:  # the target's rank agrees with its NDCG@10, and its label sits there
+        task = by_id[row["task_id"]]
+        labels = candidate_labels(len(task.candidate_item_ids))
+        assert row["ndcg@10"] == pytest.approx(1 / np.log2(row["target_rank"] + 1) if row["target_rank"] <= 10 else 0.0)
+        assert sorted(row["labels"]) == sorted(labels)
+        assert row["labels"][row["target_rank"] - 1] == labels[task.candidate_item_ids.index(task.target_item_id)]

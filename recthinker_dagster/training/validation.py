@@ -88,7 +88,8 @@ def evaluate_policy(
     ``adapter_dirs``: None (the base model as shipped), one adapter folder or several (merged in
     order). Returns ``{"overall": summary, "by_dataset": {dataset: summary}, "producer", "seconds",
     "per_task"}`` with summaries from :func:`summarize_trajectories`; ``per_task`` lists every
-    task's id, NDCG@10 and tool calls (for paired comparisons: :func:`paired_difference`)."""
+    task's id, NDCG@10, tool calls, target rank and answer labels (:func:`task_row`; paired
+    comparisons: :func:`paired_difference`)."""
     from recthinker_dagster.agent import AgentConfig, run_agent
     from recthinker_dagster.agent.backends.transformers_backend import (
         TransformersBackend,
@@ -131,9 +132,19 @@ def suite_report(producer: str, suites: Sequence[ValidationSuite], run: Callable
         "overall": summarize_trajectories(everything),
         "by_dataset": by_dataset,
         "seconds": round(time.perf_counter() - started, 2),
-        "per_task": [{"task_id": t.task_id, "dataset": t.dataset, "ndcg@10": t.metrics.get("ndcg@10", 0.0),
-                      "tool_calls": t.n_tool_calls} for t in everything],
+        "per_task": [task_row(t) for t in everything],
     }
+
+
+def task_row(trajectory) -> dict:
+    """One task of a report: its NDCG@10 and tool calls (for :func:`paired_difference`), the
+    target's rank (1: first) and the answer's labels, best first, so a bias towards some
+    labels shows in the report itself."""
+    ranking = list(trajectory.final_ranking)
+    return {"task_id": trajectory.task_id, "dataset": trajectory.dataset,
+            "ndcg@10": trajectory.metrics.get("ndcg@10", 0.0), "tool_calls": trajectory.n_tool_calls,
+            "target_rank": ranking.index(trajectory.target_item_id) + 1 if trajectory.target_item_id in ranking else None,
+            "labels": list(trajectory.final_labels)}
 
 
 def paired_difference(report: Mapping, baseline: Mapping, key: str = "ndcg@10", *, seed: int = 0) -> dict:
