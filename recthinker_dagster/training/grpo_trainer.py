@@ -179,26 +179,25 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         finally:
             self._loss_allowed = self._loss_trained = self._loss_draws = None
 
-    def _allowed_for(self, rows: int, width: int):
-        if self._loss_allowed is not None:
-            return self._loss_allowed
-        if self._batch_constraints is not None and len(self._batch_constraints) == rows:
-            return allowed_table(self._batch_constraints, width)
+    @staticmethod
+    def _pass_table(in_loss, batch_rows: list | None, build, rows: int, width: int):
+        """The table of the pass under way: the loss micro-batch's (``in_loss``, shuffled with the
+        batch by TRL), else one built from this generation batch's rows when the pass scores the
+        whole batch, else None."""
+        if in_loss is not None:
+            return in_loss
+        if batch_rows is not None and len(batch_rows) == rows:
+            return build(batch_rows, width)
         return None
+
+    def _allowed_for(self, rows: int, width: int):
+        return self._pass_table(self._loss_allowed, self._batch_constraints, allowed_table, rows, width)
 
     def _draws_for(self, rows: int, width: int):
-        if self._loss_draws is not None:
-            return self._loss_draws
-        if self._batch_draws is not None and len(self._batch_draws) == rows:
-            return head_draw_tables(self._batch_draws, width)
-        return None
+        return self._pass_table(self._loss_draws, self._batch_draws, head_draw_tables, rows, width)
 
     def _trained_for(self, rows: int, width: int):
-        if self._loss_trained is not None:
-            return self._loss_trained
-        if self._batch_trained is not None and len(self._batch_trained) == rows:
-            return bool_table(self._batch_trained, width)
-        return None
+        return self._pass_table(self._loss_trained, self._batch_trained, bool_table, rows, width)
 
     def _trained_labels_only(self, labels: torch.Tensor) -> torch.Tensor:
         """The fused head's labels of the next rows of this pass, -100 off the trained tokens."""
