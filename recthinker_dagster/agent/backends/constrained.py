@@ -272,13 +272,12 @@ class AnswerConstraint:
                     state.start_head(scores[row])
                 elif state.tokens.single_token:  # kept, so one rollout also gives the head's ranking
                     state.score_head(scores[row])
-            allowed = state.allowed()
+            drawn = state.head_draw()
+            allowed = drawn[0] if drawn is not None else state.allowed()
             if allowed is None:
                 continue
-            drawn = state.head_draw()
-            if drawn is not None:
-                allowed, head = drawn
-                keep = torch.tensor(head, dtype=scores.dtype, device=scores.device)
+            if drawn is not None:  # a label drawn from the head: its ids carry the head's scores
+                keep = torch.tensor(drawn[1], dtype=scores.dtype, device=scores.device)
             else:
                 keep = scores[row, allowed].clone()
             if self.answer_scale != 1.0:
