@@ -212,18 +212,14 @@ class ToolRollout:
             logprobs.append(lp)
             outcomes.append(RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls).to_dict())
         constraints, settled, draws = self.answer_replay(backend, config, tasks, completion_ids, env_mask)
-        receive = getattr(trainer, "receive_answer_constraints", None)
-        if receive is not None:  # the trainer scores answer tokens as they were sampled (grpo_trainer.py)
-            receive(constraints)
-        receive = getattr(trainer, "receive_head_draws", None)
-        if receive is not None:  # ... the head's labels as they were drawn (logits mode)
-            receive(draws)
-        receive = getattr(trainer, "receive_settled_positions", None)
-        if receive is not None:  # ... and knows where each reward was settled
-            receive(settled)
-        receive = getattr(trainer, "receive_trained_masks", None)
-        if receive is not None:  # ... and projects its LM head on the sampled tokens only
-            receive(env_mask)
+        # a trainer that takes them (grpo_trainer.py) scores answer tokens as they were sampled, the
+        # head's labels as they were drawn (logits mode), knows where each reward was settled, and
+        # projects its LM head on the sampled tokens only
+        for name, rows in (("receive_answer_constraints", constraints), ("receive_head_draws", draws),
+                           ("receive_settled_positions", settled), ("receive_trained_masks", env_mask)):
+            receive = getattr(trainer, name, None)
+            if receive is not None:
+                receive(rows)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
         record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling,
                                         constraints, draws))
