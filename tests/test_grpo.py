@@ -90,6 +90,37 @@ def test_relabelled_rollouts_show_each_group_one_fresh_candidate_order_per_step(
         assert [item_of[label] for label in trajectory.final_labels] == trajectory.final_ranking
 
 
+def test_relabel_each_rollout_shows_every_rollout_of_a_group_its_own_candidate_order(tokenizer):
+    """With ``relabel_each_rollout`` the rollouts of one group see different orders (so the
+    target sits under several labels within the group), counted across the calls of a step,
+    and each rollout answers in the labels it was shown."""
+    tasks = agent_tasks("train", 1)
+    task = tasks[0]
+    config = AgentConfig(max_turns=3, max_tool_calls=4, sampling=SamplingParams(max_new_tokens=64))
+    per_group = ToolRollout(tasks, toolbox_factory, config, tokenizer, relabel_candidates=True)
+    assert len({tuple(per_group.shown_task(task, 2, k).candidate_item_ids) for k in range(4)}) == 1
+    rollout = ToolRollout(tasks, toolbox_factory, config, tokenizer, relabel_candidates=True,
+                          relabel_each_rollout=True, backend_factory=lambda model, tok: ScriptedInvestigator())
+    shown = [rollout.shown_task(task, 2, k) for k in range(6)]
+    assert shown[0].candidate_item_ids == rollout.shown_task(task, 2, 0).candidate_item_ids  # seeded
+    assert len({order.candidate_item_ids.index(task.target_item_id) for order in shown}) > 1
+    prompt = rollout.dataset_rows()[0]["prompt"]
+    trainer = _fake_trainer(step=2)
+    first = rollout([prompt, prompt, prompt], trainer)
+    rest = rollout([prompt, prompt, prompt], trainer)  # the same step, next call: rollouts 3-5
+    rows = first["prompt_ids"] + rest["prompt_ids"]
+    assert len({tuple(ids) for ids in rows}) > 1  # the group's prompts differ: the candidate lists do
+    for k, trajectory in enumerate(rollout.last_trajectories, start=3):
+        item_of = toolbox_factory(shown[k]).labels
+        assert [item_of[label] for label in trajectory.final_labels] == trajectory.final_ranking
+    rollout([prompt], _fake_trainer(step=3))  # a new step counts from rollout 0 again
+    item_of = toolbox_factory(rollout.shown_task(task, 3, 0)).labels
+    assert [item_of[label] for label in rollout.last_trajectories[0].final_labels] == \
+        rollout.last_trajectories[0].final_ranking
+    with pytest.raises(ValueError, match="relabel_each_rollout needs relabel_candidates"):
+        load_rl_recipe("smoke").with_overrides(relabel_each_rollout=True)
+
+
 def test_first_and_last_visits_pair_each_task_with_itself():
     visits = [{"step": 3, "task_id": "a", "ndcg@10": 0.9}, {"step": 1, "task_id": "a", "ndcg@10": 0.5},
               {"step": 2, "task_id": "a", "ndcg@10": 0.1}, {"step": 1, "task_id": "b", "ndcg@10": 1.0},

@@ -55,6 +55,7 @@ import random
 import shutil
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,9 +141,11 @@ class ToolRollout:
 
     def __init__(self, tasks: Sequence, toolbox_factory: Callable, agent_config: AgentConfig, tokenizer, *,
                  batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None, gap_rollouts: int = 2,
-                 relabel_candidates: bool = False):
+                 relabel_candidates: bool = False, relabel_each_rollout: bool = False):
         self.agent_config, self.tokenizer = agent_config, tokenizer
         self.relabel_candidates = relabel_candidates  # a fresh candidate order per step (``shown_task``)
+        self.relabel_each_rollout = relabel_each_rollout  # ... and per rollout of the group
+        self._shown_counts: tuple[int, Counter] = (-1, Counter())  # (step, task id -> rollouts shown so far)
         self.toolbox_factory, self.batch_size, self.seed = toolbox_factory, batch_size, seed
         self.backend_factory = backend_factory
         self.gap_rollouts = gap_rollouts  # rollouts per step whose sampler-trainer log-prob gap is measured
@@ -184,7 +187,7 @@ class ToolRollout:
                 raise KeyError("a prompt that matches no RL task (was the dataset built by this ToolRollout?)")
             tasks.append(self.by_prompt[key])
         step = trainer.state.global_step
-        tasks = [self.shown_task(task, step) for task in tasks]
+        tasks = [self.shown_task(task, step, self._next_rollout(step, task.task_id)) for task in tasks]
         accelerator = getattr(trainer, "accelerator", None)
         model = accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
         was_training = model.training
@@ -277,15 +280,28 @@ class ToolRollout:
             draw_rows.append(draws)
         return allowed_rows, settled_rows, draw_rows
 
-    def shown_task(self, task, step: int):
-        """The task as this step shows it: with ``relabel_candidates``, its candidates in an order
-        drawn from the seed, the step and the task (the same for every rollout of its group), so
-        the target's label changes between visits and the policy cannot learn a label (every
-        train task's target under one letter) in place of the item."""
+    def _next_rollout(self, step: int, task_id: str) -> int:
+        """The index of this task's next rollout in ``step`` (counted across calls of one step)."""
+        if self._shown_counts[0] != step:
+            self._shown_counts = (step, Counter())
+        counts = self._shown_counts[1]
+        counts[task_id] += 1
+        return counts[task_id] - 1
+
+    def shown_task(self, task, step: int, rollout: int = 0):
+        """The task as this step shows it to its ``rollout``-th rollout: with
+        ``relabel_candidates``, its candidates in an order drawn from the seed, the step and the
+        task, so the target's label changes between visits and the policy cannot learn a label
+        (every train task's target under one letter) in place of the item. The order is the same
+        for every rollout of the group, unless ``relabel_each_rollout``: then each rollout has its
+        own, so within a group the target sits under several labels, and since the group's
+        advantages sum to 0, a step's push on "rank this label first" cancels while the push on
+        the item stays."""
         if not self.relabel_candidates:
             return task
         order = list(task.candidate_item_ids)
-        random.Random(f"{self.seed}|{step}|{task.task_id}").shuffle(order)
+        key = f"{self.seed}|{step}|{task.task_id}" + (f"|{rollout}" if self.relabel_each_rollout else "")
+        random.Random(key).shuffle(order)
         return replace(task, candidate_item_ids=order)
 
     def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, sampling: SamplingParams,
@@ -522,7 +538,8 @@ def train_grpo(
     agent_config, toolbox_factory = rollout_agent(recipe, toolbox_factory, answer_mode)
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
                           seed=recipe.seed, backend_factory=backend_factory,
-                          relabel_candidates=recipe.relabel_candidates)
+                          relabel_candidates=recipe.relabel_candidates,
+                          relabel_each_rollout=recipe.relabel_each_rollout)
     from datasets import Dataset
 
     reward_funcs = trl_reward_functions(recipe.reward_weights, recipe.reward_params) + list(extra_reward_funcs)

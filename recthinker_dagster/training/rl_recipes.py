@@ -69,6 +69,9 @@ class RLRecipe(RecipeFields):
     # show each task's candidates in a fresh seeded order at every step (grpo.ToolRollout.shown_task):
     # the target's label changes between visits, so no label stands in for the item
     relabel_candidates: bool = False
+    # with relabel_candidates: every rollout of a group gets its own order, not one per group, so the
+    # group's advantages (which sum to 0) cancel on any preference for a label and keep the item's signal
+    relabel_each_rollout: bool = False
     # rollouts: the conversation, the agent's budgets and the tasks
     conversation: str = "tools"  # "tools": the agent; "think": think before recommend, no tools (RecZero, RecOne)
     max_turns: int = 4
@@ -119,6 +122,8 @@ class RLRecipe(RecipeFields):
             raise ValueError(f"non_answer_weight must be in [0, 1] (1: plain GRPO), got {self.non_answer_weight}")
         if self.answer_credit not in ANSWER_CREDITS:
             raise ValueError(f"answer_credit must be one of {ANSWER_CREDITS}, got {self.answer_credit!r}")
+        if self.relabel_each_rollout and not self.relabel_candidates:
+            raise ValueError("relabel_each_rollout needs relabel_candidates: true (it picks whose order is fresh)")
         if self.screen_pool and self.screen_rollouts < 2:
             raise ValueError("screen_rollouts must be >= 2: a task's reward spread needs two rollouts")
         self._check_processes()

@@ -86,7 +86,8 @@ def toolbox_factory(task: AgentTask):
 
     world = real_world()
     row = world.tasks.filter(pl.col("task_id") == task.task_id).row(0, named=True)
-    return Toolbox(world.indexes, row)
+    # the task's candidate order, which a relabelled rollout shuffles (training/grpo.py, shown_task)
+    return Toolbox(world.indexes, {**row, "candidate_item_ids": list(task.candidate_item_ids)})
 
 
 @functools.lru_cache(maxsize=1)
