@@ -103,6 +103,7 @@ def test_relabel_each_rollout_shows_every_rollout_of_a_group_its_own_candidate_o
                           relabel_each_rollout=True, backend_factory=lambda model, tok: ScriptedInvestigator())
     shown = [rollout.shown_task(task, 2, k) for k in range(6)]
     assert shown[0].candidate_item_ids == rollout.shown_task(task, 2, 0).candidate_item_ids  # seeded
+    assert shown[0].candidate_item_ids != rollout.shown_task(task, 2, 0, process=1).candidate_item_ids
     assert len({order.candidate_item_ids.index(task.target_item_id) for order in shown}) > 1
     prompt = rollout.dataset_rows()[0]["prompt"]
     trainer = _fake_trainer(step=2)

@@ -187,12 +187,12 @@ class ToolRollout:
                 raise KeyError("a prompt that matches no RL task (was the dataset built by this ToolRollout?)")
             tasks.append(self.by_prompt[key])
         step = trainer.state.global_step
-        tasks = [self.shown_task(task, step, self._next_rollout(step, task.task_id)) for task in tasks]
         accelerator = getattr(trainer, "accelerator", None)
-        model = accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
-        was_training = model.training
         # each data-parallel process samples its own stream (a group can span processes)
         process = accelerator.process_index if accelerator is not None else 0
+        tasks = [self.shown_task(task, step, self._next_rollout(step, task.task_id), process) for task in tasks]
+        model = accelerator.unwrap_model(trainer.model) if accelerator is not None else trainer.model
+        was_training = model.training
         sampling = replace(  # the agent's token budget and answer temperature, the trainer's sampling
             self.agent_config.sampling,
             temperature=getattr(trainer.args, "temperature", 1.0), top_p=getattr(trainer.args, "top_p", 1.0) or 1.0,
@@ -288,19 +288,21 @@ class ToolRollout:
         counts[task_id] += 1
         return counts[task_id] - 1
 
-    def shown_task(self, task, step: int, rollout: int = 0):
-        """The task as this step shows it to its ``rollout``-th rollout: with
-        ``relabel_candidates``, its candidates in an order drawn from the seed, the step and the
-        task, so the target's label changes between visits and the policy cannot learn a label
-        (every train task's target under one letter) in place of the item. The order is the same
-        for every rollout of the group, unless ``relabel_each_rollout``: then each rollout has its
-        own, so within a group the target sits under several labels, and since the group's
-        advantages sum to 0, a step's push on "rank this label first" cancels while the push on
-        the item stays."""
+    def shown_task(self, task, step: int, rollout: int = 0, process: int = 0):
+        """The task as this step shows it to its ``rollout``-th rollout on data-parallel
+        ``process``: with ``relabel_candidates``, its candidates in an order drawn from the seed,
+        the step and the task, so the target's label changes between visits and the policy cannot
+        learn a label (every train task's target under one letter) in place of the item. The order
+        is the same for every rollout of the group, unless ``relabel_each_rollout``: then each
+        rollout has its own, so within a group the target sits under several labels, and since the
+        group's advantages sum to 0, a step's push on "rank this label first" cancels while the
+        push on the item stays."""
         if not self.relabel_candidates:
             return task
         order = list(task.candidate_item_ids)
-        key = f"{self.seed}|{step}|{task.task_id}" + (f"|{rollout}" if self.relabel_each_rollout else "")
+        key = f"{self.seed}|{step}|{task.task_id}"
+        if self.relabel_each_rollout:  # process 0 keeps the single-process run's orders
+            key += f"|{rollout}" + (f"|p{process}" if process else "")
         random.Random(key).shuffle(order)
         return replace(task, candidate_item_ids=order)
 
