@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from recthinker_dagster.agent.trajectory import Trajectory
-from recthinker_dagster.metrics import bootstrap_ci
+from recthinker_dagster.metrics import bootstrap_ci, target_rank
 from recthinker_dagster.models.loading import adapter_list, load_agent_model
 
 
@@ -140,11 +140,10 @@ def task_row(trajectory) -> dict:
     """One task of a report: its NDCG@10 and tool calls (for :func:`paired_difference`), the
     target's rank (1: first) and the answer's labels, best first, so a bias towards some
     labels shows in the report itself."""
-    ranking = list(trajectory.final_ranking)
+    rank = target_rank(trajectory.final_ranking, trajectory.target_item_id)  # 0-based
     return {"task_id": trajectory.task_id, "dataset": trajectory.dataset,
             "ndcg@10": trajectory.metrics.get("ndcg@10", 0.0), "tool_calls": trajectory.n_tool_calls,
-            "target_rank": ranking.index(trajectory.target_item_id) + 1 if trajectory.target_item_id in ranking else None,
-            "labels": list(trajectory.final_labels)}
+            "target_rank": rank + 1 if rank is not None else None, "labels": list(trajectory.final_labels)}
 
 
 def paired_difference(report: Mapping, baseline: Mapping, key: str = "ndcg@10", *, seed: int = 0) -> dict:
