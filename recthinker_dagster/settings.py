@@ -145,6 +145,10 @@ class ValidationSettings:
     prompt_history_len: int = 10
     answer_mode: str = "generate"  # "generate" or "logits" (the label head ranks; agent/loop.py)
     conversation: str = "tools"  # "tools": the agent; "think": think before recommend, no tools (agent/think.py)
+    # None: the task table's candidate order; a string: each task's candidates in an order drawn
+    # from it and the task id (AgentTask.reordered), to measure how much a policy's ranking
+    # depends on where the items stand and under which labels
+    candidate_order: str | None = None
 
     def __post_init__(self) -> None:
         check_answer_mode(self.answer_mode)

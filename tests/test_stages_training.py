@@ -165,7 +165,7 @@ def test_validation_table_metrics_and_document():
     assert list(document) == ["settings", "base_model", "sft_model"]
     assert document["settings"] == {"n_tasks": 2, "max_turns": 2, "max_tool_calls": 2, "max_new_tokens": 96,
                                     "batch_size": 4, "prompt_history_len": 10, "answer_mode": "generate",
-                                    "conversation": "tools"}
+                                    "conversation": "tools", "candidate_order": None}
 
 
 def test_a_published_validation_is_reused_only_for_the_same_settings_and_tasks(tmp_path):
@@ -181,6 +181,7 @@ def test_a_published_validation_is_reused_only_for_the_same_settings_and_tasks(t
     assert saved_report(path, "base_model", settings, suites) is None  # not scored there
     assert saved_report(path, "sft_model", replace(settings, max_new_tokens=160), suites) is None
     assert saved_report(path, "sft_model", replace(settings, prompt_history_len=20), suites) is None  # other prompts
+    assert saved_report(path, "sft_model", replace(settings, candidate_order="1"), suites) is None  # other orders
     other = [ValidationSuite(DATASET, [SimpleNamespace(task_id="t1"), SimpleNamespace(task_id="t3")], lambda t: None)]
     assert saved_report(path, "sft_model", settings, other) is None
     assert saved_report(tmp_path / "missing.json", "sft_model", settings, suites) is None

@@ -359,3 +359,31 @@ def test_the_teacher_reports_on_validation_slices_like_a_policy(world):
         assert row["ndcg@10"] == pytest.approx(1 / np.log2(row["target_rank"] + 1) if row["target_rank"] <= 10 else 0.0)
         assert sorted(row["labels"]) == sorted(labels)
         assert row["labels"][row["target_rank"] - 1] == labels[task.candidate_item_ids.index(task.target_item_id)]
+
+
+def test_a_reordered_slice_moves_the_labels_and_the_teacher_still_ranks_the_same_items(world):
+    from recthinker_dagster.training.validation import (
+        ValidationSuite,
+        kendall_tau,
+        ranking_agreement,
+        teacher_report,
+    )
+
+    tasks = [t for t, _ in _sample(world, 20)]
+    reordered = [task.reordered(f"order-1|{task.task_id}") for task in tasks]
+    assert [t.reordered(f"order-1|{t.task_id}") for t in tasks] == reordered  # the key decides the order
+    assert all(sorted(a.candidate_item_ids) == sorted(b.candidate_item_ids) for a, b in zip(tasks, reordered))
+    assert sum(a.candidate_item_ids != b.candidate_item_ids for a, b in zip(tasks, reordered)) >= 18
+    report = teacher_report([ValidationSuite("ml-1m", tasks, world.factory)])
+    again = teacher_report([ValidationSuite("ml-1m", reordered, world.factory)])
+    # the toolbox follows the shown order: the same items, under other labels
+    moved = sum(a["labels"] != b["labels"] for a, b in zip(report["per_task"], again["per_task"]))
+    assert moved >= 18
+    agreement = ranking_agreement(again, report)
+    assert agreement["n_tasks"] == len(tasks)
+    # the teacher ranks by the tools' scores, which break ties by candidate position only
+    assert agreement["same_first"] >= 0.9 and agreement["kendall_tau"] >= 0.9
+    assert ranking_agreement(report, report) == {"n_tasks": len(tasks), "same_first": 1.0, "same_ranking": 1.0,
+                                                 "kendall_tau": 1.0}
+    assert kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1.0
+    assert kendall_tau(["a", "b", "c"], ["a", "c", "b"]) == pytest.approx(1 / 3)

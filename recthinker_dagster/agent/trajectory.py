@@ -10,6 +10,7 @@ expect) and ``tools`` the schemas it was run with, so a trajectory renders on it
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -52,6 +53,14 @@ class AgentTask:
         for key in ("task_id", "user_id", "target_item_id"):
             values[key] = str(values[key])
         return cls(**values)
+
+    def reordered(self, key: str) -> AgentTask:
+        """This task with its candidates in an order drawn from ``key`` (a string seed), so
+        the target's label changes: a policy that learned labels, or favours candidate positions,
+        ranks the same items differently. The same key always gives the same order."""
+        order = list(self.candidate_item_ids)
+        random.Random(key).shuffle(order)
+        return replace(self, candidate_item_ids=order)
 
 
 @dataclass

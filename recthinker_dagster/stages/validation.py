@@ -28,7 +28,7 @@ from recthinker_dagster.training.validation import ValidationSuite, evaluate_pol
 VALIDATION_COLUMNS = ("ndcg@1", "ndcg@5", "ndcg@10", "valid_rate", "answered_rate", "valid_tool_call_rate", "tool_calls_per_task",
                       "completion_tokens_per_task")
 RECORDED_SETTINGS = ("n_tasks", "max_turns", "max_tool_calls", "max_new_tokens", "batch_size", "prompt_history_len",
-                     "answer_mode", "conversation")
+                     "answer_mode", "conversation", "candidate_order")
 
 
 def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings: ValidationSettings) -> list[ValidationSuite]:
@@ -38,6 +38,8 @@ def validation_suites(layout: ArtifactLayout, datasets: Sequence[str], settings:
         frame = validation_slice(read_table(layout, "task_splits", dataset, "tasks_valid.parquet"), settings.n_tasks)
         indexes = load_tool_indexes(layout, dataset)
         tasks = agent_tasks(frame, indexes, settings.prompt_history_len)
+        if settings.candidate_order is not None:
+            tasks = [task.reordered(f"{settings.candidate_order}|{task.task_id}") for task in tasks]
         factory = without_tools(Toolboxes(indexes)) if settings.conversation == "think" else Toolboxes(indexes)
         suites.append(ValidationSuite(dataset, tasks, factory))
     return suites

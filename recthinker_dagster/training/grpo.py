@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import time
@@ -299,12 +298,10 @@ class ToolRollout:
         push on the item stays."""
         if not self.relabel_candidates:
             return task
-        order = list(task.candidate_item_ids)
         key = f"{self.seed}|{step}|{task.task_id}"
         if self.relabel_each_rollout:  # process 0 keeps the single-process run's orders
             key += f"|{rollout}" + (f"|p{process}" if process else "")
-        random.Random(key).shuffle(order)
-        return replace(task, candidate_item_ids=order)
+        return task.reordered(key)
 
     def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, sampling: SamplingParams,
                      constraints=None, draws=None) -> dict:

@@ -138,12 +138,39 @@ def suite_report(producer: str, suites: Sequence[ValidationSuite], run: Callable
 
 def task_row(trajectory) -> dict:
     """One task of a report: its NDCG@10 and tool calls (for :func:`paired_difference`), the
-    target's rank (1: first) and the answer's labels, best first, so a bias towards some
-    labels shows in the report itself."""
+    target's rank (1: first), and the answer's labels and items, best first, so a bias towards
+    some labels shows in the report itself (and :func:`ranking_agreement` compares the items)."""
     rank = target_rank(trajectory.final_ranking, trajectory.target_item_id)  # 0-based
     return {"task_id": trajectory.task_id, "dataset": trajectory.dataset,
             "ndcg@10": trajectory.metrics.get("ndcg@10", 0.0), "tool_calls": trajectory.n_tool_calls,
-            "target_rank": rank + 1 if rank is not None else None, "labels": list(trajectory.final_labels)}
+            "target_rank": rank + 1 if rank is not None else None, "labels": list(trajectory.final_labels),
+            "item_ids": list(trajectory.final_ranking)}
+
+
+def kendall_tau(ranking: Sequence, other: Sequence) -> float:
+    """Kendall's tau between two rankings of the same items: 1 same order, -1 reversed."""
+    position = {item: i for i, item in enumerate(other)}
+    placed = [position[item] for item in ranking]
+    pairs = [(a, b) for i, a in enumerate(placed) for b in placed[i + 1:]]
+    if not pairs:
+        return 1.0
+    return sum(1 if a < b else -1 for a, b in pairs) / len(pairs)
+
+
+def ranking_agreement(report: Mapping, baseline: Mapping) -> dict:
+    """How alike two reports rank the items of the tasks both scored (``per_task`` rows with
+    ``item_ids``): the share with the same first item, the share with the same whole ranking,
+    and the mean Kendall tau. Scored on the same tasks in two candidate orders, it measures how
+    much a policy's ranking depends on where the items stand rather than on what they are."""
+    theirs = {row["task_id"]: row.get("item_ids") for row in baseline.get("per_task", [])}
+    pairs = [(row["item_ids"], theirs[row["task_id"]]) for row in report.get("per_task", [])
+             if row.get("item_ids") and theirs.get(row["task_id"]) and set(row["item_ids"]) == set(theirs[row["task_id"]])]
+    if not pairs:
+        return {"n_tasks": 0}
+    return {"n_tasks": len(pairs),
+            "same_first": round(statistics.fmean(a[0] == b[0] for a, b in pairs), 4),
+            "same_ranking": round(statistics.fmean(a == b for a, b in pairs), 4),
+            "kendall_tau": round(statistics.fmean(kendall_tau(a, b) for a, b in pairs), 4)}
 
 
 def paired_difference(report: Mapping, baseline: Mapping, key: str = "ndcg@10", *, seed: int = 0) -> dict:
