@@ -30,6 +30,13 @@ def target_rank(ranking: Sequence[str], target: str) -> int | None:
         return None
 
 
+def rank_below_absent(ranking: Sequence[str], target: str) -> int:
+    """1-based rank of ``target`` in ``ranking``; ``len(ranking) + 1`` when it is absent, below
+    every ranked item (the rewards and the quality filter judge an answer by it)."""
+    rank = target_rank(ranking, target)
+    return len(ranking) + 1 if rank is None else rank + 1
+
+
 def ndcg_at_k(rank: int | None, k: int) -> float:
     return 1.0 / math.log2(rank + 2) if rank is not None and rank < k else 0.0
 

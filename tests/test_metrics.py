@@ -27,6 +27,13 @@ def test_target_beyond_cutoff_and_missing_target():
     assert all(v == 0.0 for v in task_metrics(["a", "b"], "zzz").values())
 
 
+def test_the_one_based_rank_puts_an_absent_target_below_every_item():
+    from recthinker_dagster.metrics import rank_below_absent
+
+    assert rank_below_absent(["a", "b", "t"], "t") == 3 and rank_below_absent(["t"], "t") == 1
+    assert rank_below_absent(["a", "b"], "zzz") == 3 and rank_below_absent([], "t") == 1
+
+
 @pytest.mark.parametrize("k", [1, 5, 10])
 def test_cutoffs_at_rank_exactly_k(k):
     """The target at position k (1-based) counts, at position k + 1 it does not; the GRPO

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from recthinker_dagster.agent import parser as P
 from recthinker_dagster.agent.trajectory import Trajectory, count_repeated_calls
+from recthinker_dagster.metrics import rank_below_absent
 
 EVAL_LEAK = "eval_leak"
 PARSE_ISSUES = "parse_issues"
@@ -202,10 +203,7 @@ def check(
 
 def target_rank(t: Trajectory) -> int:
     """1-based rank of the target in the final ranking (len + 1 when absent)."""
-    try:
-        return t.final_ranking.index(t.target_item_id) + 1
-    except ValueError:
-        return len(t.final_ranking) + 1
+    return rank_below_absent(t.final_ranking, t.target_item_id)
 
 
 def has_repeated_calls(t: Trajectory) -> bool:

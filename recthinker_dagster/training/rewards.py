@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from recthinker_dagster.agent.think import SECTIONS, first_reply, sections_written
 from recthinker_dagster.agent.trajectory import count_repeated_calls
-from recthinker_dagster.metrics import ndcg_at_k
+from recthinker_dagster.metrics import ndcg_at_k, rank_below_absent
 
 DEFAULT_CORRECT_K = 5
 
@@ -50,11 +50,10 @@ class RolloutOutcome:
     @classmethod
     def from_trajectory(cls, trajectory, max_tool_calls: int) -> RolloutOutcome:
         ranking = list(trajectory.final_ranking)
-        rank = ranking.index(trajectory.target_item_id) + 1 if trajectory.target_item_id in ranking else len(ranking) + 1
         return cls(
             valid=bool(trajectory.valid),
             answered=trajectory.finish == "answer",
-            target_rank=rank,
+            target_rank=rank_below_absent(ranking, trajectory.target_item_id),
             n_candidates=len(ranking),
             n_tool_calls=trajectory.n_tool_calls,
             n_invalid_calls=trajectory.n_invalid_calls,
