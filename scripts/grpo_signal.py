@@ -95,7 +95,7 @@ def main() -> None:
                "seconds_per_step": result.metrics["seconds_per_step"],
                "time_split_per_step": result.metrics["time_split_per_step"],
                "recipe": recipe.to_dict(), "answer_mode": args.answer_mode, "n_tasks": len(tasks),
-               "sft_adapter": str(args.sft_adapter or ""),
+               "sft_adapter": str(args.sft_adapter or ""), "prompt_history_len": args.prompt_history_len,
                "task_visits": result.metrics["task_visits"], "steps": steps}
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo_signal.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,63 @@
+"""Resampling a start and a trained policy on the same tasks and step seeds (training/resampling.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recthinker_dagster.agent import AgentConfig, SamplingParams
+from recthinker_dagster.training.grpo import ToolRollout
+from recthinker_dagster.training.resampling import FIGURES, compare_resampled, resampled_groups
+from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
+from recthinker_dagster.training.rl_recipes import load_rl_recipe
+from tests.support.trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prepared_base_model):
+    from transformers import AutoTokenizer
+
+    from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
+
+    return ensure_tool_chat_template(AutoTokenizer.from_pretrained(prepared_base_model[0]))
+
+
+def test_each_task_and_step_is_one_group_of_the_recipes_rollouts_with_the_recipes_reward(tokenizer):
+    recipe = load_rl_recipe("smoke")  # groups of 4
+    tasks = agent_tasks("train", 2)
+    config = AgentConfig(max_turns=3, max_tool_calls=4, sampling=SamplingParams(max_new_tokens=64))
+    rollout = ToolRollout(tasks, toolbox_factory, config, tokenizer,
+                          backend_factory=lambda model, tok: ScriptedInvestigator())
+    groups = resampled_groups(torch.nn.Linear(1, 1), rollout, recipe, steps=[100, 101])
+    assert [(g["step"], g["task_id"]) for g in groups] == [(s, t.task_id) for s in (100, 101) for t in tasks]
+    assert all(len(g[name]) == 4 for g in groups for name in FIGURES)
+    last = [g for g in groups if g["step"] == 101]
+    for group in last:  # the reward is the recipe's weighted reward of each rollout
+        trajectories = [t for t in rollout.last_trajectories if t.task_id == group["task_id"]]
+        expected = [weighted_reward(RolloutOutcome.from_trajectory(t, recipe.max_tool_calls), recipe.reward_weights,
+                                    recipe.reward_params) for t in trajectories]
+        assert group["reward"] == pytest.approx(expected)
+        assert group["ndcg@10"] == pytest.approx([t.metrics["ndcg@10"] for t in trajectories])
+        assert group["tool_calls"] == [2.0] * 4 and group["failed_calls"] == [0.0] * 4
+
+
+def _groups(rewards_by_group):
+    return [{"step": step, "task_id": task, "reward": rewards, "ndcg@10": rewards, "answered": [1.0] * len(rewards),
+             "failed_calls": [0.0] * len(rewards), "tool_calls": [2.0] * len(rewards)}
+            for (step, task), rewards in rewards_by_group.items()]
+
+
+def test_the_comparison_pairs_groups_by_step_and_task():
+    start = _groups({(1, "a"): [0.2, 0.4], (1, "b"): [1.0, 1.0], (2, "a"): [0.0, 0.2], (2, "b"): [0.8, 1.0]})
+    trained = _groups({(1, "a"): [0.4, 0.6], (1, "b"): [1.0, 1.0], (2, "a"): [0.2, 0.2], (2, "b"): [0.9, 1.0]})
+    comparison = compare_resampled(start, trained)
+    assert comparison["trained_minus_start"]["groups"] == 4
+    assert comparison["trained_minus_start"]["mean"] == pytest.approx((0.2 + 0.0 + 0.1 + 0.05) / 4)
+    low, high = comparison["trained_minus_start"]["ci95"]
+    assert 0.0 <= low <= comparison["trained_minus_start"]["mean"] <= high <= 0.2
+    assert comparison["start"]["reward"] == pytest.approx(0.575) and comparison["start"]["rollouts"] == 8
+    assert comparison["start"]["reward_se"] > 0
+    same = compare_resampled(start, start)["trained_minus_start"]
+    assert same == {"groups": 4, "mean": 0.0, "ci95": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="share no"):
+        compare_resampled(start, _groups({(3, "a"): [1.0]}))
