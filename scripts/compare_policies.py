@@ -86,7 +86,7 @@ def main() -> None:
     for name, diff in differences.items():
         print(f"{name} minus {first}: NDCG@10 {diff['ndcg@10']}, tool calls {diff['tool_calls']}")
     agreement = {name: ranking_agreement(reports[f"{name}@{args.reordered}"], reports[name])
-                 for name in list(reports) if f"{name}@{args.reordered}" in reports}
+                 for name in reports if f"{name}@{args.reordered}" in reports}
     for name, figures in agreement.items():
         print(f"{name} in two candidate orders: {figures}")
     if args.json_out:

@@ -36,10 +36,11 @@ def resampled_groups(model, rollout, recipe, steps: Sequence[int]) -> list[dict]
         trainer = SimpleNamespace(model=model, state=SimpleNamespace(global_step=step),
                                   args=SimpleNamespace(temperature=recipe.temperature, top_p=recipe.top_p))
         with torch.no_grad():
-            rollout(prompts, trainer)
+            batch = rollout(prompts, trainer)
         by_task: dict[str, dict] = {}
-        for trajectory in rollout.last_trajectories:
-            outcome = RolloutOutcome.from_trajectory(trajectory, recipe.max_tool_calls)
+        # the outcomes the rollout computed, under its own agent budgets, as the trainer's rewards get them
+        for trajectory, scored in zip(rollout.last_trajectories, batch["outcome"], strict=True):
+            outcome = RolloutOutcome(**scored)
             group = by_task.setdefault(trajectory.task_id, {"step": step, "task_id": trajectory.task_id,
                                                             **{name: [] for name in FIGURES}})
             group["reward"].append(weighted_reward(outcome, recipe.reward_weights, recipe.reward_params))
