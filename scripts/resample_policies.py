@@ -3,9 +3,11 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/resample_policies.py --root DIR --run RUN \\
         [--steps 100 101 102 103] [--json-out FILE]
 
-``RUN`` is the ``--out`` folder of ``scripts/grpo_signal.py``: its ``grpo_signal.json`` names
-the recipe (with every override), the answer mode, the start adapter and the tasks trained on,
-and ``RUN/run/adapter`` is the trained adapter. Both policies are sampled on those tasks as
+``RUN`` is the ``--out`` folder of ``scripts/grpo_signal.py`` (its ``grpo_signal.json`` names
+the recipe with every override, the answer mode, the start adapter and the tasks trained on;
+``RUN/run/adapter`` is the trained adapter) or a published ``rl_model`` asset folder such as
+``DIR/assets/rl_model`` (the same from its ``metrics.json``, ``lineage.json`` and
+``validation.json``). Both policies are sampled on those tasks as
 GRPO samples a group (``training/resampling.py``), at the step seeds ``--steps`` (pick steps
 the run never reached: its own draws are in its curve), and compared group by group. Prints
 each policy's mean reward (with its standard error over the groups), rollout NDCG@10, own
@@ -24,7 +26,8 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--run", type=Path, required=True, help="a scripts/grpo_signal.py --out folder")
+    parser.add_argument("--run", type=Path, required=True,
+                        help="a scripts/grpo_signal.py --out folder or a published rl_model folder")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 101, 102, 103],
                         help="step seeds to sample at (default: 4 steps no demo run reaches)")
     parser.add_argument("--json-out", type=Path)
@@ -38,24 +41,23 @@ def main() -> None:
     from recthinker_dagster.stages.rl import rl_tasks
     from recthinker_dagster.training.device import resolve_precision, training_device
     from recthinker_dagster.training.grpo import ToolRollout, load_policy_start, rollout_agent
-    from recthinker_dagster.training.resampling import compare_resampled, resampled_groups
+    from recthinker_dagster.training.resampling import compare_resampled, read_grpo_run, resampled_groups
     from recthinker_dagster.training.rl_recipes import RLRecipe
 
-    record_path = args.run / "grpo_signal.json"
-    trained_adapter = args.run / "run" / "adapter"
-    for path in (record_path, trained_adapter):
-        if not path.exists():
-            raise SystemExit(f"{path} is missing: --run takes the --out folder of a finished scripts/grpo_signal.py run")
-    record = json.loads(record_path.read_text())
-    recipe = RLRecipe.from_dict(record["recipe"])
-    task_ids = sorted({visit["task_id"] for visit in record["task_visits"]})
-    datasets = sorted({task_id.split("/")[0] for task_id in task_ids})
     layout = ArtifactLayout(args.root.resolve())
-    tasks, toolboxes = rl_tasks(layout, datasets, 0, record.get("prompt_history_len", 10), task_ids,
+    try:
+        run = read_grpo_run(args.run, layout.root)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    recipe = RLRecipe.from_dict(run.recipe)
+    task_ids = run.task_ids
+    datasets = sorted({task_id.split("/")[0] for task_id in task_ids})
+    tasks, toolboxes = rl_tasks(layout, datasets, 0, run.prompt_history_len, task_ids,
                                 recipe.task_pool)  # 0: look the run's tasks up among all of the pool's
-    start = [Path(record["sft_adapter"])] if record.get("sft_adapter") else []
+    start = run.start_adapters
+    trained_adapter = run.trained_adapter
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(start[-1] if start else layout.asset_dir("base_model")))
-    agent_config, toolbox_factory = rollout_agent(recipe, toolboxes, record.get("answer_mode", "generate"))
+    agent_config, toolbox_factory = rollout_agent(recipe, toolboxes, run.answer_mode)
     precision = resolve_precision(recipe.precision, training_device(recipe.device, recipe.num_threads))
     torch.manual_seed(recipe.seed)
     groups = {}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams
 from recthinker_dagster.training.grpo import ToolRollout
-from recthinker_dagster.training.resampling import FIGURES, compare_resampled, resampled_groups
+from recthinker_dagster.training.resampling import FIGURES, compare_resampled, read_grpo_run, resampled_groups
 from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
 from tests.support.trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
@@ -61,3 +63,41 @@ def test_the_comparison_pairs_groups_by_step_and_task():
     assert same == {"groups": 4, "mean": 0.0, "ci95": [0.0, 0.0]}
     with pytest.raises(ValueError, match="share no"):
         compare_resampled(start, _groups({(3, "a"): [1.0]}))
+
+
+def _write_json(path, document):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document))
+
+
+def test_a_run_is_read_from_a_grpo_signal_folder_or_a_published_rl_model(tmp_path):
+    recipe = load_rl_recipe("smoke").to_dict()
+    visits = [{"task_id": "ml-1m/train/7", "step": 1}, {"task_id": "amazon-cds/train/3", "step": 1},
+              {"task_id": "ml-1m/train/7", "step": 2}]
+    signal = tmp_path / "signal"
+    _write_json(signal / "grpo_signal.json", {"recipe": recipe, "answer_mode": "generate", "task_visits": visits,
+                                              "sft_adapter": str(tmp_path / "sft"), "prompt_history_len": 6})
+    (signal / "run" / "adapter").mkdir(parents=True)
+    run = read_grpo_run(signal, tmp_path)
+    assert run.task_ids == ["amazon-cds/train/3", "ml-1m/train/7"]
+    assert run.start_adapters == [tmp_path / "sft"] and run.trained_adapter == signal / "run" / "adapter"
+    assert (run.recipe, run.answer_mode, run.prompt_history_len) == (recipe, "generate", 6)
+
+    asset = tmp_path / "assets" / "rl_model"
+    _write_json(asset / "metrics.json", {"recipe_config": recipe, "answer_mode": "logits", "task_visits": visits})
+    _write_json(asset / "lineage.json", {"adapters": ["assets/sft_model/adapter", "assets/rl_model/adapter"]})
+    _write_json(asset / "validation.json", {"settings": {"prompt_history_len": 8}})
+    with pytest.raises(FileNotFoundError, match="trained adapter"):
+        read_grpo_run(asset, tmp_path)
+    (asset / "adapter").mkdir()
+    run = read_grpo_run(asset, tmp_path)
+    assert run.start_adapters == [tmp_path / "assets" / "sft_model" / "adapter"]
+    assert run.trained_adapter == asset / "adapter"
+    assert (run.recipe, run.answer_mode, run.prompt_history_len) == (recipe, "logits", 8)
+    assert run.task_ids == ["amazon-cds/train/3", "ml-1m/train/7"]
+
+
+def test_a_folder_that_is_no_run_says_what_it_lacks(tmp_path):
+    _write_json(tmp_path / "metrics.json", {})
+    with pytest.raises(FileNotFoundError, match="lineage.json, validation.json"):
+        read_grpo_run(tmp_path, tmp_path)

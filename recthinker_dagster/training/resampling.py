@@ -14,14 +14,61 @@ group, and compared group by group: what is left of the difference is the policy
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 from recthinker_dagster.metrics import bootstrap_ci
 from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
 
 FIGURES = ("reward", "ndcg@10", "answered", "failed_calls", "tool_calls")
+
+
+@dataclass(frozen=True)
+class GRPORun:
+    """What resampling needs to know of a finished GRPO run."""
+
+    recipe: dict               # the recipe as trained, every override included
+    answer_mode: str
+    task_ids: list[str]        # the tasks it trained on
+    start_adapters: list[Path]  # the start policy's adapters on the base model (empty: the base model)
+    trained_adapter: Path
+    prompt_history_len: int
+
+
+def read_grpo_run(run: Path, root: Path) -> GRPORun:
+    """A ``scripts/grpo_signal.py`` ``--out`` folder (``grpo_signal.json``, ``run/adapter``) or a
+    published ``rl_model`` asset folder (``metrics.json``, ``lineage.json``, ``validation.json``,
+    ``adapter/``; the start adapters its lineage names are relative to the pipeline ``root``)."""
+    signal = run / "grpo_signal.json"
+    if signal.exists():
+        record = json.loads(signal.read_text())
+        return GRPORun(record["recipe"], record.get("answer_mode", "generate"), _trained_task_ids(record),
+                       [Path(record["sft_adapter"])] if record.get("sft_adapter") else [],
+                       _existing(run / "run" / "adapter"), record.get("prompt_history_len", 10))
+    asset_files = [run / name for name in ("metrics.json", "lineage.json", "validation.json")]
+    if not all(path.exists() for path in asset_files):
+        raise FileNotFoundError(
+            f"{run} is neither a scripts/grpo_signal.py --out folder (no grpo_signal.json) nor a published "
+            f"rl_model folder (missing {', '.join(p.name for p in asset_files if not p.exists())})")
+    metrics, lineage, validation = (json.loads(path.read_text()) for path in asset_files)
+    start = lineage["adapters"][:-1]  # the last is this folder's own adapter
+    return GRPORun(metrics["recipe_config"], metrics.get("answer_mode", "generate"), _trained_task_ids(metrics),
+                   [root / adapter for adapter in start], _existing(run / "adapter"),
+                   validation["settings"]["prompt_history_len"])
+
+
+def _trained_task_ids(record: Mapping) -> list[str]:
+    return sorted({visit["task_id"] for visit in record["task_visits"]})
+
+
+def _existing(adapter: Path) -> Path:
+    if not adapter.exists():
+        raise FileNotFoundError(f"{adapter} is missing: resampling needs the run's trained adapter")
+    return adapter
 
 
 def resampled_groups(model, rollout, recipe, steps: Sequence[int]) -> list[dict]:
