@@ -7,9 +7,9 @@
 the recipe with every override, the answer mode, the start adapter and the tasks trained on;
 ``RUN/run/adapter`` is the trained adapter) or a published ``rl_model`` asset folder such as
 ``DIR/assets/rl_model`` (the same from its ``metrics.json``, ``lineage.json`` and
-``validation.json``). Both policies are sampled on those tasks as
-GRPO samples a group (``training/resampling.py``), at the step seeds ``--steps`` (pick steps
-the run never reached: its own draws are in its curve), and compared group by group. Prints
+``validation.json``). Both policies are sampled on those tasks as GRPO samples a group
+(``training/resampling.py``), at the step seeds ``--steps`` (pick steps the run never reached:
+its own draws are in its curve), and compared group by group. Prints
 each policy's mean reward (with its standard error over the groups), rollout NDCG@10, own
 answers, failed and made tool calls per rollout, then the trained minus the start policy's
 reward with a 95% bootstrap interval. A run whose reward curve rose because its first steps
