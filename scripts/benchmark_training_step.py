@@ -4,11 +4,12 @@ the same run, on the same examples.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_training_step.py --model assets/base_model \\
         --trajectories assets/filtered_trajectories/trajectories.jsonl [--examples 8] [--repeats 2] \\
-        [--lora-dropout 0.05]
+        [--lora-dropout 0.05] [--precision fp32]
 
 Examples are kept teacher trajectories rendered as the SFT stage renders them (labels on the
 assistant turns). Each pass is one example's forward and backward through a rank-16 LoRA, at
-the precision training picks on this machine:
+the precision training picks on this machine (``--precision auto``; ``bf16`` or ``fp32`` to
+compare them on one host):
 
 - ``sft``: SFTTrainer's pass: the assistant turns are labelled;
 - ``grpo``: GRPO's pass over a rollout: everything from the first assistant token on is the
@@ -42,11 +43,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per example and head")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="the recipes' is 0 (sft_demo v6 on)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto: what training picks here (training/device.py, resolve_precision)")
     parser.add_argument("--json-out", type=Path)
     return parser.parse_args()
 
 
-def lora_models(model_dir: Path, lora_dropout: float):
+def lora_models(model_dir: Path, lora_dropout: float, precision: str):
     """(TRL's fused head, the compact head) on two copies of one LoRA model, and the autocast."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -54,7 +57,7 @@ def lora_models(model_dir: Path, lora_dropout: float):
 
     from recthinker_dagster.training.device import load_dtype, resolve_precision
 
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = resolve_precision(precision, torch.device("cpu"))
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype(precision))
     add_fused_lm_head(base, outputs=("log_probs", "entropy"))
     compact_base = copy.deepcopy(base)
@@ -89,7 +92,7 @@ def main() -> None:
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
     records = [json.loads(line) for line in args.trajectories.read_text().splitlines() if line.strip()]
     rows, _ = tokenize_examples(tokenizer, sft_examples(records[: args.examples]), None)
-    trl_model, compact_model, autocast, precision = lora_models(args.model, args.lora_dropout)
+    trl_model, compact_model, autocast, precision = lora_models(args.model, args.lora_dropout, args.precision)
     seconds: dict = {(mode, head): [] for mode in ("sft", "grpo") for head in ("trl", "compact")}
     loss_gap = {"sft": 0.0, "grpo": 0.0}
     tokens = labelled = 0
