@@ -246,7 +246,8 @@ def test_the_unimitated_task_pool_leaves_out_every_task_sft_saw_a_solution_of(fi
 
 
 def test_rl_recipes_check_their_task_pool():
-    assert rl_recipe(RLSettings(recipe="demo")).task_pool == "unimitated"
+    assert rl_recipe(RLSettings(recipe="demo")).task_pool == "train"
+    assert rl_recipe(RLSettings(recipe="demo")).with_overrides(task_pool="unimitated").task_pool == "unimitated"
     assert rl_recipe(RLSettings(recipe="smoke")).task_pool == "train"
     with pytest.raises(ValueError, match="task_pool must be one of"):
         rl_recipe(RLSettings(recipe="demo")).with_overrides(task_pool="seen")
