@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/resample_policies.py --root DIR --run RUN \\
         [--steps 100 101 102 103] [--json-out FILE]
+    .venv/bin/python scripts/resample_policies.py --merge FILE FILE [...] [--json-out FILE]
 
 ``RUN`` is the ``--out`` folder of ``scripts/grpo_signal.py`` (its ``grpo_signal.json`` names
 the recipe with every override, the answer mode, the start adapter and the tasks trained on;
@@ -14,6 +15,9 @@ each policy's mean reward (with its standard error over the groups), rollout NDC
 answers, failed and made tool calls per rollout, then the trained minus the start policy's
 reward with a 95% bootstrap interval. A run whose reward curve rose because its first steps
 drew badly shows no difference here.
+
+``--merge`` pools the ``--json-out`` files of several resamplings of one run at different step
+seeds (for example, two sessions' worth) into one comparison, without sampling again.
 """
 
 from __future__ import annotations
@@ -25,13 +29,19 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--run", type=Path, required=True,
-                        help="a scripts/grpo_signal.py --out folder or a published rl_model folder")
+    parser.add_argument("--root", type=Path)
+    parser.add_argument("--run", type=Path, help="a scripts/grpo_signal.py --out folder or a published rl_model folder")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 101, 102, 103],
                         help="step seeds to sample at (default: 4 steps no demo run reaches)")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                        help="pool earlier --json-out files of one run instead of sampling")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json_out)
+        return
+    if args.root is None or args.run is None:
+        parser.error("--root and --run are required unless --merge is given")
 
     import torch
     from transformers import AutoTokenizer
@@ -75,6 +85,25 @@ def main() -> None:
     if args.json_out:
         args.json_out.write_text(json.dumps({"run": str(args.run), "steps": args.steps, "tasks": task_ids,
                                              **comparison, "groups": groups}, indent=2))
+
+
+def merge(files: list[Path], json_out: Path | None) -> None:
+    from recthinker_dagster.training.resampling import merge_resamplings
+
+    documents = []
+    for path in files:
+        try:
+            documents.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"{path}: cannot read a resampling ({error})") from None
+    try:
+        merged = merge_resamplings(documents)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    summary = {key: value for key, value in merged.items() if key not in ("tasks", "groups")}
+    print(json.dumps(summary, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(merged, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ import torch
 
 from recthinker_dagster.agent import AgentConfig, SamplingParams
 from recthinker_dagster.training.grpo import ToolRollout
-from recthinker_dagster.training.resampling import FIGURES, compare_resampled, read_grpo_run, resampled_groups
+from recthinker_dagster.training.resampling import (
+    FIGURES,
+    compare_resampled,
+    merge_resamplings,
+    read_grpo_run,
+    resampled_groups,
+)
 from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
 from tests.support.trajectories import ScriptedInvestigator, agent_tasks, toolbox_factory
@@ -101,3 +107,26 @@ def test_a_folder_that_is_no_run_says_what_it_lacks(tmp_path):
     _write_json(tmp_path / "metrics.json", {})
     with pytest.raises(FileNotFoundError, match="lineage.json, validation.json"):
         read_grpo_run(tmp_path, tmp_path)
+
+
+def test_resamplings_of_one_run_at_other_steps_pool_into_one_comparison():
+    def saved(steps, start, trained, run="runs/a", tasks=("a", "b")):
+        return {"run": run, "steps": steps, "tasks": list(tasks),
+                "groups": {"start": _groups(start), "trained": _groups(trained)}}
+
+    first = saved([1], {(1, "a"): [0.2, 0.4], (1, "b"): [1.0, 1.0]}, {(1, "a"): [0.4, 0.6], (1, "b"): [1.0, 1.0]})
+    second = saved([2], {(2, "a"): [0.0, 0.2], (2, "b"): [0.8, 1.0]}, {(2, "a"): [0.2, 0.2], (2, "b"): [0.9, 1.0]})
+    merged = merge_resamplings([first, second])
+    pooled = compare_resampled(first["groups"]["start"] + second["groups"]["start"],
+                               first["groups"]["trained"] + second["groups"]["trained"])
+    assert merged["steps"] == [1, 2] and merged["trained_minus_start"] == pooled["trained_minus_start"]
+    assert merged["trained_minus_start"]["groups"] == 4
+    assert merge_resamplings([merged])["trained_minus_start"] == pooled["trained_minus_start"]  # merges compose
+    with pytest.raises(ValueError, match=r"repeats step seeds \[1\]"):
+        merge_resamplings([first, first])
+    with pytest.raises(ValueError, match="in its run"):
+        merge_resamplings([first, {**second, "run": "runs/b"}])
+    with pytest.raises(ValueError, match="in its tasks"):
+        merge_resamplings([first, {**second, "tasks": ["c"]}])
+    with pytest.raises(ValueError, match="lacks"):
+        merge_resamplings([{"run": "runs/a"}])

@@ -3,6 +3,7 @@
     start = resampled_groups(start_model, rollout, recipe, steps=[100, 101, 102, 103])
     trained = resampled_groups(trained_model, rollout, recipe, steps=[100, 101, 102, 103])
     compare_resampled(start, trained)   # per policy figures, trained minus start with a 95% CI
+    merge_resamplings([first, second])  # two saved resamplings of one run at other step seeds, pooled
 
 A run's reward curve compares different draws. Step 1's rollouts and step 10's are other
 samples of other policies, and with groups of 8 at temperature 1.0-1.2 the same policy's step
@@ -120,3 +121,32 @@ def compare_resampled(start: Sequence[Mapping], trained: Sequence[Mapping], *, s
     return {"start": summarize_groups(start), "trained": summarize_groups(trained),
             "trained_minus_start": {"groups": len(diffs), "mean": round(statistics.fmean(diffs), 4),
                                     "ci95": [round(low, 4), round(high, 4)]}}
+
+
+def merge_resamplings(documents: Sequence[Mapping], *, seed: int = 0) -> dict:
+    """One comparison over several resamplings of one run (``scripts/resample_policies.py
+    --json-out`` documents) at different step seeds: their groups pooled, then compared as
+    ``compare_resampled`` does. Refuses documents of other runs or tasks and repeated steps,
+    which would count a draw twice."""
+    if not documents:
+        raise ValueError("nothing to merge: give at least one resampling")
+    first = documents[0]
+    seen: set[int] = set()
+    start: list = []
+    trained: list = []
+    for index, document in enumerate(documents):
+        missing = [key for key in ("run", "steps", "tasks", "groups") if key not in document]
+        if missing:
+            raise ValueError(f"resampling {index + 1} lacks {missing}: write it with resample_policies.py --json-out")
+        for key in ("run", "tasks"):
+            if document[key] != first[key]:
+                raise ValueError(f"resampling {index + 1} differs from the first in its {key} ({document[key]!r}, "
+                                 f"not {first[key]!r}): merge only resamplings of one run on its tasks")
+        repeated = sorted(seen.intersection(document["steps"]))
+        if repeated:
+            raise ValueError(f"resampling {index + 1} repeats step seeds {repeated}: the same draws would count twice")
+        seen.update(document["steps"])
+        start.extend(document["groups"]["start"])
+        trained.extend(document["groups"]["trained"])
+    return {"run": first["run"], "steps": sorted(seen), "tasks": first["tasks"],
+            **compare_resampled(start, trained, seed=seed), "groups": {"start": start, "trained": trained}}
