@@ -223,6 +223,7 @@ class ToolRollout:
             if receive is not None:
                 receive(rows)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
+        record["rollout/padding_share"] = padding_share(prompt_ids, completion_ids)
         record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling,
                                         constraints, draws))
         self.step_records.append(record)
@@ -372,6 +373,17 @@ class ToolRollout:
             "time/tools_s": tool_seconds,
             "time/generation_s": rollout_seconds - tool_seconds,
         }
+
+
+def padding_share(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> float:
+    """The share of padding in TRL's layout of these rollouts (prompts padded to the longest
+    prompt, completions to the longest completion): what every log-prob pass pays for unless the
+    recipe trims it (``trim_padding``)."""
+    if not prompt_ids:
+        return 0.0
+    width = max(map(len, prompt_ids)) + max(map(len, completion_ids))
+    real = sum(map(len, prompt_ids)) + sum(map(len, completion_ids))
+    return 1.0 - real / (width * len(prompt_ids)) if width else 0.0
 
 
 def task_visits(step: int, trajectories: Sequence) -> list[dict]:
@@ -559,6 +571,7 @@ def train_grpo(
         answer_temperature=recipe.answer_temperature,
         non_answer_weight=recipe.non_answer_weight,
         answer_credit=recipe.answer_credit,
+        trim_padding=recipe.trim_padding,
     )
     if not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)
@@ -585,7 +598,8 @@ HEALTH_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", 
                "completions/mean_length", "completions/clipped_ratio", "tools/call_frequency", "tools/failure_rate",
                "rollout/valid_rate", "rollout/answered_rate", "rollout/forced_head_rate", "rollout/ndcg@10",
                "rollout/turns",
-               "rollout/policy_tokens", "rollout/sampler_logprob_gap", "rollout/sampler_logprob_abs_gap",
+               "rollout/policy_tokens", "rollout/padding_share", "completions/max_length",
+               "rollout/sampler_logprob_gap", "rollout/sampler_logprob_abs_gap",
                "time/rollout_s", "time/generation_s", "time/tools_s")
 
 

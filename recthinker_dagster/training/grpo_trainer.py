@@ -25,6 +25,14 @@ group's advantages were round-off divided by 1e-4. Here a group is flat when its
 rewards (float64) differ by at most ``FLAT_TOLERANCE``; ``frac_reward_zero_std`` is the share
 of such groups and their advantages are exactly 0.
 
+Padding. TRL pads a generation batch to one width (prompts on the left, completions on the
+right) and runs every log-prob pass at it, so a short rollout beside a long one costs the long
+one's length. With ``trim_padding`` each pass (the reference's chunks, each loss micro-batch)
+drops the columns that are padding in all of its rows first, and hands back log-probs (0 on
+the dropped positions, as on any padding) at the full width. The real tokens' log-probs are the
+same up to round-off: the attention never saw the padding, and the rotary positions move by one
+offset for the whole row, which leaves the attention scores as they were.
+
 Per-token advantages. With ``non_answer_weight`` below 1 (the recipe's), each rollout's
 advantage weighs 1 at the answer's constrained positions and ``non_answer_weight`` at its
 other sampled tokens (analysis, tool calls): the step moves the ranking, where a group's
@@ -102,11 +110,13 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _scored = None  # the trained-token mask of the log-prob pass under way, and its next row
     _scored_row = 0
     _flat_rows: torch.Tensor | None = None  # this generation batch's rows (every process's) in a flat group
+    _chunk_tables: dict | None = None  # with trim_padding: the tables of the trimmed chunk being scored
 
     def __init__(self, *args, answer_temperature: float | None = None, non_answer_weight: float = 1.0,
-                 answer_credit: str = "all", **kwargs):
+                 answer_credit: str = "all", trim_padding: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.non_answer_weight, self.answer_credit = non_answer_weight, answer_credit
+        self.trim_padding = trim_padding
         # the answer labels' sampling temperature (SamplingParams.answer_temperature): their log-probs use it
         self.answer_temperature = answer_temperature if answer_temperature is not None else self.temperature
         for model in (self.model, self.ref_model):
@@ -191,12 +201,18 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return None
 
     def _allowed_for(self, rows: int, width: int):
+        if self._chunk_tables is not None:
+            return self._chunk_tables["allowed"]
         return self._pass_table(self._loss_allowed, self._batch_constraints, allowed_table, rows, width)
 
     def _draws_for(self, rows: int, width: int):
+        if self._chunk_tables is not None:
+            return self._chunk_tables["draws"]
         return self._pass_table(self._loss_draws, self._batch_draws, head_draw_tables, rows, width)
 
     def _trained_for(self, rows: int, width: int):
+        if self._chunk_tables is not None:
+            return self._chunk_tables["trained"]
         return self._pass_table(self._loss_trained, self._batch_trained, bool_table, rows, width)
 
     def _trained_labels_only(self, labels: torch.Tensor) -> torch.Tensor:
@@ -212,11 +228,40 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return labels
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self.trim_padding and self._chunk_tables is None and not args:
+            return self._trimmed_passes(model, input_ids, attention_mask, logits_to_keep, **kwargs)
         self._scored, self._scored_row = self._trained_for(input_ids.shape[0], logits_to_keep), 0
         try:
             return self._logps_under_constraints(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         finally:
             self._scored = None
+
+    def _trimmed_passes(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        """TRL's pass chunk by chunk (``batch_size`` rows), each without its all-padding columns
+        (module docstring), the results padded back to ``logits_to_keep`` completion positions."""
+        rows, width = input_ids.shape
+        tables = {"allowed": self._allowed_for(rows, logits_to_keep), "draws": self._draws_for(rows, logits_to_keep),
+                  "trained": self._trained_for(rows, logits_to_keep)}
+        logps, entropies, aux = [], [], []
+        for start in range(0, rows, batch_size or rows):
+            chunk = slice(start, start + (batch_size or rows))
+            columns = attention_mask[chunk].any(dim=0).nonzero()
+            first = min(int(columns[0]), width - logits_to_keep) if columns.numel() else 0
+            end = max(int(columns[-1]) + 1, width - logits_to_keep + 1) if columns.numel() else width
+            keep = logits_to_keep - (width - end)  # completion positions left after the right padding
+            self._chunk_tables = {name: _chunk_of(table, chunk, keep) for name, table in tables.items()}
+            try:
+                chunk_logps, chunk_entropies, chunk_aux = self._get_per_token_logps_and_entropies(
+                    model, input_ids[chunk, first:end], attention_mask[chunk, first:end], keep, **kwargs)
+            finally:
+                self._chunk_tables = None
+            logps.append(_pad_right(chunk_logps, logits_to_keep))
+            if chunk_entropies is not None:
+                entropies.append(_pad_right(chunk_entropies, logits_to_keep))
+            if chunk_aux is not None:
+                aux.append(chunk_aux)
+        return (torch.cat(logps), torch.cat(entropies) if entropies else None,
+                torch.stack(aux).mean() if aux else None)
 
     def _logps_under_constraints(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         allowed = self._allowed_for(input_ids.shape[0], logits_to_keep)
@@ -244,3 +289,18 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
             logps = head_draw_logprobs(logps, states, causal_lm.get_output_embeddings(), source, groups,
                                        self.answer_temperature)
         return logps, entropies, aux
+
+
+def _chunk_of(table, rows: slice, keep: int):
+    """Rows ``rows`` and the first ``keep`` completion positions of a ``(rows, positions)`` table
+    (or of each table of a tuple); None stays None."""
+    if table is None:
+        return None
+    if isinstance(table, tuple):
+        return tuple(part[rows, :keep] for part in table)
+    return table[rows, :keep]
+
+
+def _pad_right(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``(rows, n)`` values right-padded with zeros to ``(rows, width)``."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))

@@ -33,6 +33,8 @@ ANSWER_CREDITS = ("all", "until_target")  # which sampled tokens get their rollo
 class RLRecipe(RecipeFields):
     _KIND = "RL recipe"
     _MAPPINGS = ("reward_weights", "reward_params")
+    # trim_padding changes how the passes run, not what they compute (round-off aside): out of the digest too
+    _PLACEMENT = ("num_processes", "trim_padding")
 
     name: str
     version: int = 1
@@ -92,6 +94,9 @@ class RLRecipe(RecipeFields):
     # precision, device, checkpoints, reproducibility
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    # score each log-prob pass (the reference's chunks, each loss micro-batch) without the columns
+    # that are padding in all its rows (grpo_trainer.py): a short rollout stops paying for a long one
+    trim_padding: bool = False
     device: str = "auto"
     num_threads: int | None = None
     # data parallelism, as in SFT recipes: each process accumulates gradient_accumulation_steps /

@@ -1,0 +1,103 @@
+"""GRPO's log-prob passes without their all-padding columns (``trim_padding``) give the padded
+passes' log-probs and entropies, with the answer constraint and the trained-token mask, chunk
+by chunk, and run narrower inputs."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from recthinker_dagster.training.grpo_trainer import ConstrainedAnswerGRPOTrainer
+from recthinker_dagster.training.scored_head import project_labelled_positions_only
+
+PAD = 0
+PROMPTS = (9, 6, 9, 4)  # real prompt tokens per row (left-padded to 9)
+COMPLETIONS = (5, 12, 4, 3)  # real completion tokens per row (right-padded to 12)
+
+
+def _trainer(trim_padding: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = LlamaForCausalLM(config).eval()
+    trainer = object.__new__(ConstrainedAnswerGRPOTrainer)  # the passes alone: no training loop
+    trainer.trim_padding, trainer.temperature, trainer.answer_temperature = trim_padding, 1.0, 1.0
+    trainer.accelerator = SimpleNamespace(autocast=nullcontext, unwrap_model=lambda m: m, is_main_process=True)
+    add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy", "is_top1"))
+    project_labelled_positions_only(model, label_filter=trainer._trained_labels_only)
+    # every sampled completion token is trained but the second one of each row (a tool result, say)
+    trainer.receive_trained_masks([[int(i != 1) for i in range(n)] for n in COMPLETIONS])
+    # the last real completion token of rows 0 and 1 was drawn among three allowed ids
+    trainer.receive_answer_constraints([[None] * (n - 1) + [[7, 8, 9]] if r < 2 else [None] * n
+                                        for r, n in enumerate(COMPLETIONS)])
+    return trainer, model
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    width = max(PROMPTS) + max(COMPLETIONS)
+    ids = torch.full((len(PROMPTS), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        start, end = max(PROMPTS) - prompt, max(PROMPTS) + completion
+        ids[row, start:end] = torch.randint(10, 64, (end - start,), generator=generator)
+        mask[row, start:end] = 1
+    for row in (0, 1):  # the constrained answer token is one of its allowed ids
+        ids[row, max(PROMPTS) + COMPLETIONS[row] - 1] = 8
+    return ids, mask, max(COMPLETIONS)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_trimmed_passes_give_the_padded_passes_log_probs_and_entropies(batch_size):
+    ids, mask, keep = _batch()
+    padded, padded_model = _trainer(trim_padding=False)
+    trimmed, model = _trainer(trim_padding=True)  # the same weights (seeded); each model filters its trainer's labels
+    widths: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        expected = padded._get_per_token_logps_and_entropies(padded_model, ids, mask, keep, batch_size=batch_size,
+                                                             compute_entropy=True)
+        got = trimmed._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size,
+                                                         compute_entropy=True)
+    hook.remove()
+    for want, have in zip(expected[:2], got[:2]):
+        assert have.shape == want.shape == (len(PROMPTS), keep)
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    real = torch.tensor([[i < n for i in range(keep)] for n in COMPLETIONS])
+    assert (got[0][real] != 0).any() and (got[0][~real] == 0).all()
+    assert got[0][0, COMPLETIONS[0] - 1] > torch.log(torch.tensor(1 / 3)) - 1  # scored among 3 ids, not 64
+    full = ids.shape[1]
+    if batch_size is None:  # one pass: only row 1 reaches the last column, every row the first
+        assert widths == [full]
+    else:  # rows 0-1 span every prompt column and row 1's whole completion; rows 2-3 lack 8 of them
+        assert widths == [full, max(PROMPTS) + max(COMPLETIONS[2:])]
+
+
+def test_a_loss_micro_batch_is_trimmed_to_its_own_rows():
+    ids, mask, keep = _batch()
+    trimmed, model = _trainer(trim_padding=True)
+    trimmed._loss_trained = torch.ones(2, keep, dtype=torch.bool)  # as _compute_loss sets it for its rows
+    trimmed._loss_allowed = None
+    widths: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    logps, _, _ = trimmed._get_per_token_logps_and_entropies(model, ids[2:], mask[2:], keep)
+    hook.remove()
+    assert logps.shape == (2, keep) and widths == [max(PROMPTS) + max(COMPLETIONS[2:])]
+    logps.sum().backward()  # the trimmed pass keeps the graph
+
+
+def test_padding_share_is_the_padding_of_trls_layout():
+    from recthinker_dagster.training.grpo import padding_share
+
+    # prompts padded to 3, completions to 4: 2 rows x 7 positions, 3 + 2 + 2 + 4 = 11 real
+    assert padding_share([[1, 2, 3], [1, 2]], [[4, 5], [4, 5, 6, 7]]) == pytest.approx(1 - 11 / 14)
+    assert padding_share([[1, 2]], [[3]]) == 0.0
+    assert padding_share([], []) == 0.0
