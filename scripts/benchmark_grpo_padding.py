@@ -12,13 +12,16 @@ first assistant turn starts into prompt and completion, padded as TRL pads a gen
 Each mode runs what a demo step runs after generation, through a rank-16 LoRA at the training
 precision:
 
-- the reference pass: every row, no gradient, in chunks of ``--micro-batch`` rows;
-- the loss passes: micro-batches of ``--micro-batch`` rows (shuffled, seeded, as TRL shuffles
-  the batch), forward and backward of their sampled tokens' log-probs.
+- the reference pass: every row, no gradient, in chunks of the micro-batch;
+- the loss passes: micro-batches (shuffled, seeded, as TRL shuffles the batch), forward and
+  backward of their sampled tokens' log-probs.
 
-Prints the padding share of the batch, seconds per mode and pass, the speed-up, and the mean and
-largest log-prob difference between the modes on the sampled tokens (round-off only: in fp32
-about 1e-5; in bf16 the passes' other shapes round differently).
+The modes: TRL's padded passes in micro-batches of ``--micro-batch`` (the demo recipe's
+``per_device_train_batch_size``); the same trimmed; trimmed in micro-batches of 1 (a row alone
+has no padding left, so the attention runs causal, without a mask). Prints the batch's padding
+share, seconds per mode and pass, the speed-ups against the first mode, and the mean and largest
+log-prob difference to it on the sampled tokens (round-off only: in fp32 about 1e-5; in bf16 the
+passes' other shapes round differently).
 """
 
 from __future__ import annotations
@@ -130,24 +133,30 @@ def main() -> None:
                     "real_tokens_mean": round(float(attention.sum(dim=1).float().mean()), 1),
                     "padding_share": round(1 - float(attention.float().mean()), 3)}
     print(f"{result['rollouts']} rollouts padded to {result['width']} tokens ({result['real_tokens_mean']:.0f} real on "
-          f"average, {result['padding_share']:.1%} padding); micro-batches of {args.micro_batch}; {precision}, "
-          f"{result['threads']} threads", flush=True)
+          f"average, {result['padding_share']:.1%} padding); {precision}, {result['threads']} threads", flush=True)
     trainer = scoring_trainer(model, trim_padding=False, autocast=autocast)
     run_mode(model, trainer, batch, args.micro_batch, order[: args.micro_batch])  # warm-up
+    modes = {f"padded, micro-batches of {args.micro_batch}": (False, args.micro_batch),
+             f"trimmed, micro-batches of {args.micro_batch}": (True, args.micro_batch),
+             "trimmed, micro-batches of 1": (True, 1)}
     logps = {}
-    for mode in ("padded", "trimmed"):
-        trainer.trim_padding = mode == "trimmed"
-        figures = run_mode(model, trainer, batch, args.micro_batch, order)
+    result["modes"] = {}
+    for mode, (trim, micro_batch) in modes.items():
+        trainer.trim_padding = trim
+        figures = run_mode(model, trainer, batch, micro_batch, order)
         logps[mode] = figures.pop("logps")
-        result[mode] = figures
+        result["modes"][mode] = figures
         print(f"{mode}: reference pass {figures['reference_s']:.1f} s, loss passes {figures['loss_s']:.1f} s, "
               f"total {figures['total_s']:.1f} s", flush=True)
-    result["speedup"] = round(result["padded"]["total_s"] / result["trimmed"]["total_s"], 3)
-    difference = (logps["padded"] - logps["trimmed"])[sampled].abs()
-    result["mean_abs_logp_difference"] = float(difference.mean())
-    result["max_logp_difference"] = float(difference.max())
-    print(f"speed-up {result['speedup']:.2f}x; log-prob difference on sampled tokens: mean "
-          f"{result['mean_abs_logp_difference']:.2e}, largest {result['max_logp_difference']:.2e}")
+    baseline = next(iter(modes))
+    for mode in list(modes)[1:]:
+        difference = (logps[baseline] - logps[mode])[sampled].abs()
+        result["modes"][mode].update(
+            speedup=round(result["modes"][baseline]["total_s"] / result["modes"][mode]["total_s"], 3),
+            mean_abs_logp_difference=float(difference.mean()), max_logp_difference=float(difference.max()))
+        figures = result["modes"][mode]
+        print(f"{mode}: {figures['speedup']:.2f}x against {baseline}; log-prob difference on sampled tokens: "
+              f"mean {figures['mean_abs_logp_difference']:.2e}, largest {figures['max_logp_difference']:.2e}")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
 

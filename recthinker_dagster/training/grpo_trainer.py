@@ -31,7 +31,10 @@ one's length. With ``trim_padding`` each pass (the reference's chunks, each loss
 drops the columns that are padding in all of its rows first, and hands back log-probs (0 on
 the dropped positions, as on any padding) at the full width. The real tokens' log-probs are the
 same up to round-off: the attention never saw the padding, and the rotary positions move by one
-offset for the whole row, which leaves the attention scores as they were.
+offset for the whole row, which leaves the attention scores as they were. With micro-batches of
+one rollout (``per_device_train_batch_size: 1``) no padding is left at all, so the model runs
+its causal attention without a mask: on CPU, SDPA with a padding mask computes the whole
+square, not the causal half (``scripts/benchmark_grpo_padding.py``).
 
 Per-token advantages. With ``non_answer_weight`` below 1 (the recipe's), each rollout's
 advantage weighs 1 at the answer's constrained positions and ``non_answer_weight`` at its

@@ -95,7 +95,8 @@ class RLRecipe(RecipeFields):
     precision: str = "auto"
     gradient_checkpointing: bool = False
     # score each log-prob pass (the reference's chunks, each loss micro-batch) without the columns
-    # that are padding in all its rows (grpo_trainer.py): a short rollout stops paying for a long one
+    # that are padding in all its rows (grpo_trainer.py): a short rollout stops paying for a long one.
+    # With per_device_train_batch_size 1 no padding is left and the attention runs without a mask
     trim_padding: bool = False
     device: str = "auto"
     num_threads: int | None = None
