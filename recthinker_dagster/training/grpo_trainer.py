@@ -33,8 +33,8 @@ the dropped positions, as on any padding) at the full width. The real tokens' lo
 same up to round-off: the attention never saw the padding, and the rotary positions move by one
 offset for the whole row, which leaves the attention scores as they were. With micro-batches of
 one rollout (``per_device_train_batch_size: 1``) no padding is left at all, so the model runs
-its causal attention without a mask: on CPU, SDPA with a padding mask computes the whole
-square, not the causal half (``scripts/benchmark_grpo_padding.py``).
+its causal attention without a mask: on CPU, SDPA given a mask does not skip the blocks above
+the diagonal as its causal path does (``scripts/benchmark_grpo_padding.py``, docs/training.md).
 
 Per-token advantages. With ``non_answer_weight`` below 1 (the recipe's), each rollout's
 advantage weighs 1 at the answer's constrained positions and ``non_answer_weight`` at its
