@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 import torch
 
-from recthinker_dagster.training.data import IGNORE_INDEX, sft_examples, tokenize_examples
+from recthinker_dagster.training.data import IGNORE_INDEX, tokenized_trajectory_file
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,8 +116,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
-    records = [json.loads(line) for line in args.trajectories.read_text().splitlines() if line.strip()]
-    rows, _ = tokenize_examples(tokenizer, sft_examples(records[: args.rollouts]), None)
+    rows = tokenized_trajectory_file(tokenizer, args.trajectories, args.rollouts)
     batch = generation_batch(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     ids, attention, sampled, keep = batch
     precision = resolve_precision(args.precision, torch.device("cpu"))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from recthinker_dagster.training.data import IGNORE_INDEX, sft_examples, tokenize_examples
+from recthinker_dagster.training.data import IGNORE_INDEX, tokenized_trajectory_file
 from recthinker_dagster.training.scored_head import project_labelled_positions_only
 
 
@@ -90,8 +90,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
-    records = [json.loads(line) for line in args.trajectories.read_text().splitlines() if line.strip()]
-    rows, _ = tokenize_examples(tokenizer, sft_examples(records[: args.examples]), None)
+    rows = tokenized_trajectory_file(tokenizer, args.trajectories, args.examples)
     trl_model, compact_model, autocast, precision = lora_models(args.model, args.lora_dropout, args.precision)
     seconds: dict = {(mode, head): [] for mode in ("sft", "grpo") for head in ("trl", "compact")}
     loss_gap = {"sft": 0.0, "grpo": 0.0}

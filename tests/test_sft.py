@@ -19,6 +19,7 @@ from recthinker_dagster.training.data import (
     sft_examples,
     tokenize_conversation,
     tokenize_examples,
+    tokenized_trajectory_file,
     training_chat_template,
 )
 from recthinker_dagster.training.filtering import assistant_text, candidate_labels
@@ -124,6 +125,15 @@ def test_long_or_unlabelled_examples_are_dropped_not_cut(tokenizer, trajectories
     rows, stats = tokenize_examples(tokenizer, examples, max_length=lengths[1])
     assert stats["n_examples"] == len(rows) == 2 and stats["n_dropped_too_long"] == 1
     assert stats["n_dropped_no_labels"] == 1 and stats["tokens_max"] == lengths[1]
+
+
+def test_a_trajectory_file_reads_its_first_trajectories_tokenized_as_sft_tokenizes_them(tokenizer, trajectories,
+                                                                                         tmp_path):
+    path = tmp_path / "trajectories.jsonl"
+    path.write_text("".join(json.dumps(t.to_dict()) + "\n\n" for t in trajectories[:3]))  # blank lines skipped
+    rows = tokenized_trajectory_file(tokenizer, path, 2)
+    assert rows == tokenize_examples(tokenizer, sft_examples(trajectories[:2]), None)[0]
+    assert len(tokenized_trajectory_file(tokenizer, path)) == 3
 
 
 # -- a real run: interrupted after step 1, resumed to step 2 -------------------------------------

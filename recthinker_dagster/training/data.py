@@ -93,3 +93,12 @@ def tokenize_examples(tokenizer, examples: Sequence[dict], max_length: int | Non
         "trained_tokens_total": sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows),
     }
     return rows, stats
+
+
+def tokenized_trajectory_file(tokenizer, path, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` trajectories of a jsonl file (for example the kept ones,
+    ``filtered_trajectories/trajectories.jsonl``), tokenized as ``tokenize_examples`` does."""
+    with open(path, encoding="utf-8") as lines:
+        records = [json.loads(line) for line in lines if line.strip()]
+    rows, _ = tokenize_examples(tokenizer, sft_examples(records[:limit]), None)
+    return rows
