@@ -48,6 +48,7 @@ into rollout (generation + tools) and the rest (log-probs, loss, backward, optim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -73,6 +74,7 @@ from recthinker_dagster.training.device import (
     training_device,
     world_size,
 )
+from recthinker_dagster.training.merged_sampling import merged_adapter
 from recthinker_dagster.training.rewards import RolloutOutcome, trl_reward_functions
 from recthinker_dagster.training.rl_recipes import RLRecipe, load_rl_recipe
 
@@ -140,8 +142,10 @@ class ToolRollout:
 
     def __init__(self, tasks: Sequence, toolbox_factory: Callable, agent_config: AgentConfig, tokenizer, *,
                  batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None, gap_rollouts: int = 2,
-                 relabel_candidates: bool = False, relabel_each_rollout: bool = False):
+                 relabel_candidates: bool = False, relabel_each_rollout: bool = False, merged_rollouts: bool = False):
         self.agent_config, self.tokenizer = agent_config, tokenizer
+        # sample in-process rollouts with the LoRA adapter merged into the weights (merged_sampling.py)
+        self.merged_rollouts = merged_rollouts and backend_factory is None
         self.relabel_candidates = relabel_candidates  # a fresh candidate order per step (``shown_task``)
         self.relabel_each_rollout = relabel_each_rollout  # ... and per rollout of the group
         self._shown_counts: tuple[int, Counter] = (-1, Counter())  # (step, task id -> rollouts shown so far)
@@ -201,7 +205,9 @@ class ToolRollout:
         tool_clock = [0.0]
         backend = self._backend(model)
         try:
-            trajectories = run_agent(tasks, backend, lambda t: _TimedToolbox(self.toolbox_factory(t), tool_clock), config)
+            with merged_adapter(model) if self.merged_rollouts else contextlib.nullcontext():
+                trajectories = run_agent(tasks, backend, lambda t: _TimedToolbox(self.toolbox_factory(t), tool_clock),
+                                         config)
         finally:
             model.train(was_training)
         rollout_seconds = time.perf_counter() - started
@@ -535,6 +541,9 @@ def train_grpo(
         raise ValueError(f"RL recipe {recipe.name!r} takes {prompts_per_step} tasks per step (per_device_train_batch_size "
                          f"x gradient_accumulation_steps / num_generations), but there are only {len(tasks)} train "
                          "tasks: raise n_train_tasks or lower gradient_accumulation_steps")
+    if recipe.merged_rollouts and backend_factory is not None:
+        raise ValueError(f"RL recipe {recipe.name!r} sets merged_rollouts, which merges the adapter for in-process "
+                         "rollouts; a generation server loads the adapter itself: unset merged_rollouts")
     output_dir = Path(output_dir)
     checkpoint_dir = output_dir / CHECKPOINTS
     set_seed(recipe.seed)
@@ -550,7 +559,7 @@ def train_grpo(
     rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
                           seed=recipe.seed, backend_factory=backend_factory,
                           relabel_candidates=recipe.relabel_candidates,
-                          relabel_each_rollout=recipe.relabel_each_rollout)
+                          relabel_each_rollout=recipe.relabel_each_rollout, merged_rollouts=recipe.merged_rollouts)
     from datasets import Dataset
 
     reward_funcs = trl_reward_functions(recipe.reward_weights, recipe.reward_params) + list(extra_reward_funcs)

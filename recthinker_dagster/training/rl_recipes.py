@@ -33,8 +33,9 @@ ANSWER_CREDITS = ("all", "until_target")  # which sampled tokens get their rollo
 class RLRecipe(RecipeFields):
     _KIND = "RL recipe"
     _MAPPINGS = ("reward_weights", "reward_params")
-    # trim_padding changes how the passes run, not what they compute (round-off aside): out of the digest too
-    _PLACEMENT = ("num_processes", "trim_padding")
+    # trim_padding and merged_rollouts change how the passes run, not what they compute (round-off
+    # aside): out of the digest too
+    _PLACEMENT = ("num_processes", "trim_padding", "merged_rollouts")
 
     name: str
     version: int = 1
@@ -98,6 +99,8 @@ class RLRecipe(RecipeFields):
     # that are padding in all its rows (grpo_trainer.py): a short rollout stops paying for a long one.
     # With per_device_train_batch_size 1 no padding is left and the attention runs without a mask
     trim_padding: bool = False
+    # sample in-process rollouts with the LoRA adapter merged into the weights (training/merged_sampling.py)
+    merged_rollouts: bool = False
     device: str = "auto"
     num_threads: int | None = None
     # data parallelism, as in SFT recipes: each process accumulates gradient_accumulation_steps /
