@@ -37,40 +37,27 @@ def main() -> None:
 
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
     from recthinker_dagster.artifacts import ArtifactLayout
-    from recthinker_dagster.stages.rl import rl_tasks
-    from recthinker_dagster.training.device import resolve_precision, training_device
-    from recthinker_dagster.training.grpo import ToolRollout, load_policy_start, rollout_agent
+    from recthinker_dagster.stages.rl import run_rollouts
+    from recthinker_dagster.training.grpo import load_policy_start
     from recthinker_dagster.training.resampling import read_grpo_run
-    from recthinker_dagster.training.rl_recipes import RLRecipe
 
     layout = ArtifactLayout(args.root.resolve())
     try:
         run = read_grpo_run(args.run, layout.root)
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
-    recipe = RLRecipe.from_dict(run.recipe)
-    datasets = sorted({task_id.split("/")[0] for task_id in run.task_ids})
-    tasks, toolboxes = rl_tasks(layout, datasets, 0, run.prompt_history_len, run.task_ids, recipe.task_pool)
-    start = run.start_adapters
-    tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(start[-1] if start else
-                                                                        layout.asset_dir("base_model")))
-    agent_config, toolbox_factory = rollout_agent(recipe, toolboxes, run.answer_mode)
-    precision = resolve_precision(recipe.precision, training_device(recipe.device, recipe.num_threads))
-    policy = PeftModel.from_pretrained(load_policy_start(layout.asset_dir("base_model"), start, precision),
-                                       str(run.trained_adapter), is_trainable=True)
+    rollouts = run_rollouts(layout, run)
+    recipe = rollouts.recipe
+    policy = PeftModel.from_pretrained(load_policy_start(layout.asset_dir("base_model"), run.start_adapters,
+                                                         rollouts.precision), str(run.trained_adapter), is_trainable=True)
     policy.eval()
-    prompts = [row for row in ToolRollout(tasks, toolbox_factory, agent_config, tokenizer).dataset_rows()
-               for _ in range(recipe.num_generations)]
+    prompts = [row for row in rollouts.rollout().dataset_rows() for _ in range(recipe.num_generations)]
     results: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for step in args.steps:
         for mode in MODES:
-            rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
-                                  seed=recipe.seed, relabel_candidates=recipe.relabel_candidates,
-                                  relabel_each_rollout=recipe.relabel_each_rollout, merged_rollouts=mode == "merged")
+            rollout = rollouts.rollout(merged_rollouts=mode == "merged")
             trainer = SimpleNamespace(model=policy, state=SimpleNamespace(global_step=step),
                                       args=SimpleNamespace(temperature=recipe.temperature, top_p=recipe.top_p))
             started = time.perf_counter()

@@ -44,46 +44,30 @@ def main() -> None:
         parser.error("--root and --run are required unless --merge is given")
 
     import torch
-    from transformers import AutoTokenizer
 
-    from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
     from recthinker_dagster.artifacts import ArtifactLayout
-    from recthinker_dagster.stages.rl import rl_tasks
-    from recthinker_dagster.training.device import resolve_precision, training_device
-    from recthinker_dagster.training.grpo import ToolRollout, load_policy_start, rollout_agent
+    from recthinker_dagster.stages.rl import run_rollouts
+    from recthinker_dagster.training.grpo import load_policy_start
     from recthinker_dagster.training.resampling import compare_resampled, read_grpo_run, resampled_groups
-    from recthinker_dagster.training.rl_recipes import RLRecipe
 
     layout = ArtifactLayout(args.root.resolve())
     try:
         run = read_grpo_run(args.run, layout.root)
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
-    recipe = RLRecipe.from_dict(run.recipe)
-    task_ids = run.task_ids
-    datasets = sorted({task_id.split("/")[0] for task_id in task_ids})
-    tasks, toolboxes = rl_tasks(layout, datasets, 0, run.prompt_history_len, task_ids,
-                                recipe.task_pool)  # 0: look the run's tasks up among all of the pool's
-    start = run.start_adapters
-    trained_adapter = run.trained_adapter
-    tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(start[-1] if start else layout.asset_dir("base_model")))
-    agent_config, toolbox_factory = rollout_agent(recipe, toolboxes, run.answer_mode)
-    precision = resolve_precision(recipe.precision, training_device(recipe.device, recipe.num_threads))
-    torch.manual_seed(recipe.seed)
+    rollouts = run_rollouts(layout, run)
+    torch.manual_seed(rollouts.recipe.seed)
     groups = {}
-    for name, adapters in (("start", start), ("trained", [*start, trained_adapter])):
-        model = load_policy_start(layout.asset_dir("base_model"), adapters, precision)
+    for name, adapters in (("start", run.start_adapters), ("trained", [*run.start_adapters, run.trained_adapter])):
+        model = load_policy_start(layout.asset_dir("base_model"), adapters, rollouts.precision)
         model.eval()
-        rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
-                              seed=recipe.seed, relabel_candidates=recipe.relabel_candidates,
-                              relabel_each_rollout=recipe.relabel_each_rollout)
-        groups[name] = resampled_groups(model, rollout, recipe, args.steps)
+        groups[name] = resampled_groups(model, rollouts.rollout(), rollouts.recipe, args.steps)
         print(f"{name}: {len(groups[name])} groups sampled", flush=True)
         del model
     comparison = compare_resampled(groups["start"], groups["trained"])
     print(json.dumps(comparison, indent=2))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"run": str(args.run), "steps": args.steps, "tasks": task_ids,
+        args.json_out.write_text(json.dumps({"run": str(args.run), "steps": args.steps, "tasks": run.task_ids,
                                              **comparison, "groups": groups}, indent=2))
 
 

@@ -245,6 +245,30 @@ def test_the_unimitated_task_pool_leaves_out_every_task_sft_saw_a_solution_of(fi
         rl_stage.rl_tasks(layout, [DATASET], 2, 10, task_pool="unimitated")
 
 
+def test_a_finished_runs_rollouts_are_rebuilt_with_its_recipe_and_tasks(tmp_path, monkeypatch, prepared_base_model):
+    import recthinker_dagster.stages.rl as rl_stage
+    from recthinker_dagster.training.resampling import GRPORun
+    from recthinker_dagster.training.rl_recipes import load_rl_recipe
+
+    layout = ArtifactLayout(tmp_path)
+    splits = layout.asset_dir("task_splits", DATASET)
+    splits.mkdir(parents=True)
+    train = real_world().tasks.filter(pl.col("split") == "train")
+    train.write_parquet(splits / "tasks_train.parquet")
+    monkeypatch.setattr(rl_stage, "load_tool_indexes", lambda layout, dataset: real_world().indexes)
+    layout.asset_dir("base_model").symlink_to(prepared_base_model[0])  # no start adapter: its tokenizer
+    task_ids = sorted(train["task_id"].to_list())[:2]
+    recipe = load_rl_recipe("smoke").with_overrides(temperature=1.3, max_turns=2, rollout_batch_size=3)
+    run = GRPORun(recipe.to_dict(), "generate", task_ids, [], tmp_path / "adapter", 10)
+
+    rollouts = rl_stage.run_rollouts(layout, run)
+    assert rollouts.recipe == recipe
+    assert sorted(task.task_id for task in rollouts.tasks) == task_ids
+    assert rollouts.agent_config.max_turns == 2 and rollouts.precision in ("bf16", "fp32")
+    rollout = rollouts.rollout(merged_rollouts=True)
+    assert rollout.merged_rollouts and rollout.batch_size == 3 and len(rollout.dataset_rows()) == 2
+
+
 def test_rl_recipes_check_their_task_pool():
     assert rl_recipe(RLSettings(recipe="demo")).task_pool == "train"
     assert rl_recipe(RLSettings(recipe="demo")).with_overrides(task_pool="unimitated").task_pool == "unimitated"

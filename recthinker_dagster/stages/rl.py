@@ -161,6 +161,49 @@ def rl_tasks_at(root: str, datasets: Sequence[str], n_train_tasks: int, prompt_h
     return rl_tasks(layout, datasets, n_train_tasks, prompt_history_len, task_ids, task_pool)
 
 
+@dataclass
+class RunRollouts:
+    """A finished GRPO run's rollouts, rebuilt to sample policies as that run did (its recipe with
+    every override, tasks, agent budgets, tokenizer and precision): ``run_rollouts``."""
+
+    recipe: RLRecipe
+    tasks: list
+    agent_config: object
+    toolbox_factory: Callable
+    tokenizer: object
+    precision: str
+
+    def rollout(self, **options):
+        """A ``training.grpo.ToolRollout`` over the run's tasks; ``options``: its other keywords."""
+        from recthinker_dagster.training.grpo import ToolRollout
+
+        recipe = self.recipe
+        return ToolRollout(self.tasks, self.toolbox_factory, self.agent_config, self.tokenizer,
+                           batch_size=recipe.rollout_batch_size, seed=recipe.seed,
+                           relabel_candidates=recipe.relabel_candidates,
+                           relabel_each_rollout=recipe.relabel_each_rollout, **options)
+
+
+def run_rollouts(layout: ArtifactLayout, run) -> RunRollouts:
+    """``run``: a ``training.resampling.GRPORun`` (``read_grpo_run``) of the project at ``layout``."""
+    from transformers import AutoTokenizer
+
+    from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
+    from recthinker_dagster.training.device import resolve_precision, training_device
+    from recthinker_dagster.training.grpo import rollout_agent
+
+    recipe = RLRecipe.from_dict(run.recipe)
+    datasets = sorted({task_id.split("/")[0] for task_id in run.task_ids})
+    # n_train_tasks 0: look the run's tasks up among all of the pool's
+    tasks, toolboxes = rl_tasks(layout, datasets, 0, run.prompt_history_len, run.task_ids, recipe.task_pool)
+    start = run.start_adapters
+    tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(start[-1] if start else
+                                                                        layout.asset_dir("base_model")))
+    agent_config, toolbox_factory = rollout_agent(recipe, toolboxes, run.answer_mode)
+    precision = resolve_precision(recipe.precision, training_device(recipe.device, recipe.num_threads))
+    return RunRollouts(recipe, tasks, agent_config, toolbox_factory, tokenizer, precision)
+
+
 def screened_tasks(pool: list, toolboxes: DatasetToolboxes, policy: PolicyLineage, recipe: RLRecipe,
                    answer_mode: str, work_dir: Path, log: Callable[[str], None], *, resume: bool = True) -> dict:
     """The screening's choice among ``pool`` (``training/task_screening.py``), kept in the run's
