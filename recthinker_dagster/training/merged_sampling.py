@@ -5,7 +5,7 @@
 
 During a step's rollouts the policy is the frozen model plus the LoRA adapter being trained.
 PEFT runs each adapted linear layer as the frozen layer plus two low-rank matmuls in the
-adapter's float32, after casting the activations to float32: on CPU, in a GRPO step's decoding,
+adapter's float32, after casting the activations to float32: on CPU, in a GRPO step's rollouts,
 that path took about a third of the linear layers' time (py-spy, docs/training.md). Inside
 ``merged_adapter`` each adapted layer's weight holds ``W + scale * B @ A`` (summed in float32,
 stored in the weight's dtype) and the adapter is disabled, so every layer is one matmul. On exit
