@@ -265,8 +265,9 @@ def test_a_finished_runs_rollouts_are_rebuilt_with_its_recipe_and_tasks(tmp_path
     assert rollouts.recipe == recipe
     assert sorted(task.task_id for task in rollouts.tasks) == task_ids
     assert rollouts.agent_config.max_turns == 2 and rollouts.precision in ("bf16", "fp32")
-    rollout = rollouts.rollout(merged_rollouts=True)
+    rollout = rollouts.rollout(merged_rollouts=True)  # an option overrides the recipe's setting
     assert rollout.merged_rollouts and rollout.batch_size == 3 and len(rollout.dataset_rows()) == 2
+    assert not rollouts.rollout().merged_rollouts and rollouts.rollout().seed == recipe.seed
 
 
 def test_rl_recipes_check_their_task_pool():

@@ -174,14 +174,11 @@ class RunRollouts:
     precision: str
 
     def rollout(self, **options):
-        """A ``training.grpo.ToolRollout`` over the run's tasks; ``options``: its other keywords."""
+        """The run's ``training.grpo.ToolRollout`` (``ToolRollout.for_recipe``; ``options`` as there)."""
         from recthinker_dagster.training.grpo import ToolRollout
 
-        recipe = self.recipe
-        return ToolRollout(self.tasks, self.toolbox_factory, self.agent_config, self.tokenizer,
-                           batch_size=recipe.rollout_batch_size, seed=recipe.seed,
-                           relabel_candidates=recipe.relabel_candidates,
-                           relabel_each_rollout=recipe.relabel_each_rollout, **options)
+        return ToolRollout.for_recipe(self.recipe, self.tasks, self.toolbox_factory, self.agent_config,
+                                      self.tokenizer, **options)
 
 
 def run_rollouts(layout: ArtifactLayout, run) -> RunRollouts:

@@ -144,8 +144,9 @@ class ToolRollout:
                  batch_size: int = 8, seed: int = 0, backend_factory: Callable | None = None, gap_rollouts: int = 2,
                  relabel_candidates: bool = False, relabel_each_rollout: bool = False, merged_rollouts: bool = False):
         self.agent_config, self.tokenizer = agent_config, tokenizer
-        # sample in-process rollouts with the LoRA adapter merged into the weights (merged_sampling.py)
-        self.merged_rollouts = merged_rollouts and backend_factory is None
+        # sample with the LoRA adapter merged into the weights (merged_sampling.py); train_grpo
+        # refuses it with a generation server, which loads the adapter itself
+        self.merged_rollouts = merged_rollouts
         self.relabel_candidates = relabel_candidates  # a fresh candidate order per step (``shown_task``)
         self.relabel_each_rollout = relabel_each_rollout  # ... and per rollout of the group
         self._shown_counts: tuple[int, Counter] = (-1, Counter())  # (step, task id -> rollouts shown so far)
@@ -168,6 +169,16 @@ class ToolRollout:
         self.step_records: list[dict] = []  # one per call: timings and rollout figures
         self.task_visits: list[dict] = []  # per call and task: its rollouts' mean NDCG@10 (``task_visits``)
         self.last_trajectories: list = []
+
+    @classmethod
+    def for_recipe(cls, recipe: RLRecipe, tasks: Sequence, toolbox_factory: Callable, agent_config: AgentConfig,
+                   tokenizer, **options) -> ToolRollout:
+        """The rollouts ``recipe`` trains on (its decode batch, seed, candidate orders and
+        merging); ``options``: the other keywords, or any of these overridden."""
+        settings = {"batch_size": recipe.rollout_batch_size, "seed": recipe.seed,
+                    "relabel_candidates": recipe.relabel_candidates,
+                    "relabel_each_rollout": recipe.relabel_each_rollout, "merged_rollouts": recipe.merged_rollouts}
+        return cls(tasks, toolbox_factory, agent_config, tokenizer, **{**settings, **options})
 
     def dataset_rows(self) -> list[dict]:
         return list(self.rows)
@@ -556,10 +567,8 @@ def train_grpo(
     model = load_policy_start(base_model_dir, adapters, precision)
 
     agent_config, toolbox_factory = rollout_agent(recipe, toolbox_factory, answer_mode)
-    rollout = ToolRollout(tasks, toolbox_factory, agent_config, tokenizer, batch_size=recipe.rollout_batch_size,
-                          seed=recipe.seed, backend_factory=backend_factory,
-                          relabel_candidates=recipe.relabel_candidates,
-                          relabel_each_rollout=recipe.relabel_each_rollout, merged_rollouts=recipe.merged_rollouts)
+    rollout = ToolRollout.for_recipe(recipe, tasks, toolbox_factory, agent_config, tokenizer,
+                                     backend_factory=backend_factory)
     from datasets import Dataset
 
     reward_funcs = trl_reward_functions(recipe.reward_weights, recipe.reward_params) + list(extra_reward_funcs)
