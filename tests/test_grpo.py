@@ -145,6 +145,45 @@ def test_learning_summary_compares_the_first_and_last_quarter_of_the_steps():
     assert learning_summary([], [])["reward"] is None
 
 
+def test_a_run_without_kl_term_estimates_the_kl_to_its_start_on_the_gap_rollouts():
+    """TRL logs no ``kl`` when ``beta`` is 0 (it runs no reference pass); the rollout function
+    estimates it on the gap's rollouts: TRL's estimator over their sampled tokens, between the
+    policy and the adapter disabled, and 0 for an adapter that adapts nothing."""
+    from tests.support.tiny_models import tiny_lora_policy
+
+    policy = tiny_lora_policy()
+    prompts, completions, masks = [[3, 9, 14], [5, 1]], [[2, 27, 5, 11], [40, 7, 7]], [[1, 1, 0, 1], [1, 0, 1]]
+    sampled = [[-1.0] * 4, [-2.0] * 3]
+    expected = []
+    with torch.no_grad():
+        for prompt, completion, mask in zip(prompts, completions, masks):
+            ids = torch.tensor([prompt + completion])
+
+            def logps(model, prompt=prompt, completion=completion, ids=ids):
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / 1.2
+                return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+            policy_logps = logps(policy)
+            with policy.disable_adapter():
+                start = logps(policy) - policy_logps
+            expected += [float(torch.exp(d) - d - 1) for d, m in zip(start, mask) if m]
+    rollout = SimpleNamespace(gap_rollouts=2)
+
+    def figures(model, estimate_kl):
+        return ToolRollout._sampler_gap(rollout, model, prompts, completions, masks, sampled,
+                                        SamplingParams(temperature=1.2), estimate_kl=estimate_kl)
+
+    got = figures(policy, estimate_kl=True)
+    assert got["kl"] == pytest.approx(sum(expected) / len(expected), rel=1e-5) and got["kl"] > 1e-4
+    assert "rollout/sampler_logprob_gap" in got
+    assert "kl" not in figures(policy, estimate_kl=False)  # a run with a KL term: TRL's own figure
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    assert figures(policy, estimate_kl=True)["kl"] == pytest.approx(0.0, abs=1e-9)
+
+
 @pytest.fixture(scope="module")
 def grpo_runs(tmp_path_factory, tiny_base_model):
     base = tiny_base_model
@@ -182,8 +221,10 @@ def test_grpo_logs_health_figures_and_time_split(grpo_runs):
     _, first, second = grpo_runs
     step = second.metrics["steps"][-1]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "learning_rate", "completions/mean_length",
-                "tools/call_frequency", "tools/failure_rate", "rewards/ranking/mean", "rewards/format/std"):
+                "tools/call_frequency", "tools/failure_rate", "rewards/ranking/mean", "rewards/format/std", "kl"):
         assert key in step, key
+    # the smoke recipe has no KL term: the estimate stands in for TRL's figure, 0 before the first update
+    assert first.metrics["steps"][0]["kl"] == pytest.approx(0.0, abs=1e-6) and step["kl"] > 0
     split = second.metrics["time_split_per_step"]
     assert split["generation_s"] > 0 and split["scoring_backward_optimizer_s"] > 0
     assert second.metrics["seconds_per_step"] > 0

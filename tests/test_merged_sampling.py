@@ -7,25 +7,9 @@ import pytest
 import torch
 
 from recthinker_dagster.training.merged_sampling import UnsupportedAdapter, merged_adapter
+from tests.support.tiny_models import tiny_lora_policy
 
 IDS = torch.tensor([[3, 9, 14, 2, 27, 5, 11]])
-
-
-def _policy(dtype=torch.float32, **lora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                              **lora))
-    with torch.no_grad():  # B starts at 0: give the adapter something to merge
-        for name, parameter in policy.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.2)
-    return policy
 
 
 def _frozen(policy) -> dict[str, torch.Tensor]:
@@ -33,7 +17,7 @@ def _frozen(policy) -> dict[str, torch.Tensor]:
 
 
 def test_the_merged_model_computes_the_adapter_and_the_weights_come_back_exactly():
-    policy = _policy()
+    policy = tiny_lora_policy()
     frozen, before = _frozen(policy), policy(IDS).logits
     assert not torch.allclose(before, _without_adapter(policy))  # the adapter matters
     with merged_adapter(policy) as merged:
@@ -53,7 +37,7 @@ def _without_adapter(policy):
 
 
 def test_bf16_weights_come_back_bit_for_bit_after_many_merges():
-    policy = _policy(torch.bfloat16)
+    policy = tiny_lora_policy(torch.bfloat16)
     frozen = _frozen(policy)
     for _ in range(5):  # a subtraction would leave bf16 round-off behind, step after step
         with merged_adapter(policy):
@@ -62,7 +46,7 @@ def test_bf16_weights_come_back_bit_for_bit_after_many_merges():
 
 
 def test_an_error_inside_restores_the_weights():
-    policy = _policy()
+    policy = tiny_lora_policy()
     frozen = _frozen(policy)
     with pytest.raises(RuntimeError, match="rollout failed"), merged_adapter(policy):
         raise RuntimeError("rollout failed")
@@ -80,7 +64,7 @@ def test_a_model_without_adapter_is_left_alone():
 
 
 def test_a_lora_variant_is_refused_and_nothing_changes():
-    policy = _policy(use_dora=True)
+    policy = tiny_lora_policy(use_dora=True)
     frozen = _frozen(policy)
     with pytest.raises(UnsupportedAdapter, match="plain LoRA"), merged_adapter(policy):
         pass

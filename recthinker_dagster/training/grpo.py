@@ -42,13 +42,16 @@ trained (``TokenTranscript.trained_mask``).
 Health figures logged per step (TRL's own plus these): ``tools/call_frequency``,
 ``tools/failure_rate``, ``rollout/valid_rate``, ``rollout/ndcg@10``, ``rollout/turns``,
 ``rollout/sampler_logprob_gap`` and ``rollout/sampler_logprob_abs_gap``,
-``time/generation_s``, ``time/tools_s``. ``metrics.json`` adds seconds per step and their split
+``time/generation_s``, ``time/tools_s``. A run without a KL term (``beta: 0``) has no reference
+pass, so TRL logs no ``kl``; there ``kl`` is estimated on the gap's rollouts instead (TRL's
+estimator, against the adapter disabled). ``metrics.json`` adds seconds per step and their split
 into rollout (generation + tools) and the rest (log-probs, loss, backward, optimizer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -241,8 +244,9 @@ class ToolRollout:
                 receive(rows)
         record = self._record(step, trajectories, rollout_seconds, tool_clock[0], env_mask)
         record["rollout/padding_share"] = padding_share(prompt_ids, completion_ids)
+        # without a KL term TRL computes no reference log-probs and logs no ``kl``: estimate it here
         record.update(self._sampler_gap(model, prompt_ids, completion_ids, env_mask, logprobs, sampling,
-                                        constraints, draws))
+                                        constraints, draws, estimate_kl=getattr(trainer, "beta", None) == 0))
         self.step_records.append(record)
         self.task_visits.extend(task_visits(step, trajectories))
         self.last_trajectories = trajectories
@@ -322,54 +326,45 @@ class ToolRollout:
         return task.reordered(key)
 
     def _sampler_gap(self, model, prompt_ids, completion_ids, env_mask, logprobs, sampling: SamplingParams,
-                     constraints=None, draws=None) -> dict:
+                     constraints=None, draws=None, estimate_kl: bool = False) -> dict:
         """The trainer's log-probs of the sampled tokens against the sampler's, on the first
         ``gap_rollouts`` rollouts (one forward pass each): mean and mean absolute difference.
-        Answer tokens are scored among the ids their constraint allowed, as the trainer does."""
+        Answer tokens are scored among the ids their constraint allowed, as the trainer does.
+        ``estimate_kl`` (a run without a KL term, where TRL logs none): also ``kl``, the policy's
+        KL to its start (the adapter disabled) on the same tokens, by TRL's estimator
+        ``exp(r - p) - (r - p) - 1``, at one more forward pass per rollout."""
         import torch
 
-        from recthinker_dagster.training.answer_logprobs import (
-            FREE,
-            allowed_table,
-            constrained_positions,
-            drawn_label_log_prob,
-            head_draw_tables,
-            log_prob_among,
-        )
-
-        diffs: list[float] = []
         rows = [k for k, row in enumerate(logprobs) if any(not math.isnan(v) for v in row)][: self.gap_rollouts]
+        estimate_kl = estimate_kl and hasattr(model, "disable_adapter")  # the start is the adapter disabled
+        diffs: list[float] = []
+        kls: list[float] = []
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 for k in rows:
                     ids = torch.tensor([prompt_ids[k] + completion_ids[k]], device=model.device)
-                    raw = model(input_ids=ids).logits[0, len(prompt_ids[k]) - 1 : -1].float()
-                    logits = raw / (sampling.temperature if sampling.temperature > 0 else 1.0)
-                    completion = ids[0, len(prompt_ids[k]):]
-                    trained = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
-                    if constraints is not None:
-                        allowed = allowed_table([constraints[k]], len(completion))[0]
-                        at = constrained_positions(allowed[None])[1]
-                        if at.numel():
-                            scores = logits[at].gather(1, allowed[at].clamp(min=0)) * sampling.answer_scale
-                            trained[at] = log_prob_among(scores, allowed[at], completion[at])
-                    if draws is not None:
-                        source, groups = (table[0] for table in head_draw_tables([draws[k]], len(completion)))
-                        at = (source != FREE).nonzero(as_tuple=True)[0]
-                        if at.numel():
-                            ids_at = groups[at]
-                            scores = raw[source[at]][torch.arange(at.numel())[:, None, None], ids_at.clamp(min=0)]
-                            trained[at] = drawn_label_log_prob(scores, ids_at, sampling.temperature / sampling.answer_scale)
-                    diffs += [sampled - float(t) for sampled, t, m in zip(logprobs[k], trained.tolist(), env_mask[k])
-                              if m and not math.isnan(sampled)]
+                    score = functools.partial(_trainer_logprobs, ids, len(prompt_ids[k]), sampling,
+                                              constraints[k] if constraints is not None else None,
+                                              draws[k] if draws is not None else None)
+                    trained = score(model).tolist()
+                    kept = [j for j, (sampled, m) in enumerate(zip(logprobs[k], env_mask[k]))
+                            if m and not math.isnan(sampled)]
+                    diffs += [logprobs[k][j] - trained[j] for j in kept]
+                    if estimate_kl:
+                        with model.disable_adapter():
+                            start = score(model).tolist()
+                        kls += [math.exp(start[j] - trained[j]) - (start[j] - trained[j]) - 1 for j in kept]
         finally:
             model.train(was_training)
-        if not diffs:
-            return {}
-        return {"rollout/sampler_logprob_gap": statistics.fmean(diffs),
-                "rollout/sampler_logprob_abs_gap": statistics.fmean(abs(d) for d in diffs)}
+        figures = {}
+        if diffs:
+            figures = {"rollout/sampler_logprob_gap": statistics.fmean(diffs),
+                       "rollout/sampler_logprob_abs_gap": statistics.fmean(abs(d) for d in diffs)}
+        if kls:
+            figures["kl"] = statistics.fmean(kls)
+        return figures
 
     @staticmethod
     def _record(step, trajectories, rollout_seconds, tool_seconds, env_mask) -> dict:
@@ -669,6 +664,41 @@ def _run_metrics(trainer, clock, rollout, recipe, precision, device, train_secon
         "task_visits": rollout.task_visits,
         "learning": learning_summary(steps, rollout.task_visits),
     }
+
+
+def _trainer_logprobs(ids, prompt_length: int, sampling: SamplingParams, constraints, draws, model):
+    """The trainer's log-probs of the completion of ``ids`` (one ``(1, length)`` row whose first
+    ``prompt_length`` ids are the prompt) under ``model``, at the sampling temperature: answer
+    tokens among the ids their constraint allowed, the head's draws as drawn (logits mode)."""
+    import torch
+
+    from recthinker_dagster.training.answer_logprobs import (
+        FREE,
+        allowed_table,
+        constrained_positions,
+        drawn_label_log_prob,
+        head_draw_tables,
+        log_prob_among,
+    )
+
+    raw = model(input_ids=ids).logits[0, prompt_length - 1 : -1].float()
+    logits = raw / (sampling.temperature if sampling.temperature > 0 else 1.0)
+    completion = ids[0, prompt_length:]
+    trained = torch.log_softmax(logits, dim=-1).gather(1, completion[:, None])[:, 0]
+    if constraints is not None:
+        allowed = allowed_table([constraints], len(completion))[0]
+        at = constrained_positions(allowed[None])[1]
+        if at.numel():
+            scores = logits[at].gather(1, allowed[at].clamp(min=0)) * sampling.answer_scale
+            trained[at] = log_prob_among(scores, allowed[at], completion[at])
+    if draws is not None:
+        source, groups = (table[0] for table in head_draw_tables([draws], len(completion)))
+        at = (source != FREE).nonzero(as_tuple=True)[0]
+        if at.numel():
+            ids_at = groups[at]
+            scores = raw[source[at]][torch.arange(at.numel())[:, None, None], ids_at.clamp(min=0)]
+            trained[at] = drawn_label_log_prob(scores, ids_at, sampling.temperature / sampling.answer_scale)
+    return trained
 
 
 def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:

@@ -94,3 +94,24 @@ def save_model_folder(model, tokenizer, out: Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tiny_lora_policy(dtype=None, **lora):
+    """A two-layer Llama over 64 tokens with a rank-4 LoRA on ``q_proj``, ``v_proj`` and
+    ``down_proj`` whose B matrices are random (PEFT starts them at 0, which adapts nothing), in
+    eval mode: for tests of what the adapter changes. ``lora``: more ``LoraConfig`` fields."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = LlamaForCausalLM(config).to(dtype or torch.float32).eval()
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                              **lora))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.2)
+    return policy
