@@ -1,14 +1,17 @@
 """What GRPO's log-prob passes cost on a padded generation batch, as TRL runs them and with
-``trim_padding`` (``training/grpo_trainer.py``), in the same run, on the same rows.
+``trim_padding`` and ``shared_prompts`` (``training/grpo_trainer.py``), in the same run, on the
+same rows.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_grpo_padding.py --model assets/base_model \\
         --trajectories assets/filtered_trajectories/trajectories.jsonl [--rollouts 16] [--micro-batch 2] \\
-        [--precision auto] [--json-out FILE]
+        [--group-size 1] [--precision auto] [--json-out FILE]
 
 The batch stands in for one demo step's rollouts: ``--rollouts`` kept teacher trajectories
 (the SFT policy imitates them: the same turns, tool calls and lengths), each split where its
 first assistant turn starts into prompt and completion, padded as TRL pads a generation batch
 (prompts on the left, completions on the right). The sampled tokens are the assistant turns'.
+With ``--group-size N`` the rows form groups of ``N`` that share a prompt, as a GRPO group's
+rollouts do: each row keeps its completion behind its group's first row's prompt.
 Each mode runs what a demo step runs after generation, through a rank-16 LoRA at the training
 precision:
 
@@ -18,7 +21,8 @@ precision:
 
 The modes: TRL's padded passes in micro-batches of ``--micro-batch`` (the demo recipe's
 ``per_device_train_batch_size``); the same trimmed; trimmed in micro-batches of 1 (a row alone
-has no padding left, so the attention runs causal, without a mask). Prints the batch's padding
+has no padding left, so the attention runs causal, without a mask); that with ``shared_prompts``
+(the reference pass runs each group's prompt once). Prints the batch's padding
 share, seconds per mode and pass, the speed-ups against the first mode, and the mean and largest
 log-prob difference to it on the sampled tokens (round-off only: in fp32 about 1e-5; in bf16 the
 passes' other shapes round differently).
@@ -44,15 +48,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trajectories", type=Path, required=True, help="kept trajectories (jsonl)")
     parser.add_argument("--rollouts", type=int, default=16, help="rows of the generation batch (the demo's 2 x 8)")
     parser.add_argument("--micro-batch", type=int, default=2, help="the demo's per_device_train_batch_size")
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="rows per shared prompt (the demo's groups: 8); 1: every row its own prompt")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--json-out", type=Path)
     return parser.parse_args()
 
 
+def _split(row: dict) -> int:
+    return int(torch.tensor(row["labels"]).ne(IGNORE_INDEX).nonzero()[0])
+
+
+def with_group_prompts(rows: list[dict], group_size: int) -> list[dict]:
+    """``rows`` in consecutive groups of ``group_size``, each row's completion behind its group's
+    first row's prompt."""
+    grouped = []
+    for r, row in enumerate(rows):
+        leader = rows[r - r % group_size]
+        lead, own = _split(leader), _split(row)
+        grouped.append({"input_ids": leader["input_ids"][:lead] + row["input_ids"][own:],
+                        "labels": [IGNORE_INDEX] * lead + row["labels"][own:]})
+    return grouped
+
+
 def generation_batch(rows: list[dict], pad_id: int):
     """TRL's layout of ``rows`` split at their first labelled token: ``(ids, attention, sampled,
     completion width)``, ``sampled`` marking the completion positions that were assistant tokens."""
-    splits = [int(torch.tensor(row["labels"]).ne(IGNORE_INDEX).nonzero()[0]) for row in rows]
+    splits = [_split(row) for row in rows]
     prompt_width = max(splits)
     completion_width = max(len(row["input_ids"]) - split for row, split in zip(rows, splits))
     ids = torch.full((len(rows), prompt_width + completion_width), pad_id)
@@ -116,7 +138,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
-    rows = tokenized_trajectory_file(tokenizer, args.trajectories, args.rollouts)
+    rows = with_group_prompts(tokenized_trajectory_file(tokenizer, args.trajectories, args.rollouts), args.group_size)
     batch = generation_batch(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     ids, attention, sampled, keep = batch
     precision = resolve_precision(args.precision, torch.device("cpu"))
@@ -128,20 +150,21 @@ def main() -> None:
     model.train()
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
     result: dict = {"precision": precision, "threads": torch.get_num_threads(), "rollouts": ids.shape[0],
-                    "micro_batch": args.micro_batch, "width": ids.shape[1],
+                    "micro_batch": args.micro_batch, "group_size": args.group_size, "width": ids.shape[1],
                     "real_tokens_mean": round(float(attention.sum(dim=1).float().mean()), 1),
                     "padding_share": round(1 - float(attention.float().mean()), 3)}
     print(f"{result['rollouts']} rollouts padded to {result['width']} tokens ({result['real_tokens_mean']:.0f} real on "
           f"average, {result['padding_share']:.1%} padding); {precision}, {result['threads']} threads", flush=True)
     trainer = scoring_trainer(model, trim_padding=False, autocast=autocast)
     run_mode(model, trainer, batch, args.micro_batch, order[: args.micro_batch])  # warm-up
-    modes = {f"padded, micro-batches of {args.micro_batch}": (False, args.micro_batch),
-             f"trimmed, micro-batches of {args.micro_batch}": (True, args.micro_batch),
-             "trimmed, micro-batches of 1": (True, 1)}
+    modes = {f"padded, micro-batches of {args.micro_batch}": (False, args.micro_batch, False),
+             f"trimmed, micro-batches of {args.micro_batch}": (True, args.micro_batch, False),
+             "trimmed, micro-batches of 1": (True, 1, False),
+             "trimmed, micro-batches of 1, shared prompts": (True, 1, True)}
     logps = {}
     result["modes"] = {}
-    for mode, (trim, micro_batch) in modes.items():
-        trainer.trim_padding = trim
+    for mode, (trim, micro_batch, shared) in modes.items():
+        trainer.trim_padding, trainer.shared_prompts = trim, shared
         figures = run_mode(model, trainer, batch, micro_batch, order)
         logps[mode] = figures.pop("logps")
         result["modes"][mode] = figures

@@ -424,6 +424,35 @@ def test_a_flat_group_logs_zero_std_and_trains_nothing(tmp_path, tiny_base_model
     assert step["grad_norm"] == 0.0
 
 
+@pytest.mark.slow
+def test_a_reference_pass_over_shared_prompts_gives_the_policys_log_probs_at_the_start(tmp_path, tiny_base_model,
+                                                                                      monkeypatch):
+    """With a KL term and ``shared_prompts`` the reference pass runs each group's prompt once; at
+    the first step the policy is its start, so TRL's KL between that pass and the loss pass (one
+    forward per rollout) is round-off only."""
+    from recthinker_dagster.training import grpo_trainer
+
+    prefixes: list[tuple[int, int]] = []  # per scored chunk: its prompt KV's length and storage
+    original = grpo_trainer._attending_to
+
+    def counting(decoder, prefix_kv):
+        prefixes.append((prefix_kv[0][0].shape[2], prefix_kv[0][0].data_ptr()))
+        return original(decoder, prefix_kv)
+
+    monkeypatch.setattr(grpo_trainer, "_attending_to", counting)
+    recipe = load_rl_recipe("smoke").with_overrides(name="test-shared", max_steps=1, max_turns=1, max_new_tokens=24,
+                                                    per_device_train_batch_size=1, beta=0.04, trim_padding=True,
+                                                    shared_prompts=True, precision="fp32")
+    result = train_grpo(agent_tasks("train", 2), toolbox_factory, tiny_base_model, [], tmp_path, recipe,
+                        extra_reward_funcs=[length_reward])
+    step = result.metrics["steps"][0]
+    rollouts = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+    # one chunk per rollout, each after its group's prompt, computed once per group
+    assert len(prefixes) == rollouts and all(length > 100 for length, _ in prefixes)
+    assert len({storage for _, storage in prefixes}) == rollouts // recipe.num_generations
+    assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["grad_norm"] > 0
+
+
 def test_answer_temperature_is_checked_and_reaches_the_rollouts(tmp_path):
     from recthinker_dagster.training.grpo import rollout_agent
 

@@ -1,4 +1,5 @@
-"""GRPO's log-prob passes without their all-padding columns (``trim_padding``) give the padded
+"""GRPO's log-prob passes without their all-padding columns (``trim_padding``), and passes
+without gradient that run each group's shared prompt once (``shared_prompts``), give the padded
 passes' log-probs and entropies, with the answer constraint and the trained-token mask, chunk
 by chunk, and run narrower inputs."""
 
@@ -18,7 +19,7 @@ PROMPTS = (9, 6, 9, 4)  # real prompt tokens per row (left-padded to 9)
 COMPLETIONS = (5, 12, 4, 3)  # real completion tokens per row (right-padded to 12)
 
 
-def _trainer(trim_padding: bool):
+def _trainer(trim_padding: bool, shared_prompts: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
@@ -28,6 +29,7 @@ def _trainer(trim_padding: bool):
     model = LlamaForCausalLM(config).eval()
     trainer = object.__new__(ConstrainedAnswerGRPOTrainer)  # the passes alone: no training loop
     trainer.trim_padding, trainer.temperature, trainer.answer_temperature = trim_padding, 1.0, 1.0
+    trainer.shared_prompts = shared_prompts
     trainer.accelerator = SimpleNamespace(autocast=nullcontext, unwrap_model=lambda m: m, is_main_process=True)
     add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy", "is_top1"))
     project_labelled_positions_only(model, label_filter=trainer._trained_labels_only)
@@ -53,14 +55,20 @@ def _batch():
     return ids, mask, max(COMPLETIONS)
 
 
+def _widths(model) -> tuple[list[int], object]:
+    """The input widths of every forward of ``model``'s backbone from now on, and the hook to remove."""
+    widths: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    return widths, hook
+
+
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_trimmed_passes_give_the_padded_passes_log_probs_and_entropies(batch_size):
     ids, mask, keep = _batch()
     padded, padded_model = _trainer(trim_padding=False)
     trimmed, model = _trainer(trim_padding=True)  # the same weights (seeded); each model filters its trainer's labels
-    widths: list[int] = []
-    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                                 with_kwargs=True)
+    widths, hook = _widths(model)
     with torch.no_grad():
         expected = padded._get_per_token_logps_and_entropies(padded_model, ids, mask, keep, batch_size=batch_size,
                                                              compute_entropy=True)
@@ -80,14 +88,42 @@ def test_trimmed_passes_give_the_padded_passes_log_probs_and_entropies(batch_siz
         assert widths == [full, max(PROMPTS) + max(COMPLETIONS[2:])]
 
 
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_a_pass_without_gradient_runs_each_shared_prompt_once_with_the_same_log_probs(batch_size):
+    ids, mask, keep = _batch()
+    prompt_width = max(PROMPTS)
+    for row, source in ((1, 0), (3, 2)):  # two groups of two rollouts, each group sharing its prompt, as GRPO's
+        ids[row, :prompt_width], mask[row, :prompt_width] = ids[source, :prompt_width], mask[source, :prompt_width]
+    padded, padded_model = _trainer(trim_padding=False)
+    shared, model = _trainer(trim_padding=True, shared_prompts=True)
+    widths, hook = _widths(model)
+    with torch.no_grad():
+        expected = padded._get_per_token_logps_and_entropies(padded_model, ids, mask, keep, batch_size=batch_size,
+                                                             compute_entropy=True)
+        got = shared._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size,
+                                                        compute_entropy=True)
+    hook.remove()
+    for want, have in zip(expected[:2], got[:2]):
+        assert have.shape == want.shape == (len(PROMPTS), keep)
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    assert got[0][0, COMPLETIONS[0] - 1] > torch.log(torch.tensor(1 / 3)) - 1  # scored among 3 ids, not 64
+    # each prompt but its last token once (9 and 9 tokens), then that token plus the completions
+    if batch_size is None:
+        assert widths == [8, 1 + max(COMPLETIONS[:2]), 8, 1 + max(COMPLETIONS[2:])]
+    else:
+        assert widths == [8, *(1 + n for n in COMPLETIONS[:2]), 8, *(1 + n for n in COMPLETIONS[2:])]
+    widths, hook = _widths(model)
+    shared._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size)[0].sum().backward()
+    hook.remove()
+    assert 8 not in widths  # with gradient every rollout runs its own prompt: its KV depends on the adapter
+
+
 def test_a_loss_micro_batch_is_trimmed_to_its_own_rows():
     ids, mask, keep = _batch()
     trimmed, model = _trainer(trim_padding=True)
     trimmed._loss_trained = torch.ones(2, keep, dtype=torch.bool)  # as _compute_loss sets it for its rows
     trimmed._loss_allowed = None
-    widths: list[int] = []
-    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                                 with_kwargs=True)
+    widths, hook = _widths(model)
     logps, _, _ = trimmed._get_per_token_logps_and_entropies(model, ids[2:], mask[2:], keep)
     hook.remove()
     assert logps.shape == (2, keep) and widths == [max(PROMPTS) + max(COMPLETIONS[2:])]

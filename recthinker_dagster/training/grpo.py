@@ -585,6 +585,7 @@ def train_grpo(
         non_answer_weight=recipe.non_answer_weight,
         answer_credit=recipe.answer_credit,
         trim_padding=recipe.trim_padding,
+        shared_prompts=recipe.shared_prompts,
     )
     if not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)

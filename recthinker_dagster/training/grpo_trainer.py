@@ -36,6 +36,14 @@ one rollout (``per_device_train_batch_size: 1``) no padding is left at all, so t
 its causal attention without a mask: on CPU, SDPA given a mask does not skip the blocks above
 the diagonal as its causal path does (``scripts/benchmark_grpo_padding.py``, docs/training.md).
 
+Shared prompts. A group's rollouts share their prompt (the task's opening turns, most of a
+rollout's tokens), and a pass without gradient (the reference's, for the KL) need not compute
+it once per rollout. With ``shared_prompts`` such a pass runs each distinct prompt but its last
+token once, keeps its KV, and then scores the rollouts (chunk by chunk, without their
+all-padding columns) as the prompt's last token plus their completion, attending to that KV.
+The log-probs are the padded pass's up to round-off, as with ``trim_padding``. Passes with
+gradient (the loss) keep one forward per rollout: the prompt's KV depends on the adapter.
+
 Per-token advantages. With ``non_answer_weight`` below 1 (the recipe's), each rollout's
 advantage weighs 1 at the answer's constrained positions and ``non_answer_weight`` at its
 other sampled tokens (analysis, tool calls): the step moves the ranking, where a group's
@@ -49,6 +57,7 @@ KL term is not weighted.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from trl import GRPOTrainer
@@ -114,12 +123,13 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
     _scored_row = 0
     _flat_rows: torch.Tensor | None = None  # this generation batch's rows (every process's) in a flat group
     _chunk_tables: dict | None = None  # with trim_padding: the tables of the trimmed chunk being scored
+    trim_padding = shared_prompts = False  # the recipe's (``__init__``)
 
     def __init__(self, *args, answer_temperature: float | None = None, non_answer_weight: float = 1.0,
-                 answer_credit: str = "all", trim_padding: bool = False, **kwargs):
+                 answer_credit: str = "all", trim_padding: bool = False, shared_prompts: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.non_answer_weight, self.answer_credit = non_answer_weight, answer_credit
-        self.trim_padding = trim_padding
+        self.trim_padding, self.shared_prompts = trim_padding, shared_prompts
         # the answer labels' sampling temperature (SamplingParams.answer_temperature): their log-probs use it
         self.answer_temperature = answer_temperature if answer_temperature is not None else self.temperature
         for model in (self.model, self.ref_model):
@@ -231,6 +241,8 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return labels
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self.shared_prompts and self._chunk_tables is None and not args and not torch.is_grad_enabled():
+            return self._shared_prompt_passes(model, input_ids, attention_mask, logits_to_keep, **kwargs)
         if self.trim_padding and self._chunk_tables is None and not args:
             return self._trimmed_passes(model, input_ids, attention_mask, logits_to_keep, **kwargs)
         self._scored, self._scored_row = self._trained_for(input_ids.shape[0], logits_to_keep), 0
@@ -266,14 +278,55 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return (torch.cat(logps), torch.cat(entropies) if entropies else None,
                 torch.stack(aux).mean() if aux else None)
 
+    def _shared_prompt_passes(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                              compute_entropy=False, **kwargs):
+        """A pass without gradient that runs each distinct prompt once (module docstring): per
+        prompt, its KV without its last token, then its rows ``batch_size`` at a time as that
+        token plus their completion (trimmed of trailing padding), attending to the KV. Log-probs
+        (and entropies) come back at the full ``logits_to_keep`` width, in row order."""
+        rows, width = input_ids.shape
+        prompt_width = width - logits_to_keep
+        tables = {"allowed": self._allowed_for(rows, logits_to_keep), "draws": self._draws_for(rows, logits_to_keep),
+                  "trained": self._trained_for(rows, logits_to_keep)}
+        logps = input_ids.new_zeros((rows, logits_to_keep), dtype=torch.float32)
+        entropies = torch.zeros_like(logps) if compute_entropy else None
+        decoder = _causal_lm(self.accelerator.unwrap_model(model)).get_decoder()
+        groups: dict[tuple, list[int]] = {}
+        for row in range(rows):
+            prompt = input_ids[row, :prompt_width][attention_mask[row, :prompt_width].bool()]
+            groups.setdefault(tuple(prompt.tolist()), []).append(row)
+        for prompt_ids, members in groups.items():
+            prefix = torch.tensor([prompt_ids[:-1]], dtype=input_ids.dtype, device=input_ids.device)
+            with self.accelerator.autocast():
+                prefix_kv = ([(layer.keys, layer.values) for layer in
+                              decoder(input_ids=prefix, use_cache=True).past_key_values.layers]
+                             if prefix.shape[1] else [])
+            last = input_ids.new_tensor([prompt_ids[-1]])
+            for start in range(0, len(members), batch_size or len(members)):
+                chunk = members[start:start + (batch_size or len(members))]  # row numbers: index any device
+                completion_mask = attention_mask[chunk, prompt_width:]
+                filled = completion_mask.any(dim=0).nonzero()
+                keep = int(filled[-1]) + 1 if filled.numel() else 1
+                ids = torch.cat([last.expand(len(chunk), 1), input_ids[chunk, prompt_width:prompt_width + keep]], dim=1)
+                mask = torch.cat([completion_mask.new_ones(len(chunk), 1), completion_mask[:, :keep]], dim=1)
+                self._chunk_tables = {name: _chunk_of(table, chunk, keep) for name, table in tables.items()}
+                try:
+                    with _attending_to(decoder, prefix_kv):
+                        chunk_logps, chunk_entropies, _ = self._get_per_token_logps_and_entropies(
+                            model, ids, mask, keep, compute_entropy=compute_entropy, **kwargs)
+                finally:
+                    self._chunk_tables = None
+                logps[chunk, :keep] = chunk_logps.float()
+                if entropies is not None and chunk_entropies is not None:
+                    entropies[chunk, :keep] = chunk_entropies.float()
+        return logps, entropies, None
+
     def _logps_under_constraints(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         allowed = self._allowed_for(input_ids.shape[0], logits_to_keep)
         if allowed is None or constrained_positions(allowed)[0].numel() == 0:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                              *args, **kwargs)
-        causal_lm = self.accelerator.unwrap_model(model)
-        if hasattr(causal_lm, "get_base_model"):  # PEFT
-            causal_lm = causal_lm.get_base_model()
+        causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
         hidden: list = []
         handle = causal_lm.get_decoder().register_forward_hook(
             lambda module, args_, output: hidden.append(output[0] if isinstance(output, tuple) else
@@ -294,7 +347,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux
 
 
-def _chunk_of(table, rows: slice, keep: int):
+def _chunk_of(table, rows: slice | list[int], keep: int):
     """Rows ``rows`` and the first ``keep`` completion positions of a ``(rows, positions)`` table
     (or of each table of a tuple); None stays None."""
     if table is None:
@@ -307,3 +360,33 @@ def _chunk_of(table, rows: slice, keep: int):
 def _pad_right(values: torch.Tensor, width: int) -> torch.Tensor:
     """``(rows, n)`` values right-padded with zeros to ``(rows, width)``."""
     return torch.nn.functional.pad(values, (0, width - values.shape[1]))
+
+
+def _causal_lm(model):
+    """The causal LM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def _attending_to(decoder, prefix_kv: list):
+    """Every forward of ``decoder`` inside continues after ``prefix_kv`` (one row's per-layer
+    keys and values): a fresh cache holding them for each of its rows, and an attention mask
+    that shows them. Without a prefix nothing changes."""
+    from transformers import DynamicCache
+
+    def continue_after_prefix(module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        rows = ids.shape[0]
+        kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
+            (keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in prefix_kv])
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(rows, prefix_kv[0][0].shape[2]), mask], dim=1)
+        return args, kwargs
+
+    handle = decoder.register_forward_pre_hook(continue_after_prefix, with_kwargs=True) if prefix_kv else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -33,9 +33,9 @@ ANSWER_CREDITS = ("all", "until_target")  # which sampled tokens get their rollo
 class RLRecipe(RecipeFields):
     _KIND = "RL recipe"
     _MAPPINGS = ("reward_weights", "reward_params")
-    # trim_padding and merged_rollouts change how the passes run, not what they compute (round-off
-    # aside): out of the digest too
-    _PLACEMENT = ("num_processes", "trim_padding", "merged_rollouts")
+    # trim_padding, shared_prompts and merged_rollouts change how the passes run, not what they
+    # compute (round-off aside): out of the digest too
+    _PLACEMENT = ("num_processes", "trim_padding", "shared_prompts", "merged_rollouts")
 
     name: str
     version: int = 1
@@ -99,6 +99,9 @@ class RLRecipe(RecipeFields):
     # that are padding in all its rows (grpo_trainer.py): a short rollout stops paying for a long one.
     # With per_device_train_batch_size 1 no padding is left and the attention runs without a mask
     trim_padding: bool = False
+    # passes without gradient (the reference's, for the KL) run each group's shared prompt once and
+    # score its rollouts' completions against its KV (grpo_trainer.py)
+    shared_prompts: bool = False
     # sample in-process rollouts with the LoRA adapter merged into the weights (training/merged_sampling.py)
     merged_rollouts: bool = False
     device: str = "auto"
