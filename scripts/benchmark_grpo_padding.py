@@ -4,7 +4,7 @@ same rows.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_grpo_padding.py --model assets/base_model \\
         --trajectories assets/filtered_trajectories/trajectories.jsonl [--rollouts 16] [--micro-batch 2] \\
-        [--group-size 1] [--precision auto] [--json-out FILE]
+        [--group-size 1] [--reference-only] [--precision auto] [--json-out FILE]
 
 The batch stands in for one demo step's rollouts: ``--rollouts`` kept teacher trajectories
 (the SFT policy imitates them: the same turns, tool calls and lengths), each split where its
@@ -22,8 +22,9 @@ precision:
 The modes: TRL's padded passes in micro-batches of ``--micro-batch`` (the demo recipe's
 ``per_device_train_batch_size``); the same trimmed; trimmed in micro-batches of 1 (a row alone
 has no padding left, so the attention runs causal, without a mask); that with ``shared_prompts``
-(the reference pass runs each group's prompt once). Prints the batch's padding
-share, seconds per mode and pass, the speed-ups against the first mode, and the mean and largest
+(the reference pass runs each group's prompt once). ``--reference-only`` times the reference
+pass alone, in every mode. Prints the batch's padding share, seconds per mode and pass, the
+speed-ups against the first mode, and the mean and largest
 log-prob difference to it on the sampled tokens (round-off only: in fp32 about 1e-5; in bf16 the
 passes' other shapes round differently).
 """
@@ -50,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=2, help="the demo's per_device_train_batch_size")
     parser.add_argument("--group-size", type=int, default=1,
                         help="rows per shared prompt (the demo's groups: 8); 1: every row its own prompt")
+    parser.add_argument("--reference-only", action="store_true", help="time the reference pass alone (no loss passes)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--json-out", type=Path)
     return parser.parse_args()
@@ -104,7 +106,7 @@ def scoring_trainer(model, trim_padding: bool, autocast):
     return trainer
 
 
-def run_mode(model, trainer, batch, micro_batch: int, order: torch.Tensor) -> dict:
+def run_mode(model, trainer, batch, micro_batch: int, order: torch.Tensor, loss_passes: bool = True) -> dict:
     ids, attention, sampled, keep = batch
     trainer.receive_trained_masks(sampled.int().tolist())
     started = time.perf_counter()
@@ -114,7 +116,7 @@ def run_mode(model, trainer, batch, micro_batch: int, order: torch.Tensor) -> di
     reference_s = time.perf_counter() - started
     trainer.receive_trained_masks(None)
     started = time.perf_counter()
-    for start in range(0, len(order), micro_batch):
+    for start in range(0, len(order) if loss_passes else 0, micro_batch):
         rows = order[start:start + micro_batch]
         trainer._loss_trained = sampled[rows]
         trainer._loss_allowed = None
@@ -165,7 +167,7 @@ def main() -> None:
     result["modes"] = {}
     for mode, (trim, micro_batch, shared) in modes.items():
         trainer.trim_padding, trainer.shared_prompts = trim, shared
-        figures = run_mode(model, trainer, batch, micro_batch, order)
+        figures = run_mode(model, trainer, batch, micro_batch, order, loss_passes=not args.reference_only)
         logps[mode] = figures.pop("logps")
         result["modes"][mode] = figures
         print(f"{mode}: reference pass {figures['reference_s']:.1f} s, loss passes {figures['loss_s']:.1f} s, "
