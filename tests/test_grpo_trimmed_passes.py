@@ -63,21 +63,29 @@ def _widths(model) -> tuple[list[int], object]:
     return widths, hook
 
 
-@pytest.mark.parametrize("batch_size", [None, 2])
-def test_trimmed_passes_give_the_padded_passes_log_probs_and_entropies(batch_size):
-    ids, mask, keep = _batch()
+def _as_padded(ids, mask, keep, batch_size, **options):
+    """The log-probs and entropies of a pass without gradient by a trainer with ``options``, checked
+    against TRL's padded pass on the same weights (seeded; each model filters its trainer's
+    labels), and the input widths of that trainer's forwards."""
     padded, padded_model = _trainer(trim_padding=False)
-    trimmed, model = _trainer(trim_padding=True)  # the same weights (seeded); each model filters its trainer's labels
+    trainer, model = _trainer(**options)
     widths, hook = _widths(model)
     with torch.no_grad():
         expected = padded._get_per_token_logps_and_entropies(padded_model, ids, mask, keep, batch_size=batch_size,
                                                              compute_entropy=True)
-        got = trimmed._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size,
+        got = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size,
                                                          compute_entropy=True)
     hook.remove()
     for want, have in zip(expected[:2], got[:2]):
         assert have.shape == want.shape == (len(PROMPTS), keep)
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    return got, widths
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_trimmed_passes_give_the_padded_passes_log_probs_and_entropies(batch_size):
+    ids, mask, keep = _batch()
+    got, widths = _as_padded(ids, mask, keep, batch_size, trim_padding=True)
     real = torch.tensor([[i < n for i in range(keep)] for n in COMPLETIONS])
     assert (got[0][real] != 0).any() and (got[0][~real] == 0).all()
     assert got[0][0, COMPLETIONS[0] - 1] > torch.log(torch.tensor(1 / 3)) - 1  # scored among 3 ids, not 64
@@ -94,24 +102,14 @@ def test_a_pass_without_gradient_runs_each_shared_prompt_once_with_the_same_log_
     prompt_width = max(PROMPTS)
     for row, source in ((1, 0), (3, 2)):  # two groups of two rollouts, each group sharing its prompt, as GRPO's
         ids[row, :prompt_width], mask[row, :prompt_width] = ids[source, :prompt_width], mask[source, :prompt_width]
-    padded, padded_model = _trainer(trim_padding=False)
-    shared, model = _trainer(trim_padding=True, shared_prompts=True)
-    widths, hook = _widths(model)
-    with torch.no_grad():
-        expected = padded._get_per_token_logps_and_entropies(padded_model, ids, mask, keep, batch_size=batch_size,
-                                                             compute_entropy=True)
-        got = shared._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size,
-                                                        compute_entropy=True)
-    hook.remove()
-    for want, have in zip(expected[:2], got[:2]):
-        assert have.shape == want.shape == (len(PROMPTS), keep)
-        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    got, widths = _as_padded(ids, mask, keep, batch_size, trim_padding=True, shared_prompts=True)
     assert got[0][0, COMPLETIONS[0] - 1] > torch.log(torch.tensor(1 / 3)) - 1  # scored among 3 ids, not 64
     # each prompt but its last token once (9 and 9 tokens), then that token plus the completions
     if batch_size is None:
         assert widths == [8, 1 + max(COMPLETIONS[:2]), 8, 1 + max(COMPLETIONS[2:])]
     else:
         assert widths == [8, *(1 + n for n in COMPLETIONS[:2]), 8, *(1 + n for n in COMPLETIONS[2:])]
+    shared, model = _trainer(trim_padding=True, shared_prompts=True)
     widths, hook = _widths(model)
     shared._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size)[0].sum().backward()
     hook.remove()
