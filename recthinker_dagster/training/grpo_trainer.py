@@ -251,12 +251,25 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         finally:
             self._scored = None
 
+    def _pass_tables(self, rows: int, width: int) -> dict:
+        """The allowed-id, head-draw and trained-token tables of a pass over ``rows`` rows."""
+        return {"allowed": self._allowed_for(rows, width), "draws": self._draws_for(rows, width),
+                "trained": self._trained_for(rows, width)}
+
+    @contextmanager
+    def _scoring_chunk(self, tables: dict, rows: slice | list[int], keep: int):
+        """Inside, the passes score ``rows`` of ``tables`` over their first ``keep`` positions."""
+        self._chunk_tables = {name: _chunk_of(table, rows, keep) for name, table in tables.items()}
+        try:
+            yield
+        finally:
+            self._chunk_tables = None
+
     def _trimmed_passes(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
         """TRL's pass chunk by chunk (``batch_size`` rows), each without its all-padding columns
         (module docstring), the results padded back to ``logits_to_keep`` completion positions."""
         rows, width = input_ids.shape
-        tables = {"allowed": self._allowed_for(rows, logits_to_keep), "draws": self._draws_for(rows, logits_to_keep),
-                  "trained": self._trained_for(rows, logits_to_keep)}
+        tables = self._pass_tables(rows, logits_to_keep)
         logps, entropies, aux = [], [], []
         for start in range(0, rows, batch_size or rows):
             chunk = slice(start, start + (batch_size or rows))
@@ -264,12 +277,9 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
             first = min(int(columns[0]), width - logits_to_keep) if columns.numel() else 0
             end = max(int(columns[-1]) + 1, width - logits_to_keep + 1) if columns.numel() else width
             keep = logits_to_keep - (width - end)  # completion positions left after the right padding
-            self._chunk_tables = {name: _chunk_of(table, chunk, keep) for name, table in tables.items()}
-            try:
+            with self._scoring_chunk(tables, chunk, keep):
                 chunk_logps, chunk_entropies, chunk_aux = self._get_per_token_logps_and_entropies(
                     model, input_ids[chunk, first:end], attention_mask[chunk, first:end], keep, **kwargs)
-            finally:
-                self._chunk_tables = None
             logps.append(_pad_right(chunk_logps, logits_to_keep))
             if chunk_entropies is not None:
                 entropies.append(_pad_right(chunk_entropies, logits_to_keep))
@@ -286,8 +296,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         (and entropies) come back at the full ``logits_to_keep`` width, in row order."""
         rows, width = input_ids.shape
         prompt_width = width - logits_to_keep
-        tables = {"allowed": self._allowed_for(rows, logits_to_keep), "draws": self._draws_for(rows, logits_to_keep),
-                  "trained": self._trained_for(rows, logits_to_keep)}
+        tables = self._pass_tables(rows, logits_to_keep)
         logps = input_ids.new_zeros((rows, logits_to_keep), dtype=torch.float32)
         entropies = torch.zeros_like(logps) if compute_entropy else None
         decoder = _causal_lm(self.accelerator.unwrap_model(model)).get_decoder()
@@ -309,13 +318,9 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
                 keep = int(filled[-1]) + 1 if filled.numel() else 1
                 ids = torch.cat([last.expand(len(chunk), 1), input_ids[chunk, prompt_width:prompt_width + keep]], dim=1)
                 mask = torch.cat([completion_mask.new_ones(len(chunk), 1), completion_mask[:, :keep]], dim=1)
-                self._chunk_tables = {name: _chunk_of(table, chunk, keep) for name, table in tables.items()}
-                try:
-                    with _attending_to(decoder, prefix_kv):
-                        chunk_logps, chunk_entropies, _ = self._get_per_token_logps_and_entropies(
-                            model, ids, mask, keep, compute_entropy=compute_entropy, **kwargs)
-                finally:
-                    self._chunk_tables = None
+                with self._scoring_chunk(tables, chunk, keep), _attending_to(decoder, prefix_kv):
+                    chunk_logps, chunk_entropies, _ = self._get_per_token_logps_and_entropies(
+                        model, ids, mask, keep, compute_entropy=compute_entropy, **kwargs)
                 logps[chunk, :keep] = chunk_logps.float()
                 if entropies is not None and chunk_entropies is not None:
                     entropies[chunk, :keep] = chunk_entropies.float()
