@@ -16,17 +16,21 @@ Each mode runs what a demo step runs after generation, through a rank-16 LoRA at
 precision:
 
 - the reference pass: every row, no gradient, in chunks of the micro-batch;
-- the loss passes: micro-batches (shuffled, seeded, as TRL shuffles the batch), forward and
-  backward of their sampled tokens' log-probs.
+- the loss passes: micro-batches (shuffled, seeded, as TRL shuffles the batch; with
+  ``shared_prompts`` regrouped by prompt, as the trainer regroups them), forward and backward of
+  their sampled tokens' log-probs.
 
 The modes: TRL's padded passes in micro-batches of ``--micro-batch`` (the demo recipe's
 ``per_device_train_batch_size``); the same trimmed; trimmed in micro-batches of 1 (a row alone
 has no padding left, so the attention runs causal, without a mask); that with ``shared_prompts``
-(the reference pass runs each group's prompt once). ``--reference-only`` times the reference
-pass alone, in every mode. Prints the batch's padding share, seconds per mode and pass, the
-speed-ups against the first mode, and the mean and largest
-log-prob difference to it on the sampled tokens (round-off only: in fp32 about 1e-5; in bf16 the
-passes' other shapes round differently).
+(each pass runs each distinct prompt of its rows once: the reference pass each group's, a loss
+micro-batch of one rollout its own); trimmed with ``shared_prompts`` in micro-batches of
+``--micro-batch`` (where a loss micro-batch holds rollouts of one group, their prompt runs once).
+``--modes`` picks some of them (``padded trimmed trimmed-1 shared-1 shared``, the first is the
+baseline). ``--reference-only`` times the reference pass alone, in every mode. Prints the
+batch's padding share, seconds per mode and pass, the speed-ups against the first mode, and the
+mean and largest log-prob difference to it on the sampled tokens (round-off only: in fp32 about
+1e-5; in bf16 the passes' other shapes round differently).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=1,
                         help="rows per shared prompt (the demo's groups: 8); 1: every row its own prompt")
     parser.add_argument("--reference-only", action="store_true", help="time the reference pass alone (no loss passes)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="which modes to run, in this order (the first is the baseline)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--json-out", type=Path)
     return parser.parse_args()
@@ -106,6 +112,17 @@ def scoring_trainer(model, trim_padding: bool, autocast):
     return trainer
 
 
+def prompt_grouped_order(ids, attention, keep: int, order: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """``order`` as the trainer regroups its micro-batches of ``micro_batch`` rows with
+    ``shared_prompts`` (``grpo_trainer.micro_batches_by_prompt``)."""
+    from recthinker_dagster.training.grpo_trainer import micro_batches_by_prompt
+
+    prompt_width = ids.shape[1] - keep
+    batches = [{"prompt_ids": ids[rows, :prompt_width], "prompt_mask": attention[rows, :prompt_width], "row": rows}
+               for rows in order.split(micro_batch)]
+    return torch.cat([batch["row"] for batch in micro_batches_by_prompt(batches)])
+
+
 def run_mode(model, trainer, batch, micro_batch: int, order: torch.Tensor, loss_passes: bool = True) -> dict:
     ids, attention, sampled, keep = batch
     trainer.receive_trained_masks(sampled.int().tolist())
@@ -115,6 +132,8 @@ def run_mode(model, trainer, batch, micro_batch: int, order: torch.Tensor, loss_
                                                                      batch_size=micro_batch)
     reference_s = time.perf_counter() - started
     trainer.receive_trained_masks(None)
+    if trainer.shared_prompts:  # the trainer regroups its micro-batches by prompt
+        order = prompt_grouped_order(ids, attention, keep, order, micro_batch)
     started = time.perf_counter()
     for start in range(0, len(order) if loss_passes else 0, micro_batch):
         rows = order[start:start + micro_batch]
@@ -128,6 +147,22 @@ def run_mode(model, trainer, batch, micro_batch: int, order: torch.Tensor, loss_
     model.zero_grad(set_to_none=True)
     return {"reference_s": round(reference_s, 2), "loss_s": round(loss_s, 2),
             "total_s": round(reference_s + loss_s, 2), "logps": reference}
+
+
+MODES = ("padded", "trimmed", "trimmed-1", "shared-1", "shared")
+
+
+def benchmark_modes(names: list[str], micro_batch: int) -> dict[str, tuple[bool, int, bool]]:
+    """The modes ``names`` (``MODES``) as label: (trim_padding, micro-batch, shared_prompts), in
+    order; a mode that runs as an earlier one does (``--micro-batch 1``) is left out."""
+    settings = {"padded": (False, micro_batch, False), "trimmed": (True, micro_batch, False),
+                "trimmed-1": (True, 1, False), "shared-1": (True, 1, True), "shared": (True, micro_batch, True)}
+    modes: dict[str, tuple[bool, int, bool]] = {}
+    for name in names:
+        trim, size, shared = settings[name]
+        label = f"{'trimmed' if trim else 'padded'}, micro-batches of {size}{', shared prompts' if shared else ''}"
+        modes.setdefault(label, (trim, size, shared))
+    return modes
 
 
 def main() -> None:
@@ -159,10 +194,7 @@ def main() -> None:
           f"average, {result['padding_share']:.1%} padding); {precision}, {result['threads']} threads", flush=True)
     trainer = scoring_trainer(model, trim_padding=False, autocast=autocast)
     run_mode(model, trainer, batch, args.micro_batch, order[: args.micro_batch])  # warm-up
-    modes = {f"padded, micro-batches of {args.micro_batch}": (False, args.micro_batch, False),
-             f"trimmed, micro-batches of {args.micro_batch}": (True, args.micro_batch, False),
-             "trimmed, micro-batches of 1": (True, 1, False),
-             "trimmed, micro-batches of 1, shared prompts": (True, 1, True)}
+    modes = benchmark_modes(args.modes, args.micro_batch)
     logps = {}
     result["modes"] = {}
     for mode, (trim, micro_batch, shared) in modes.items():

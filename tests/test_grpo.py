@@ -425,31 +425,34 @@ def test_a_flat_group_logs_zero_std_and_trains_nothing(tmp_path, tiny_base_model
 
 
 @pytest.mark.slow
-def test_a_reference_pass_over_shared_prompts_gives_the_policys_log_probs_at_the_start(tmp_path, tiny_base_model,
-                                                                                      monkeypatch):
-    """With a KL term and ``shared_prompts`` the reference pass runs each group's prompt once; at
-    the first step the policy is its start, so TRL's KL between that pass and the loss pass (one
-    forward per rollout) is round-off only."""
+def test_passes_over_shared_prompts_run_each_prompt_once_and_give_the_policys_log_probs_at_the_start(
+        tmp_path, tiny_base_model, monkeypatch):
+    """With a KL term and ``shared_prompts`` the reference pass runs each group's prompt once, and
+    so does each loss micro-batch, regrouped to hold one group; at the first step the policy is
+    its start, so TRL's KL between the two passes is round-off only."""
     from recthinker_dagster.training import grpo_trainer
 
-    prefixes: list[tuple[int, int]] = []  # per scored chunk: its prompt KV's length and storage
+    prefixes: list[tuple[int, bool]] = []  # per scored chunk: its prompt KV's length, and whether it has a graph
     original = grpo_trainer._attending_to
 
     def counting(decoder, prefix_kv):
-        prefixes.append((prefix_kv[0][0].shape[2], prefix_kv[0][0].data_ptr()))
+        prefixes.append((prefix_kv[0][0].shape[2], prefix_kv[0][0].requires_grad))
         return original(decoder, prefix_kv)
 
     monkeypatch.setattr(grpo_trainer, "_attending_to", counting)
     recipe = load_rl_recipe("smoke").with_overrides(name="test-shared", max_steps=1, max_turns=1, max_new_tokens=24,
-                                                    per_device_train_batch_size=1, beta=0.04, trim_padding=True,
-                                                    shared_prompts=True, precision="fp32")
+                                                    per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                                    beta=0.04, trim_padding=True, shared_prompts=True,
+                                                    precision="fp32")
     result = train_grpo(agent_tasks("train", 2), toolbox_factory, tiny_base_model, [], tmp_path, recipe,
                         extra_reward_funcs=[length_reward])
     step = result.metrics["steps"][0]
-    rollouts = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
-    # one chunk per rollout, each after its group's prompt, computed once per group
-    assert len(prefixes) == rollouts and all(length > 100 for length, _ in prefixes)
-    assert len({storage for _, storage in prefixes}) == rollouts // recipe.num_generations
+    groups = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps // recipe.num_generations
+    assert recipe.num_generations == recipe.per_device_train_batch_size == 4 and groups == 2
+    assert all(length > 100 for length, _ in prefixes)
+    # the reference pass: one chunk per group (its 4 rows); the loss: one per micro-batch, which
+    # TRL's shuffle would have left with rows of both groups (2 prompts) but for the regrouping
+    assert [graph for _, graph in prefixes] == [False] * groups + [True] * groups
     assert step["kl"] == pytest.approx(0.0, abs=1e-6) and step["grad_norm"] > 0
 
 

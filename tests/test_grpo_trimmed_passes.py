@@ -1,7 +1,7 @@
 """GRPO's log-prob passes without their all-padding columns (``trim_padding``), and passes
-without gradient that run each group's shared prompt once (``shared_prompts``), give the padded
-passes' log-probs and entropies, with the answer constraint and the trained-token mask, chunk
-by chunk, and run narrower inputs."""
+that run each group's shared prompt once (``shared_prompts``), give the padded passes'
+log-probs, entropies and gradients, with the answer constraint and the trained-token mask,
+chunk by chunk, and run narrower inputs."""
 
 from __future__ import annotations
 
@@ -109,11 +109,31 @@ def test_a_pass_without_gradient_runs_each_shared_prompt_once_with_the_same_log_
         assert widths == [8, 1 + max(COMPLETIONS[:2]), 8, 1 + max(COMPLETIONS[2:])]
     else:
         assert widths == [8, *(1 + n for n in COMPLETIONS[:2]), 8, *(1 + n for n in COMPLETIONS[2:])]
-    shared, model = _trainer(trim_padding=True, shared_prompts=True)
-    widths, hook = _widths(model)
-    shared._get_per_token_logps_and_entropies(model, ids, mask, keep, batch_size=batch_size)[0].sum().backward()
-    hook.remove()
-    assert 8 not in widths  # with gradient every rollout runs its own prompt: its KV depends on the adapter
+
+
+def test_a_loss_pass_runs_each_shared_prompt_once_with_the_padded_passes_gradient():
+    ids, mask, keep = _batch()
+    prompt_width = max(PROMPTS)
+    for row in (1, 2):  # rows 0-2 share row 0's prompt; row 3 has its own
+        ids[row, :prompt_width], mask[row, :prompt_width] = ids[0, :prompt_width], mask[0, :prompt_width]
+    weights = torch.linspace(0.5, 2.0, keep)  # a loss that weighs each position differently
+    gradients, logps = [], []
+    for options in ({"trim_padding": False}, {"trim_padding": True, "shared_prompts": True}):
+        trainer, model = _trainer(**options)
+        trainer._loss_trained = torch.tensor([[i < n and i != 1 for i in range(keep)] for n in COMPLETIONS])
+        trainer._loss_allowed = trainer._allowed_for(len(PROMPTS), keep)
+        trainer._batch_constraints = None  # a loss pass reads its micro-batch's tables (as _compute_loss sets them)
+        widths, hook = _widths(model)
+        got, entropies, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, keep, compute_entropy=True)
+        hook.remove()
+        ((got * weights).sum() + entropies.sum()).backward()
+        logps.append(got.detach())
+        gradients.append([parameter.grad for parameter in model.parameters()])
+    torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=1e-5)
+    for shared, padded in zip(*reversed(gradients)):
+        torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    # the last widths are the shared trainer's: each prompt but its last token once, its rows after it
+    assert widths == [prompt_width - 1, 1 + max(COMPLETIONS[:3]), PROMPTS[3] - 1, 1 + COMPLETIONS[3]]
 
 
 def test_a_loss_micro_batch_is_trimmed_to_its_own_rows():
@@ -135,3 +155,23 @@ def test_padding_share_is_the_padding_of_trls_layout():
     assert padding_share([[1, 2, 3], [1, 2]], [[4, 5], [4, 5, 6, 7]]) == pytest.approx(1 - 11 / 14)
     assert padding_share([[1, 2]], [[3]]) == 0.0
     assert padding_share([], []) == 0.0
+
+
+def test_micro_batches_are_regrouped_by_prompt_with_every_row_kept():
+    from recthinker_dagster.training.grpo_trainer import micro_batches_by_prompt
+
+    prompts = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [0, 0, 4], [0, 5, 6]])
+    mask = (prompts != 0).long()
+    batch = {"prompt_ids": prompts, "prompt_mask": mask, "advantages": torch.arange(6.0),
+             "texts": list("abcdef"), "num_items_in_batch": torch.tensor(6), "pixel_values": None}
+    shuffled = [{key: value[i:i + 2] if key in ("prompt_ids", "prompt_mask", "advantages", "texts") else value
+                 for key, value in batch.items()} for i in (0, 2, 4)]  # TRL's split, three micro-batches of 2
+    regrouped = micro_batches_by_prompt(shuffled)
+    assert [len(part["texts"]) for part in regrouped] == [2, 2, 2]
+    # rows in order of their prompt's first appearance, each prompt's rows in their shuffled order
+    assert [text for part in regrouped for text in part["texts"]] == list("acfbde")
+    assert torch.cat([part["advantages"] for part in regrouped]).tolist() == [0.0, 2.0, 5.0, 1.0, 3.0, 4.0]
+    assert all(part["num_items_in_batch"] == 6 and part["pixel_values"] is None for part in regrouped)
+    for part in regrouped:  # each row still carries its own prompt
+        for text, ids in zip(part["texts"], part["prompt_ids"]):
+            assert torch.equal(ids, prompts["abcdef".index(text)])

@@ -37,12 +37,15 @@ its causal attention without a mask: on CPU, SDPA given a mask does not skip the
 the diagonal as its causal path does (``scripts/benchmark_grpo_padding.py``, docs/training.md).
 
 Shared prompts. A group's rollouts share their prompt (the task's opening turns, most of a
-rollout's tokens), and a pass without gradient (the reference's, for the KL) need not compute
-it once per rollout. With ``shared_prompts`` such a pass runs each distinct prompt but its last
-token once, keeps its KV, and then scores the rollouts (chunk by chunk, without their
+rollout's tokens), and no pass need compute it once per rollout. With ``shared_prompts`` each
+pass (the reference's chunks, each loss micro-batch) runs each distinct prompt of its rows but
+its last token once, keeps its KV, and then scores the rows (chunk by chunk, without their
 all-padding columns) as the prompt's last token plus their completion, attending to that KV.
-The log-probs are the padded pass's up to round-off, as with ``trim_padding``. Passes with
-gradient (the loss) keep one forward per rollout: the prompt's KV depends on the adapter.
+The log-probs are the padded pass's up to round-off, as with ``trim_padding``. In a loss pass
+the KV keeps its graph, so the gradient reaches the adapter through the prompt once per
+distinct prompt, summed over its rows: the padded pass's gradient. The saving there grows with
+the rows of one prompt in a micro-batch (TRL shuffles the batch before it splits it), so it
+wants micro-batches of several rollouts (``per_device_train_batch_size``).
 
 Per-token advantages. With ``non_answer_weight`` below 1 (the recipe's), each rollout's
 advantage weighs 1 at the answer's constrained positions and ``non_answer_weight`` at its
@@ -175,6 +178,16 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         self._batch_draws = None
         return output
 
+    def _prepare_inputs(self, generation_batch):
+        """TRL's, and with ``shared_prompts`` a new generation batch's micro-batches regrouped so
+        that each holds as few prompts as it can (``micro_batches_by_prompt``)."""
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self.shared_prompts and self.model.training and self._buffered_inputs is not buffered:
+            self._buffered_inputs = micro_batches_by_prompt(self._buffered_inputs)
+            inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        return inputs
+
     def _zero_flat_groups(self, output: dict, flat_rows: torch.Tensor) -> None:
         """Log the share of flat groups as ``frac_reward_zero_std`` (replacing TRL's figure for
         this batch) and give their rows advantage 0 (module docstring)."""
@@ -241,7 +254,7 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return labels
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if self.shared_prompts and self._chunk_tables is None and not args and not torch.is_grad_enabled():
+        if self.shared_prompts and self._chunk_tables is None and not args:
             return self._shared_prompt_passes(model, input_ids, attention_mask, logits_to_keep, **kwargs)
         if self.trim_padding and self._chunk_tables is None and not args:
             return self._trimmed_passes(model, input_ids, attention_mask, logits_to_keep, **kwargs)
@@ -290,10 +303,11 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
 
     def _shared_prompt_passes(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                               compute_entropy=False, **kwargs):
-        """A pass without gradient that runs each distinct prompt once (module docstring): per
-        prompt, its KV without its last token, then its rows ``batch_size`` at a time as that
-        token plus their completion (trimmed of trailing padding), attending to the KV. Log-probs
-        (and entropies) come back at the full ``logits_to_keep`` width, in row order."""
+        """A pass that runs each distinct prompt once (module docstring): per prompt, its KV
+        without its last token, then its rows ``batch_size`` at a time as that token plus their
+        completion (trimmed of trailing padding), attending to the KV. Log-probs (and entropies)
+        come back at the full ``logits_to_keep`` width, in row order, with their graph when the
+        pass has gradient."""
         rows, width = input_ids.shape
         prompt_width = width - logits_to_keep
         tables = self._pass_tables(rows, logits_to_keep)
@@ -350,6 +364,35 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
             logps = head_draw_logprobs(logps, states, causal_lm.get_output_embeddings(), source, groups,
                                        self.answer_temperature)
         return logps, entropies, aux
+
+
+def micro_batches_by_prompt(batches: list[dict]) -> list[dict]:
+    """``batches`` (TRL's micro-batches of one shuffled generation batch) re-split, as many and as
+    large, after the rows were put in order of their prompt's first appearance (rows of a prompt
+    keep their shuffled order), so that a group's rollouts share micro-batches. One optimizer
+    step sums them all, so the order changes only how many distinct prompts a pass runs."""
+    from trl.trainer.utils import split_tensor_dict
+
+    def per_row(value) -> bool:  # else split_tensor_dict hands it to every micro-batch as it is
+        return value is not None and not (isinstance(value, torch.Tensor) and value.ndim == 0)
+
+    def joined(values: list):
+        if not per_row(values[0]):
+            return values[0]
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for part in values for v in part]
+
+    def reordered(value, order: list[int]):
+        if not per_row(value):
+            return value
+        return value[torch.tensor(order, device=value.device)] if isinstance(value, torch.Tensor) else \
+            [value[row] for row in order]
+
+    batch = {key: joined([part[key] for part in batches]) for key in batches[0]}
+    first_seen: dict[tuple, int] = {}
+    prompt_of = [first_seen.setdefault(tuple(ids[mask.bool()].tolist()), len(first_seen))
+                 for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    order = sorted(range(len(prompt_of)), key=prompt_of.__getitem__)
+    return split_tensor_dict({key: reordered(value, order) for key, value in batch.items()}, len(batches))
 
 
 def _chunk_of(table, rows: slice | list[int], keep: int):
