@@ -374,7 +374,7 @@ def micro_batches_by_prompt(batches: list[dict]) -> list[dict]:
     from trl.trainer.utils import split_tensor_dict
 
     def per_row(value) -> bool:  # else split_tensor_dict hands it to every micro-batch as it is
-        return value is not None and not (isinstance(value, torch.Tensor) and value.ndim == 0)
+        return isinstance(value, list) or (isinstance(value, torch.Tensor) and value.ndim > 0)
 
     def joined(values: list):
         if not per_row(values[0]):
