@@ -4,14 +4,17 @@ same rows.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/benchmark_grpo_padding.py --model assets/base_model \\
         --trajectories assets/filtered_trajectories/trajectories.jsonl [--rollouts 16] [--micro-batch 2] \\
-        [--group-size 1] [--reference-only] [--precision auto] [--json-out FILE]
+        [--group-size 1] [--ragged SHARE] [--modes MODE ...] [--reference-only] [--precision auto] \\
+        [--json-out FILE]
 
 The batch stands in for one demo step's rollouts: ``--rollouts`` kept teacher trajectories
 (the SFT policy imitates them: the same turns, tool calls and lengths), each split where its
 first assistant turn starts into prompt and completion, padded as TRL pads a generation batch
 (prompts on the left, completions on the right). The sampled tokens are the assistant turns'.
 With ``--group-size N`` the rows form groups of ``N`` that share a prompt, as a GRPO group's
-rollouts do: each row keeps its completion behind its group's first row's prompt.
+rollouts do: each row keeps its completion behind its group's first row's prompt. Kept
+trajectories are alike in length; ``--ragged SHARE`` cuts each completion to a seeded random
+share of it, as sampled rollouts differ.
 Each mode runs what a demo step runs after generation, through a rank-16 LoRA at the training
 precision:
 
@@ -55,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=2, help="the demo's per_device_train_batch_size")
     parser.add_argument("--group-size", type=int, default=1,
                         help="rows per shared prompt (the demo's groups: 8); 1: every row its own prompt")
+    parser.add_argument("--ragged", type=float, metavar="SHARE",
+                        help="cut each completion to a seeded random share between SHARE and 1 of its length, "
+                             "as sampled rollouts differ in length (0.3: about a GRPO step's padding)")
     parser.add_argument("--reference-only", action="store_true", help="time the reference pass alone (no loss passes)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="which modes to run, in this order (the first is the baseline)")
@@ -77,6 +83,19 @@ def with_group_prompts(rows: list[dict], group_size: int) -> list[dict]:
         grouped.append({"input_ids": leader["input_ids"][:lead] + row["input_ids"][own:],
                         "labels": [IGNORE_INDEX] * lead + row["labels"][own:]})
     return grouped
+
+
+def ragged(rows: list[dict], shortest: float, seed: int = 0) -> list[dict]:
+    """``rows`` with each completion cut to a seeded uniform share between ``shortest`` and 1 of
+    its length: sampled rollouts differ in length far more than kept trajectories do."""
+    generator = torch.Generator().manual_seed(seed)
+    cut = []
+    for row in rows:
+        split = _split(row)
+        share = shortest + (1 - shortest) * float(torch.rand((), generator=generator))
+        end = split + max(1, round((len(row["input_ids"]) - split) * share))
+        cut.append({"input_ids": row["input_ids"][:end], "labels": row["labels"][:end]})
+    return cut
 
 
 def generation_batch(rows: list[dict], pad_id: int):
@@ -118,8 +137,8 @@ def prompt_grouped_order(ids, attention, keep: int, order: torch.Tensor, micro_b
     from recthinker_dagster.training.grpo_trainer import micro_batches_by_prompt
 
     prompt_width = ids.shape[1] - keep
-    batches = [{"prompt_ids": ids[rows, :prompt_width], "prompt_mask": attention[rows, :prompt_width], "row": rows}
-               for rows in order.split(micro_batch)]
+    batches = [{"prompt_ids": ids[rows, :prompt_width], "prompt_mask": attention[rows, :prompt_width],
+                "completion_mask": attention[rows, prompt_width:], "row": rows} for rows in order.split(micro_batch)]
     return torch.cat([batch["row"] for batch in micro_batches_by_prompt(batches)])
 
 
@@ -176,6 +195,8 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
     rows = with_group_prompts(tokenized_trajectory_file(tokenizer, args.trajectories, args.rollouts), args.group_size)
+    if args.ragged is not None:
+        rows = ragged(rows, args.ragged)
     batch = generation_batch(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     ids, attention, sampled, keep = batch
     precision = resolve_precision(args.precision, torch.device("cpu"))

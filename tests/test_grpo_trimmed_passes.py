@@ -108,7 +108,8 @@ def test_a_pass_without_gradient_runs_each_shared_prompt_once_with_the_same_log_
     if batch_size is None:
         assert widths == [8, 1 + max(COMPLETIONS[:2]), 8, 1 + max(COMPLETIONS[2:])]
     else:
-        assert widths == [8, *(1 + n for n in COMPLETIONS[:2]), 8, *(1 + n for n in COMPLETIONS[2:])]
+        # a group's rows shortest first: chunks of alike lengths
+        assert widths == [8, *(1 + n for n in sorted(COMPLETIONS[:2])), 8, *(1 + n for n in sorted(COMPLETIONS[2:]))]
 
 
 def test_a_loss_pass_runs_each_shared_prompt_once_with_the_padded_passes_gradient():
@@ -162,15 +163,18 @@ def test_micro_batches_are_regrouped_by_prompt_with_every_row_kept():
 
     prompts = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [0, 0, 4], [0, 5, 6]])
     mask = (prompts != 0).long()
-    batch = {"prompt_ids": prompts, "prompt_mask": mask, "advantages": torch.arange(6.0),
-             "texts": list("abcdef"), "num_items_in_batch": torch.tensor(6), "pixel_values": None}
-    shuffled = [{key: value[i:i + 2] if key in ("prompt_ids", "prompt_mask", "advantages", "texts") else value
-                 for key, value in batch.items()} for i in (0, 2, 4)]  # TRL's split, three micro-batches of 2
+    completion_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    batch = {"prompt_ids": prompts, "prompt_mask": mask, "completion_mask": completion_mask,
+             "advantages": torch.arange(6.0), "texts": list("abcdef"), "num_items_in_batch": torch.tensor(6),
+             "pixel_values": None}
+    rows = ("prompt_ids", "prompt_mask", "completion_mask", "advantages", "texts")
+    shuffled = [{key: value[i:i + 2] if key in rows else value for key, value in batch.items()}
+                for i in (0, 2, 4)]  # TRL's split, three micro-batches of 2
     regrouped = micro_batches_by_prompt(shuffled)
     assert [len(part["texts"]) for part in regrouped] == [2, 2, 2]
-    # rows in order of their prompt's first appearance, each prompt's rows in their shuffled order
-    assert [text for part in regrouped for text in part["texts"]] == list("acfbde")
-    assert torch.cat([part["advantages"] for part in regrouped]).tolist() == [0.0, 2.0, 5.0, 1.0, 3.0, 4.0]
+    # rows in order of their prompt's first appearance, each prompt's rows shortest completion first
+    assert [text for part in regrouped for text in part["texts"]] == list("cfabde")
+    assert torch.cat([part["advantages"] for part in regrouped]).tolist() == [2.0, 5.0, 0.0, 1.0, 3.0, 4.0]
     assert all(part["num_items_in_batch"] == 6 and part["pixel_values"] is None for part in regrouped)
     for part in regrouped:  # each row still carries its own prompt
         for text, ids in zip(part["texts"], part["prompt_ids"]):

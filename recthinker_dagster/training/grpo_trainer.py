@@ -318,7 +318,9 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         for row in range(rows):
             prompt = input_ids[row, :prompt_width][attention_mask[row, :prompt_width].bool()]
             groups.setdefault(tuple(prompt.tolist()), []).append(row)
+        lengths = attention_mask[:, prompt_width:].sum(dim=1).tolist()
         for prompt_ids, members in groups.items():
+            members.sort(key=lengths.__getitem__)  # chunks of alike lengths: less padding
             prefix = torch.tensor([prompt_ids[:-1]], dtype=input_ids.dtype, device=input_ids.device)
             with self.accelerator.autocast():
                 prefix_kv = ([(layer.keys, layer.values) for layer in
@@ -368,9 +370,11 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
 
 def micro_batches_by_prompt(batches: list[dict]) -> list[dict]:
     """``batches`` (TRL's micro-batches of one shuffled generation batch) re-split, as many and as
-    large, after the rows were put in order of their prompt's first appearance (rows of a prompt
-    keep their shuffled order), so that a group's rollouts share micro-batches. One optimizer
-    step sums them all, so the order changes only how many distinct prompts a pass runs."""
+    large, after the rows were put in order of their prompt's first appearance and, within a
+    prompt, of their completion's length (ties keep their shuffled order), so that a group's
+    rollouts share micro-batches with rollouts of alike length (less padding). One optimizer
+    step sums them all, so the order changes only how many distinct prompts and how much padding
+    a pass runs."""
     from trl.trainer.utils import split_tensor_dict
 
     def per_row(value) -> bool:  # else split_tensor_dict hands it to every micro-batch as it is
@@ -391,7 +395,8 @@ def micro_batches_by_prompt(batches: list[dict]) -> list[dict]:
     first_seen: dict[tuple, int] = {}
     prompt_of = [first_seen.setdefault(tuple(ids[mask.bool()].tolist()), len(first_seen))
                  for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
-    order = sorted(range(len(prompt_of)), key=prompt_of.__getitem__)
+    lengths = batch["completion_mask"].sum(dim=1).tolist()
+    order = sorted(range(len(prompt_of)), key=lambda row: (prompt_of[row], lengths[row]))
     return split_tensor_dict({key: reordered(value, order) for key, value in batch.items()}, len(batches))
 
 
