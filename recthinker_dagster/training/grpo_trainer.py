@@ -314,13 +314,9 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         logps = input_ids.new_zeros((rows, logits_to_keep), dtype=torch.float32)
         entropies = torch.zeros_like(logps) if compute_entropy else None
         decoder = _causal_lm(self.accelerator.unwrap_model(model)).get_decoder()
-        groups: dict[tuple, list[int]] = {}
-        for row in range(rows):
-            prompt = input_ids[row, :prompt_width][attention_mask[row, :prompt_width].bool()]
-            groups.setdefault(tuple(prompt.tolist()), []).append(row)
-        lengths = attention_mask[:, prompt_width:].sum(dim=1).tolist()
+        groups = rows_by_prompt(input_ids[:, :prompt_width], attention_mask[:, :prompt_width],
+                                attention_mask[:, prompt_width:])  # chunks of alike lengths: less padding
         for prompt_ids, members in groups.items():
-            members.sort(key=lengths.__getitem__)  # chunks of alike lengths: less padding
             prefix = torch.tensor([prompt_ids[:-1]], dtype=input_ids.dtype, device=input_ids.device)
             with self.accelerator.autocast():
                 prefix_kv = ([(layer.keys, layer.values) for layer in
@@ -368,6 +364,17 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux
 
 
+def rows_by_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   completion_mask: torch.Tensor) -> dict[tuple, list[int]]:
+    """Each distinct prompt (its ids under ``prompt_mask``), in order of first appearance, with
+    its rows, shortest completion first (ties keep their order)."""
+    lengths = completion_mask.sum(dim=1).tolist()
+    groups: dict[tuple, list[int]] = {}
+    for row, (ids, mask) in enumerate(zip(prompt_ids, prompt_mask)):
+        groups.setdefault(tuple(ids[mask.bool()].tolist()), []).append(row)
+    return {prompt: sorted(members, key=lengths.__getitem__) for prompt, members in groups.items()}
+
+
 def micro_batches_by_prompt(batches: list[dict]) -> list[dict]:
     """``batches`` (TRL's micro-batches of one shuffled generation batch) re-split, as many and as
     large, after the rows were put in order of their prompt's first appearance and, within a
@@ -392,11 +399,8 @@ def micro_batches_by_prompt(batches: list[dict]) -> list[dict]:
             [value[row] for row in order]
 
     batch = {key: joined([part[key] for part in batches]) for key in batches[0]}
-    first_seen: dict[tuple, int] = {}
-    prompt_of = [first_seen.setdefault(tuple(ids[mask.bool()].tolist()), len(first_seen))
-                 for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
-    lengths = batch["completion_mask"].sum(dim=1).tolist()
-    order = sorted(range(len(prompt_of)), key=lambda row: (prompt_of[row], lengths[row]))
+    groups = rows_by_prompt(batch["prompt_ids"], batch["prompt_mask"], batch["completion_mask"])
+    order = [row for members in groups.values() for row in members]
     return split_tensor_dict({key: reordered(value, order) for key, value in batch.items()}, len(batches))
 
 
