@@ -212,6 +212,51 @@ def test_the_gate_pairs_the_champion_task_by_task():
     assert paired_test(better, None)[1].startswith("the champion has no per-task scores")
 
 
+# -- the start policy: training must not break the policy it started from ----------------------------
+
+
+def _start_test(effect: float, half_width: float = 0.05):
+    from recthinker_dagster.metrics import PairedTest
+
+    return PairedTest(effect=effect, ci_low=effect - half_width, ci_high=effect + half_width, p_value=0.5,
+                      n_tasks=20, n_resamples=10_000)
+
+
+def test_a_candidate_worse_than_its_start_beyond_noise_is_rejected_even_without_a_champion():
+    # v17 of the demo: above the base model, far below the SFT policy it was trained from
+    decision = decide_promotion({"ndcg@10": 0.46}, None, {"ndcg@10": 0.40}, start={"ndcg@10": 0.79},
+                                start_test=_start_test(-0.325, 0.15))
+    assert not decision.promote and decision.beats_base and decision.keeps_start is False
+    assert decision.start_value == 0.79 and decision.start_test["ci_high"] == pytest.approx(-0.175)
+    assert "worse beyond noise" in decision.reasons[-1] and "broke the policy it started from" in decision.reasons[-1]
+
+
+def test_a_candidate_within_noise_of_its_start_is_promoted():
+    decision = decide_promotion({"ndcg@10": 0.77}, None, BASE, start={"ndcg@10": 0.79},
+                                start_test=_start_test(-0.02, 0.04))
+    assert decision.promote and decision.keeps_start
+    assert decision.reasons[-1] == ("ndcg@10 0.770 against the start policy's 0.790: not worse beyond noise "
+                                    "(paired bootstrap effect -0.020 [-0.060, +0.020], 20 tasks)")
+
+
+def test_without_a_paired_test_the_start_compares_means():
+    assert decide_promotion({"ndcg@10": 0.79}, None, BASE, start={"ndcg@10": 0.79}).keeps_start
+    decision = decide_promotion({"ndcg@10": 0.78}, None, BASE, start={"ndcg@10": 0.79})
+    assert not decision.promote and "below the start policy's 0.790 (means: no paired test)" in decision.reasons[-1]
+    assert decide_promotion({"ndcg@10": 0.78}, None, BASE).keeps_start is None  # no start: not compared
+
+
+def test_the_gate_tests_the_candidate_against_its_start_task_by_task():
+    from recthinker_dagster.serving.registry import start_test
+
+    tasks = [f"ml-1m/{g}/{i}" for g in ("sparse", "dense") for i in range(10)]
+    record = {"candidate_per_task": dict.fromkeys(tasks, 0.4), "start_per_task": dict.fromkeys(tasks, 0.7)}
+    test = start_test(record)
+    assert test.effect == pytest.approx(-0.3) and test.ci_high < 0 and test.n_tasks == 20
+    assert start_test({**record, "start_per_task": None}) is None  # an older record: no start
+    assert start_test({**record, "start_per_task": dict.fromkeys(tasks[:5], 0.7)}) is None  # other tasks
+
+
 # -- the registered_model asset and the promotion_gate check --------------------------------------
 
 
@@ -236,14 +281,16 @@ def _fake_trained_project(project):
 SCORES = [0.2 + 0.6 * ((7 * i) % 10) / 10 for i in range(40)]  # sft_rl's NDCG@10 on 40 tasks per group
 
 
-def _write_evaluation(layout, sft_rl_scores, base_shift=-0.2):
+def _write_evaluation(layout, sft_rl_scores, base_shift=-0.2, sft_shift=None):
     """An evaluation folder whose summary and per-task rankings agree: sft_rl scores ``sft_rl_scores``
-    on the same 40 tasks per group, base_tools ``base_shift`` below it."""
+    on the same 40 tasks per group, base_tools ``base_shift`` away from it, and sft (only with
+    ``sft_shift``) ``sft_shift`` away."""
     evaluation = layout.asset_dir("evaluation", "synthetic")
     evaluation.mkdir(parents=True, exist_ok=True)
+    shifts = {"sft_rl": 0.0, "base_tools": base_shift} | ({} if sft_shift is None else {"sft": sft_shift})
     rows = [{"system": system, "group": group, "task_id": f"{group}-{i}", "in_llm_subset": True,
-             "ndcg@10": score + (base_shift if system == "base_tools" else 0.0)}
-            for system in ("sft_rl", "base_tools") for group in ("sparse", "dense") for i, score in enumerate(sft_rl_scores)]
+             "ndcg@10": score + shift}
+            for system, shift in shifts.items() for group in ("sparse", "dense") for i, score in enumerate(sft_rl_scores)]
     rankings = pl.DataFrame(rows)
     rankings.write_parquet(evaluation / "rankings.parquet")
     rankings.group_by("system", "group").agg(pl.col("ndcg@10").mean()).with_columns(
@@ -304,4 +351,15 @@ def test_registered_model_and_promotion_gate(project):
     tags = client.get_model_version("recthinker-agent", "4").tags
     assert tags["promotion_decision"] == "promoted" and tags["compared_champion_version"] == "1"
     assert float(tags["promotion_p_value"]) < 0.05 and float(tags["promotion_effect"]) == pytest.approx(0.1)
+    assert str(client.get_model_version_by_alias("recthinker-agent", "champion").version) == "4"
+    assert tags["promotion_start_value"] == "none"  # the evaluation scored no SFT policy
+
+    # a fifth, a significant win over the champion, but 0.2 below the SFT policy it was trained from
+    _write_evaluation(project.paths.layout, [score + 0.3 for score in SCORES], sft_shift=0.2)
+    _, gate = materialize()
+    assert not gate.passed and gate.metadata["alias"].value == "challenger"
+    assert "training broke the policy it started from" in gate.description
+    tags = client.get_model_version("recthinker-agent", "5").tags
+    assert float(tags["promotion_start_value"]) == pytest.approx(sum(SCORES) / len(SCORES) + 0.5)
+    assert json.loads(tags["promotion_start_effect_ci"]) == [pytest.approx(-0.2), pytest.approx(-0.2)]
     assert str(client.get_model_version_by_alias("recthinker-agent", "champion").version) == "4"

@@ -174,7 +174,14 @@ def test_registration_record(evaluated, monkeypatch):
     # the evaluation ran classical systems only: let popularity stand in for the trained policy
     monkeypatch.setattr(registration, "POLICY_ASSET", {"popularity": "rl_model"})
     settings = RegistrySettings(candidate_system="popularity", baseline_system="random", margin=0.01)
+    monkeypatch.setattr(registration, "START_SYSTEM", {"popularity": "sft"})  # not evaluated: not compared
     plan = plan_registration(settings, layout, [DATASET])
+    assert plan.start_system is None and plan.start is None and plan.start_per_task is None
+    monkeypatch.setattr(registration, "START_SYSTEM", {"popularity": "itemknn"})
+    plan = plan_registration(settings, layout, [DATASET])
+    assert plan.start_system == "itemknn"
+    assert plan.start == system_figures(layout, [DATASET], "itemknn", "ndcg@10")
+    assert set(plan.start_per_task) == set(plan.candidate_per_task) and plan.candidate_per_task
     assert plan.base_model == {"path": str(layout.root / "assets" / "base_model"), "md5": "base123.dir"}
     assert plan.adapters == [layout.asset_dir("sft_model") / "adapter", layout.asset_dir("rl_model") / "adapter"]
     assert plan.policy_md5 == "rl456.dir"
@@ -187,6 +194,8 @@ def test_registration_record(evaluated, monkeypatch):
     record = read_registration(layout)
     assert record["version"] == "7" and record["margin"] == 0.01 and record["policy_md5"] == "rl456.dir"
     assert record["candidate"] == plan.candidate and record["base"] == plan.base
+    assert record["start_system"] == "itemknn" and record["start"] == plan.start
+    assert record["start_per_task"] == plan.start_per_task
     assert record["adapters"] == ["assets/sft_model/adapter", "assets/rl_model/adapter"]
     assert artifact.metadata["model_uri"] == "models:/recthinker-agent/7"
     assert artifact.params["version"] == "7" and artifact.metrics == plan.metrics

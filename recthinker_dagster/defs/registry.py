@@ -71,7 +71,8 @@ def build_registry_assets(datasets: list[str]) -> list:
         blocking=False,
         description="Moves the 'champion' alias to the new version only if it beats the current champion by the margin, "
         "significantly (paired test on the same eval tasks), "
-        "and beats the untrained base model; else 'challenger', with the reasons as version tags. Warns, never blocks.",
+        "beats the untrained base model, and is not worse beyond noise than the policy it was trained from (SFT for "
+        "SFT+RL); else 'challenger', with the reasons as version tags. Warns, never blocks.",
     )
     def promotion_gate(paths: ProjectPaths, mlflow: MLflowTracking) -> dg.AssetCheckResult:
         from mlflow import MlflowClient

@@ -17,6 +17,12 @@ Rule: promote only if the candidate beats the champion by at least ``margin`` (a
 Without a champion the candidate must still beat the base model. Differences within 1e-9 count
 as ties (float noise).
 
+A candidate trained from another policy (SFT+RL from the SFT agent) can also be held to its
+``start``: it is rejected when it ranks worse than the policy it started from beyond noise, so
+that a training run that broke its policy never serves, even without a champion. With the paired
+test of the candidate against the start on the same eval tasks (``start_test``), that is a 95%
+interval of the difference wholly below 0; without one, a figure below the start's.
+
 With a significance ``level`` (the pipeline's default, 0.05), beating the champion also needs
 the paired test of the candidate against the champion on the same eval tasks
 (``test``: :func:`recthinker_dagster.metrics.paired_bootstrap_test`) to give ``p < level``. A
@@ -78,6 +84,9 @@ class PromotionDecision:
     groups: list[str] = field(default_factory=list)  # the groups averaged (empty: overall figures)
     level: float | None = None  # the significance level (None: means only)
     test: dict | None = None  # the paired test against the champion (PairedTest.to_dict())
+    start_value: float | None = None  # the start policy's figure (None: not compared)
+    keeps_start: bool | None = None  # not worse than the start beyond noise (None: not compared)
+    start_test: dict | None = None  # the paired test of the candidate against its start
 
     @property
     def alias(self) -> str:
@@ -150,10 +159,13 @@ def decide_promotion(
     level: float | None = None,
     test: PairedTest | None = None,
     untested: str = "",
+    start: Mapping | None = None,
+    start_test: PairedTest | None = None,
 ) -> PromotionDecision:
     """Promote ``candidate`` over ``champion`` (``None``: no champion yet)? See the module docstring.
 
-    ``champion_version`` only labels the reasons (``"champion v3 0.430"``)."""
+    ``champion_version`` only labels the reasons (``"champion v3 0.430"``). ``start``: the figures
+    of the policy the candidate was trained from (``None``: not compared)."""
     margin = _number(margin, "margin")
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -190,10 +202,17 @@ def decide_promotion(
         reasons.append(f"{metric} {cand.value:.3f} > base {base_fig.value:.3f}")
     else:
         reasons.append(f"{metric} {cand.value:.3f} <= base {base_fig.value:.3f}: not better than the untrained base model")
+    start_fig = None
+    keeps_start = None
+    if start is not None:
+        start_fig = metric_figure(start, metric, role="start policy metrics")
+        _check_same_groups(cand, start_fig, "start policy", metric)
+        keeps_start, reason = _keeps_start(cand.value, start_fig.value, start_test, metric)
+        reasons.append(reason)
     if cand.groups:
         reasons.append(f"{metric} figures are unweighted means over the groups {', '.join(cand.groups)}")
 
-    promote = beats_base and beats_champion is not False
+    promote = beats_base and beats_champion is not False and keeps_start is not False
     return PromotionDecision(
         promote=promote,
         reasons=reasons,
@@ -208,7 +227,24 @@ def decide_promotion(
         groups=list(cand.groups),
         level=level,
         test=test.to_dict() if test is not None else None,
+        start_value=start_fig.value if start_fig is not None else None,
+        keeps_start=keeps_start,
+        start_test=start_test.to_dict() if start_test is not None else None,
     )
+
+
+def _keeps_start(value: float, start_value: float, test: PairedTest | None, metric: str) -> tuple[bool, str]:
+    """Is the candidate not worse than its start policy beyond noise? With the reason."""
+    if test is None:
+        keeps = value >= start_value - TOLERANCE
+        verdict = "not below" if keeps else "below"
+        return keeps, f"{metric} {value:.3f} {verdict} the start policy's {start_value:.3f} (means: no paired test)"
+    figures = (f"paired bootstrap effect {test.effect:+.3f} [{test.ci_low:+.3f}, {test.ci_high:+.3f}], "
+               f"{test.n_tasks} tasks")
+    if test.ci_high < 0:
+        return False, (f"{metric} {value:.3f} against the start policy's {start_value:.3f}: worse beyond noise "
+                       f"({figures}): training broke the policy it started from")
+    return True, f"{metric} {value:.3f} against the start policy's {start_value:.3f}: not worse beyond noise ({figures})"
 
 
 def _significant(test: PairedTest | None, level: float, untested: str, name: str) -> tuple[bool, str]:

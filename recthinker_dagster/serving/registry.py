@@ -28,6 +28,9 @@ Tags written on the candidate version (always):
                                 ``promotion_level``, ``promotion_p_value``,
                                 ``promotion_effect``, ``promotion_effect_ci`` and
                                 ``promotion_tasks`` (the task count)
+``promotion_start_value``       the start policy's figure (``none`` when not compared); with
+                                it ``promotion_start_effect_ci``, the paired interval of the
+                                candidate minus its start (``none`` without per-task scores)
 ``metric.<name>``               every numeric metric, nested keys joined with ``/``, ``@``
                                 written ``_at_`` (``metric.ml-1m/dense/ndcg_at_10``)
 ==============================  ===========================================================
@@ -131,6 +134,7 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
         "compared_champion_value": repr(decision.champion_value) if decision.champion_value is not None else "none",
         METRICS_TAG: json.dumps(dict(metrics), sort_keys=True),
         **paired_test_tags(decision),
+        **start_tags(decision),
     }
     for key, value in flatten_metrics(metrics).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -148,6 +152,15 @@ def apply_promotion(client, name: str, version: str | int, decision: PromotionDe
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
     return {"alias": decision.alias, "version": version, "previous_champion": previous_version}
+
+
+def start_tags(decision: PromotionDecision) -> dict[str, str]:
+    """The start policy's version tags (``none`` when the candidate was not compared with one)."""
+    if decision.start_value is None:
+        return {"promotion_start_value": "none"}
+    test = decision.start_test
+    interval = f"[{test['ci_low']!r}, {test['ci_high']!r}]" if test is not None else "none"
+    return {"promotion_start_value": repr(decision.start_value), "promotion_start_effect_ci": interval}
 
 
 def paired_test_tags(decision: PromotionDecision) -> dict[str, str]:
@@ -186,9 +199,25 @@ def paired_test(candidate: Mapping[str, float], champion: Mapping[str, float] | 
         shared = len(set(candidate) & set(champion))
         return None, (f"the champion was scored on other eval tasks ({shared} shared of {len(candidate)}); "
                       "remove the champion alias to start over on the new tasks")
+    return paired_by_task(candidate, champion), ""
+
+
+def paired_by_task(candidate: Mapping[str, float], other: Mapping[str, float]) -> PairedTest:
+    """The paired test of two systems' ``{"<dataset>/<group>/<task_id>": value}`` on the same
+    tasks, stratified by dataset and group."""
     keys = sorted(candidate)
     strata = ["/".join(key.split("/", 2)[:2]) for key in keys]  # <dataset>/<group> (task ids may hold "/")
-    return paired_bootstrap_test([candidate[k] for k in keys], [champion[k] for k in keys], strata), ""
+    return paired_bootstrap_test([candidate[k] for k in keys], [other[k] for k in keys], strata)
+
+
+def start_test(registration: Mapping) -> PairedTest | None:
+    """The candidate against the policy it was trained from, on the same eval tasks (None when the
+    record has no per-task scores of both)."""
+    candidate = registration.get("candidate_per_task") or {}
+    start = registration.get("start_per_task") or {}
+    if not candidate or set(candidate) != set(start):
+        return None
+    return paired_by_task(candidate, start)
 
 
 @dataclass(frozen=True)
@@ -204,7 +233,8 @@ class GateOutcome:
 def promote_registered_version(client, registration: Mapping) -> GateOutcome:
     """Compare a registered version (a ``registration.json`` record: ``model_name``, ``version``,
     ``run_id``, ``candidate``, ``base``, ``metric``, ``margin``, ``significance_level`` and
-    ``candidate_per_task``) with the champion and move the aliases."""
+    ``candidate_per_task``; ``start`` and ``start_per_task`` when the candidate was trained from
+    another evaluated policy) with the champion and its start, and move the aliases."""
     name, version = registration["model_name"], str(registration["version"])
     per_task = registration.get("candidate_per_task") or {}
     if per_task and registration.get("run_id"):
@@ -218,6 +248,7 @@ def promote_registered_version(client, registration: Mapping) -> GateOutcome:
         metric=registration["metric"], margin=registration["margin"],
         champion_version=str(current.version) if current is not None else None,
         level=registration.get("significance_level"), test=test, untested=untested,
+        start=registration.get("start"), start_test=start_test(registration),
     )
     outcome = apply_promotion(client, name, version, decision, registration["candidate"])
     return GateOutcome(version, outcome["alias"], decision, outcome["previous_champion"])

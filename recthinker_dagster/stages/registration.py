@@ -5,7 +5,9 @@
     artifact = write_registration(settings, layout, plan, str(version.version), version.run_id)
 
 The figures compared are the evaluation's: NDCG@10 (by default) of each system on the LLM
-subset of the frozen eval tasks, per dataset and group. The candidate is the trained policy of
+subset of the frozen eval tasks, per dataset and group. The record also holds the figures of the
+policy the candidate was trained from (``start``: SFT for SFT+RL, when the evaluation scored it),
+which the gate holds the candidate to. The candidate is the trained policy of
 ``candidate_system`` (its ``lineage.json`` names its base model and adapters); the base model
 and the tool indexes are referenced by path and DVC md5 (``{"path", "md5"}``), never copied
 here. Logging the model and moving the registry aliases is the MLflow layer's job
@@ -37,6 +39,7 @@ from recthinker_dagster.storage import remove_stale_staging, staged_directory
 ASSET = "registered_model"
 REGISTRATION = "registration.json"
 POLICY_ASSET = {"sft_rl": "rl_model", "sft": "sft_model"}  # candidate system -> its trained policy
+START_SYSTEM = {"sft_rl": "sft"}  # candidate system -> the evaluated policy it was trained from
 SUBSET = "llm_subset"  # the summary rows compared: every system on the same eval tasks
 
 
@@ -55,18 +58,27 @@ class RegistrationPlan:
     input_example: list[dict]  # one request for a real eval user
     metrics: dict[str, float]  # {"<dataset>/<group>/<metric>": candidate value}
     candidate_per_task: dict[str, float]  # {"<dataset>/<group>/<task_id>": candidate value}: the paired test's input
+    start_system: str | None = None  # the evaluated policy the candidate was trained from (None: none evaluated)
+    start: dict | None = None  # its figures, as ``candidate``
+    start_per_task: dict[str, float] | None = None  # its per-task scores, as ``candidate_per_task``
+
+
+def summary_rows(layout: ArtifactLayout, dataset: str, system: str) -> pl.DataFrame:
+    """The evaluation summary's rows of ``system`` on the LLM subset of ``dataset``'s eval tasks."""
+    path = layout.asset_dir("evaluation", dataset) / "summary.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialize {asset_label('evaluation', dataset)} first")
+    return pl.read_parquet(path).filter((pl.col("system") == system) & (pl.col("tasks") == SUBSET))
 
 
 def system_figures(layout: ArtifactLayout, datasets: Sequence[str], system: str, metric: str) -> dict:
     """``{dataset: {group: {metric: value}}}`` of ``system`` on the LLM subset of the eval tasks."""
     figures = {}
     for dataset in datasets:
-        path = layout.asset_dir("evaluation", dataset) / "summary.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: materialize {asset_label('evaluation', dataset)} first")
-        rows = pl.read_parquet(path).filter((pl.col("system") == system) & (pl.col("tasks") == SUBSET))
+        rows = summary_rows(layout, dataset, system)
         if rows.is_empty():
-            raise ValueError(f"{path} has no figures for system {system!r}: add it to the evaluation's systems")
+            raise ValueError(f"{layout.asset_dir('evaluation', dataset) / 'summary.parquet'} has no figures for "
+                             f"system {system!r}: add it to the evaluation's systems")
         figures[dataset] = {row["group"]: {metric: float(row[metric])} for row in rows.iter_rows(named=True)}
     return figures
 
@@ -115,6 +127,14 @@ def flat_metrics(figures: dict, metric: str) -> dict[str, float]:
     return {f"{d}/{g}/{metric}": v[metric] for d, groups in figures.items() for g, v in groups.items()}
 
 
+def evaluated_start(layout: ArtifactLayout, datasets: Sequence[str], candidate_system: str) -> str | None:
+    """The system the candidate was trained from, when the evaluation scored it in every dataset."""
+    start = START_SYSTEM.get(candidate_system)
+    if start is None or any(summary_rows(layout, dataset, start).is_empty() for dataset in datasets):
+        return None
+    return start
+
+
 def plan_registration(settings: RegistrySettings, layout: ArtifactLayout, datasets: Sequence[str]) -> RegistrationPlan:
     """Read the evaluation's figures and the candidate's lineage; an unknown candidate is an error."""
     if settings.candidate_system not in POLICY_ASSET:
@@ -123,6 +143,7 @@ def plan_registration(settings: RegistrySettings, layout: ArtifactLayout, datase
     base = system_figures(layout, datasets, settings.baseline_system, settings.metric)
     policy_asset = POLICY_ASSET[settings.candidate_system]
     lineage = read_lineage(layout, policy_asset)
+    start_system = evaluated_start(layout, datasets, settings.candidate_system)
     example = read_table(layout, "task_splits", datasets[0], "tasks_eval.parquet").row(0, named=True)
     return RegistrationPlan(
         candidate=candidate,
@@ -138,6 +159,9 @@ def plan_registration(settings: RegistrySettings, layout: ArtifactLayout, datase
                         "candidate_item_ids": [str(i) for i in example["candidate_item_ids"][:5]]}],
         metrics=flat_metrics(candidate, settings.metric),
         candidate_per_task=system_per_task(layout, datasets, settings.candidate_system, settings.metric),
+        start_system=start_system,
+        start=system_figures(layout, datasets, start_system, settings.metric) if start_system else None,
+        start_per_task=system_per_task(layout, datasets, start_system, settings.metric) if start_system else None,
     )
 
 
@@ -150,6 +174,7 @@ def write_registration(settings: RegistrySettings, layout: ArtifactLayout, plan:
         "metric": settings.metric, "margin": settings.margin, "significance_level": settings.significance_level,
         "candidate": plan.candidate, "base": plan.base, "policy_md5": plan.policy_md5,
         "adapters": plan.lineage["adapters"], "candidate_per_task": plan.candidate_per_task,
+        "start_system": plan.start_system, "start": plan.start, "start_per_task": plan.start_per_task,
     }
     text = json.dumps(registration, indent=2)
     folder = layout.asset_dir(ASSET)
