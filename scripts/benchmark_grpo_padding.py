@@ -43,7 +43,6 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -116,21 +115,6 @@ def generation_batch(rows: list[dict], pad_id: int):
     return ids, attention, sampled, completion_width
 
 
-def scoring_trainer(model, trim_padding: bool, autocast):
-    """The trainer's log-prob passes alone (no training loop) on a LoRA ``model``."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    from recthinker_dagster.training.grpo_trainer import ConstrainedAnswerGRPOTrainer
-    from recthinker_dagster.training.scored_head import project_labelled_positions_only
-
-    trainer = object.__new__(ConstrainedAnswerGRPOTrainer)
-    trainer.trim_padding, trainer.temperature, trainer.answer_temperature = trim_padding, 1.0, 1.0
-    trainer.accelerator = SimpleNamespace(autocast=autocast, unwrap_model=lambda m: m, is_main_process=True)
-    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
-    project_labelled_positions_only(model, label_filter=trainer._trained_labels_only)
-    return trainer
-
-
 def prompt_grouped_order(ids, attention, keep: int, order: torch.Tensor, micro_batch: int) -> torch.Tensor:
     """``order`` as the trainer regroups its micro-batches of ``micro_batch`` rows with
     ``shared_prompts`` (``grpo_trainer.micro_batches_by_prompt``)."""
@@ -191,6 +175,7 @@ def main() -> None:
 
     from recthinker_dagster.agent.backends.chat_template import ensure_tool_chat_template
     from recthinker_dagster.training.device import load_dtype, resolve_precision
+    from recthinker_dagster.training.grpo_trainer import ConstrainedAnswerGRPOTrainer
 
     torch.manual_seed(0)
     tokenizer = ensure_tool_chat_template(AutoTokenizer.from_pretrained(args.model), "auto")
@@ -213,7 +198,7 @@ def main() -> None:
                     "padding_share": round(1 - float(attention.float().mean()), 3)}
     print(f"{result['rollouts']} rollouts padded to {result['width']} tokens ({result['real_tokens_mean']:.0f} real on "
           f"average, {result['padding_share']:.1%} padding); {precision}, {result['threads']} threads", flush=True)
-    trainer = scoring_trainer(model, trim_padding=False, autocast=autocast)
+    trainer = ConstrainedAnswerGRPOTrainer.scoring_only(model, autocast=autocast)
     run_mode(model, trainer, batch, args.micro_batch, order[: args.micro_batch])  # warm-up
     modes = benchmark_modes(args.modes, args.micro_batch)
     logps = {}

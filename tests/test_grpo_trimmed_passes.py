@@ -5,14 +5,10 @@ chunk by chunk, and run narrower inputs."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from recthinker_dagster.training.grpo_trainer import ConstrainedAnswerGRPOTrainer
-from recthinker_dagster.training.scored_head import project_labelled_positions_only
 
 PAD = 0
 PROMPTS = (9, 6, 9, 4)  # real prompt tokens per row (left-padded to 9)
@@ -21,18 +17,11 @@ COMPLETIONS = (5, 12, 4, 3)  # real completion tokens per row (right-padded to 1
 
 def _trainer(trim_padding: bool, shared_prompts: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     model = LlamaForCausalLM(config).eval()
-    trainer = object.__new__(ConstrainedAnswerGRPOTrainer)  # the passes alone: no training loop
-    trainer.trim_padding, trainer.temperature, trainer.answer_temperature = trim_padding, 1.0, 1.0
-    trainer.shared_prompts = shared_prompts
-    trainer.accelerator = SimpleNamespace(autocast=nullcontext, unwrap_model=lambda m: m, is_main_process=True)
-    add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy", "is_top1"))
-    project_labelled_positions_only(model, label_filter=trainer._trained_labels_only)
+    trainer = ConstrainedAnswerGRPOTrainer.scoring_only(model, trim_padding=trim_padding, shared_prompts=shared_prompts)
     # every sampled completion token is trained but the second one of each row (a tool result, say)
     trainer.receive_trained_masks([[int(i != 1) for i in range(n)] for n in COMPLETIONS])
     # the last real completion token of rows 0 and 1 was drawn among three allowed ids

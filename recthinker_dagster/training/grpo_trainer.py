@@ -60,7 +60,7 @@ KL term is not weighted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from trl import GRPOTrainer
@@ -139,6 +139,25 @@ class ConstrainedAnswerGRPOTrainer(GRPOTrainer):
             if model is not None:
                 project_labelled_positions_only(model, temperature=self.temperature,
                                                 label_filter=self._trained_labels_only)
+
+    @classmethod
+    def scoring_only(cls, model, *, trim_padding: bool = False, shared_prompts: bool = False,
+                     autocast=nullcontext) -> ConstrainedAnswerGRPOTrainer:
+        """The trainer's log-prob passes alone, on ``model`` (a causal LM or a PEFT model), with
+        no training loop, dataset or accelerator: for benchmarks and tests of the passes. Both
+        temperatures are 1."""
+        from types import SimpleNamespace
+
+        from trl.trainer.utils import add_fused_lm_head
+
+        trainer = object.__new__(cls)
+        trainer.trim_padding, trainer.shared_prompts = trim_padding, shared_prompts
+        trainer.temperature = trainer.answer_temperature = 1.0
+        trainer.accelerator = SimpleNamespace(autocast=autocast, unwrap_model=lambda m: m, is_main_process=True)
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        add_fused_lm_head(lm, temperature=1.0, outputs=("log_probs", "entropy", "is_top1"))
+        project_labelled_positions_only(model, label_filter=trainer._trained_labels_only)
+        return trainer
 
     def receive_trained_masks(self, rows: Sequence[Sequence[int]] | None) -> None:
         self._batch_trained = list(rows) if rows is not None else None
