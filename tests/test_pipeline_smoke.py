@@ -161,5 +161,10 @@ def test_the_agent_is_registered_and_the_promotion_gate_sets_its_alias(smoke_run
     assert alias in version.aliases and gate.metadata["alias"].value == alias
     assert version.tags["promotion_decision"] == ("promoted" if gate.passed else "rejected")
     assert "base" in version.tags["promotion_reasons"]  # the reasons name what it was compared with
-    # promoted only if it beat the untrained base model with tools on the same eval tasks
-    assert gate.passed == (gate.metadata["candidate_value"].value > gate.metadata["base_value"].value)
+    # promoted only if it beat the untrained base model with tools on the same eval tasks, and
+    # is not worse beyond noise than the SFT policy it was trained from (evaluated as "sft")
+    assert registration["start_system"] == "sft" and set(registration["start_per_task"]) == set(
+        registration["candidate_per_task"])
+    keeps_start = gate.metadata["keeps_start"].value
+    assert isinstance(keeps_start, bool)
+    assert gate.passed == (gate.metadata["candidate_value"].value > gate.metadata["base_value"].value and keeps_start)

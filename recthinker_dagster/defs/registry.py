@@ -96,6 +96,8 @@ def build_registry_assets(datasets: list[str]) -> list:
                 "base_value": decision.base_value,
                 "p_value": decision.test["p_value"] if decision.test else "none",
                 "paired_tasks": decision.test["n_tasks"] if decision.test else 0,
+                "start_value": decision.start_value if decision.start_value is not None else "none",
+                "keeps_start": "not compared" if decision.keeps_start is None else decision.keeps_start,
                 "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
             },
             description=f"version {gate.version} -> {gate.alias}: " + "; ".join(decision.reasons),
