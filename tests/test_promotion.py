@@ -247,14 +247,14 @@ def test_without_a_paired_test_the_start_compares_means():
 
 
 def test_the_gate_tests_the_candidate_against_its_start_task_by_task():
-    from recthinker_dagster.serving.registry import start_test
+    from recthinker_dagster.serving.registry import paired_against_start
 
     tasks = [f"ml-1m/{g}/{i}" for g in ("sparse", "dense") for i in range(10)]
     record = {"candidate_per_task": dict.fromkeys(tasks, 0.4), "start_per_task": dict.fromkeys(tasks, 0.7)}
-    test = start_test(record)
+    test = paired_against_start(record)
     assert test.effect == pytest.approx(-0.3) and test.ci_high < 0 and test.n_tasks == 20
-    assert start_test({**record, "start_per_task": None}) is None  # an older record: no start
-    assert start_test({**record, "start_per_task": dict.fromkeys(tasks[:5], 0.7)}) is None  # other tasks
+    assert paired_against_start({**record, "start_per_task": None}) is None  # an older record: no start
+    assert paired_against_start({**record, "start_per_task": dict.fromkeys(tasks[:5], 0.7)}) is None  # other tasks
 
 
 # -- the registered_model asset and the promotion_gate check --------------------------------------

@@ -210,7 +210,7 @@ def paired_by_task(candidate: Mapping[str, float], other: Mapping[str, float]) -
     return paired_bootstrap_test([candidate[k] for k in keys], [other[k] for k in keys], strata)
 
 
-def start_test(registration: Mapping) -> PairedTest | None:
+def paired_against_start(registration: Mapping) -> PairedTest | None:
     """The candidate against the policy it was trained from, on the same eval tasks (None when the
     record has no per-task scores of both)."""
     candidate = registration.get("candidate_per_task") or {}
@@ -248,7 +248,7 @@ def promote_registered_version(client, registration: Mapping) -> GateOutcome:
         metric=registration["metric"], margin=registration["margin"],
         champion_version=str(current.version) if current is not None else None,
         level=registration.get("significance_level"), test=test, untested=untested,
-        start=registration.get("start"), start_test=start_test(registration),
+        start=registration.get("start"), start_test=paired_against_start(registration),
     )
     outcome = apply_promotion(client, name, version, decision, registration["candidate"])
     return GateOutcome(version, outcome["alias"], decision, outcome["previous_champion"])
