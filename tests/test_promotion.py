@@ -157,11 +157,11 @@ def test_the_decision_serializes():
 # -- significance: the paired test against the champion --------------------------------------------
 
 
-def _test(effect: float, p_value: float, n: int = 200):
+def _test(effect: float, p_value: float = 0.5, n: int = 200, half_width: float = 0.02):
     from recthinker_dagster.metrics import PairedTest
 
-    return PairedTest(effect=effect, ci_low=effect - 0.02, ci_high=effect + 0.02, p_value=p_value, n_tasks=n,
-                      n_resamples=10_000)
+    return PairedTest(effect=effect, ci_low=effect - half_width, ci_high=effect + half_width, p_value=p_value,
+                      n_tasks=n, n_resamples=10_000)
 
 
 def test_a_significant_win_over_the_champion_promotes_and_records_the_test():
@@ -215,17 +215,10 @@ def test_the_gate_pairs_the_champion_task_by_task():
 # -- the start policy: training must not break the policy it started from ----------------------------
 
 
-def _start_test(effect: float, half_width: float = 0.05):
-    from recthinker_dagster.metrics import PairedTest
-
-    return PairedTest(effect=effect, ci_low=effect - half_width, ci_high=effect + half_width, p_value=0.5,
-                      n_tasks=20, n_resamples=10_000)
-
-
 def test_a_candidate_worse_than_its_start_beyond_noise_is_rejected_even_without_a_champion():
     # v17 of the demo: above the base model, far below the SFT policy it was trained from
     decision = decide_promotion({"ndcg@10": 0.46}, None, {"ndcg@10": 0.40}, start={"ndcg@10": 0.79},
-                                start_test=_start_test(-0.325, 0.15))
+                                start_test=_test(-0.325, n=20, half_width=0.15))
     assert not decision.promote and decision.beats_base and decision.keeps_start is False
     assert decision.start_value == 0.79 and decision.start_test["ci_high"] == pytest.approx(-0.175)
     assert "worse beyond noise" in decision.reasons[-1] and "broke the policy it started from" in decision.reasons[-1]
@@ -233,7 +226,7 @@ def test_a_candidate_worse_than_its_start_beyond_noise_is_rejected_even_without_
 
 def test_a_candidate_within_noise_of_its_start_is_promoted():
     decision = decide_promotion({"ndcg@10": 0.77}, None, BASE, start={"ndcg@10": 0.79},
-                                start_test=_start_test(-0.02, 0.04))
+                                start_test=_test(-0.02, n=20, half_width=0.04))
     assert decision.promote and decision.keeps_start
     assert decision.reasons[-1] == ("ndcg@10 0.770 against the start policy's 0.790: not worse beyond noise "
                                     "(paired bootstrap effect -0.020 [-0.060, +0.020], 20 tasks)")

@@ -239,8 +239,7 @@ def _keeps_start(value: float, start_value: float, test: PairedTest | None, metr
         keeps = value >= start_value - TOLERANCE
         verdict = "not below" if keeps else "below"
         return keeps, f"{metric} {value:.3f} {verdict} the start policy's {start_value:.3f} (means: no paired test)"
-    figures = (f"paired bootstrap effect {test.effect:+.3f} [{test.ci_low:+.3f}, {test.ci_high:+.3f}], "
-               f"{test.n_tasks} tasks")
+    figures = f"{_effect_text(test)}, {test.n_tasks} tasks"
     if test.ci_high < 0:
         return False, (f"{metric} {value:.3f} against the start policy's {start_value:.3f}: worse beyond noise "
                        f"({figures}): training broke the policy it started from")
@@ -251,8 +250,11 @@ def _significant(test: PairedTest | None, level: float, untested: str, name: str
     """Is the paired test a significant win at ``level``? With the reason's second half."""
     if test is None:
         return False, f"but the paired test against the {name} could not run: {untested or 'no per-task figures'}"
-    figures = (f"paired bootstrap effect {test.effect:+.3f} [{test.ci_low:+.3f}, {test.ci_high:+.3f}], "
-               f"p = {test.p_value:.4f}, {test.n_tasks} tasks")
+    figures = f"{_effect_text(test)}, p = {test.p_value:.4f}, {test.n_tasks} tasks"
     if test.p_value < level:
         return True, f"significantly ({figures}; p below the level {level})"
     return False, f"but not significantly ({figures}; p not below the level {level})"
+
+
+def _effect_text(test: PairedTest) -> str:
+    return f"paired bootstrap effect {test.effect:+.3f} [{test.ci_low:+.3f}, {test.ci_high:+.3f}]"
