@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from recthinker_dagster.training.rl_recipes import load_rl_recipe
-from recthinker_dagster.training.task_screening import choose_varied, screen_tasks
+from recthinker_dagster.training.task_screening import budget_warning, choose_varied, screen_tasks
 from tests.support.trajectories import agent_tasks, toolbox_factory
 
 
@@ -51,8 +51,17 @@ def test_screening_samples_every_pool_task_and_chooses_per_dataset(answering_bas
     assert min(row["std"] for row in selection.report if row["chosen"]) >= spreads[1]
     assert spreads[0] > 0  # sampled rollouts of one task differ
     assert any("chose" in line for line in lines)
+    assert selection.own_answer_share == 1.0  # it answers at once: no budget forced an answer
+    assert not any("WARNING" in line for line in lines)
     again = screen_tasks(pool, toolbox_factory, answering_base_model, [], recipe, log=lines.append)
     assert again.report == selection.report  # seeded: the same rollouts, the same choice
+
+
+def test_a_budget_that_forces_most_answers_is_named():
+    recipe = load_rl_recipe("demo").with_overrides(max_turns=3, max_tool_calls=2)
+    warning = budget_warning(0.05, recipe)
+    assert warning is not None and "5%" in warning and "max_tool_calls 2" in warning and "max_turns 3" in warning
+    assert budget_warning(0.5, recipe) is None and budget_warning(1.0, recipe) is None
 
 
 def test_the_rl_stage_keeps_its_screening_for_a_resumed_run(tmp_path, answering_base_model, monkeypatch):
@@ -65,6 +74,7 @@ def test_the_rl_stage_keeps_its_screening_for_a_resumed_run(tmp_path, answering_
     policy = PolicyLineage(answering_base_model, None)
     first = screened_tasks(pool, toolbox_factory, policy, recipe, "generate", tmp_path, lambda line: None)
     assert len(first["chosen"]) == 1 and len(first["tasks"]) == 3 and (tmp_path / "screening.json").is_file()
+    assert first["own_answer_share"] == 1.0
 
     def no_second_screening(*args, **kwargs):
         raise AssertionError("a resumed run screened again")

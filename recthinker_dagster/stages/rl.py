@@ -215,7 +215,8 @@ def screened_tasks(pool: list, toolboxes: DatasetToolboxes, policy: PolicyLineag
     selection = screen_tasks(pool, toolboxes, policy.base_model, policy.adapters, recipe, answer_mode=answer_mode,
                              log=log)
     screening = {"pool_per_dataset": recipe.screen_pool, "rollouts_per_task": recipe.screen_rollouts,
-                 "seconds": selection.seconds, "chosen": selection.chosen_ids(), "tasks": selection.report}
+                 "seconds": selection.seconds, "own_answer_share": selection.own_answer_share,
+                 "chosen": selection.chosen_ids(), "tasks": selection.report}
     work_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(screening, indent=2))
     return screening
@@ -402,6 +403,7 @@ def screening_summary(screening: Mapping | None) -> dict:
         return {}
     rows = {row["task_id"]: row for row in screening["tasks"]}
     return {"pool_per_dataset": screening["pool_per_dataset"], "seconds": screening["seconds"],
+            "own_answer_share": screening.get("own_answer_share"),  # absent from screenings saved before it
             "chosen": {task_id: {"mean": rows[task_id]["mean"], "std": rows[task_id]["std"]}
                        for task_id in screening["chosen"]}}
 

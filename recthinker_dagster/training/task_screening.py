@@ -16,6 +16,10 @@ the policy gets partly right), in pool order. Ties go to the earlier task.
 The screening rollouts are never trained on and never counted in the run's reward curve: the
 run's first steps sample afresh, so picking tasks on a spread says nothing about the rewards of
 the first and the last quarter it is judged by.
+
+The screening also tells whether the recipe's budgets leave the start policy its own answer: when
+fewer than half of its rollouts answer on their own, the loop forced the rest (tool calls or turns
+spent), and GRPO would train on forced answers. The stage then warns (``budget_warning``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from recthinker_dagster.training.rewards import RolloutOutcome, weighted_reward
 from recthinker_dagster.training.rl_recipes import RLRecipe
 
 SCREEN_SEED_OFFSET = 7919  # the screening samples a stream of its own, not the first step's
+MIN_OWN_ANSWER_SHARE = 0.5  # below it, the budgets (not the policy) end most rollouts
 
 
 @dataclass
@@ -37,6 +42,7 @@ class TaskSelection:
     tasks: list  # the chosen AgentTasks, in pool order
     report: list[dict]  # per pool task: task_id, dataset, rewards, mean, std, chosen
     seconds: float = 0.0
+    own_answer_share: float | None = None  # of all screening rollouts: answered on their own, not forced
 
     def chosen_ids(self) -> list[str]:
         return [task.task_id for task in self.tasks]
@@ -64,17 +70,34 @@ def screen_tasks(pool: Sequence, toolbox_factory: Callable, base_model_dir: str 
     trajectories = run_agent(repeated, backend, factory, config, on_step=lambda turn, active: log(
         f"screening: turn {turn + 1}, {active} of {len(repeated)} conversations still going"))
     rewards: dict[str, list[float]] = {}
+    answered = []
     for trajectory in trajectories:
         outcome = RolloutOutcome.from_trajectory(trajectory, config.max_tool_calls)
         rewards.setdefault(trajectory.task_id, []).append(
             round(weighted_reward(outcome, recipe.reward_weights, recipe.reward_params), 4))
+        answered.append(outcome.answered)
     selection = choose_varied(pool, rewards, recipe.n_train_tasks)
     selection.seconds = round(time.perf_counter() - started, 1)
+    selection.own_answer_share = round(sum(answered) / len(answered), 4)
+    warning = budget_warning(selection.own_answer_share, recipe)
+    if warning:
+        log(warning)
     for dataset in dict.fromkeys(task.dataset for task in pool):
         rows = [row for row in selection.report if row["dataset"] == dataset]
         log(f"screening {dataset}: reward spread per task {[row['std'] for row in rows]}; chose "
             f"{[row['task_id'] for row in rows if row['chosen']]}")
     return selection
+
+
+def budget_warning(own_answer_share: float, recipe: RLRecipe) -> str | None:
+    """A warning when fewer than ``MIN_OWN_ANSWER_SHARE`` of the start policy's screening rollouts
+    answered on their own: the recipe's turn and tool budgets then force most answers."""
+    if own_answer_share >= MIN_OWN_ANSWER_SHARE:
+        return None
+    return (f"WARNING: only {own_answer_share:.0%} of the start policy's screening rollouts answered on their own; "
+            f"the loop forced the rest when RL recipe {recipe.name!r} v{recipe.version}'s budgets ran out "
+            f"(max_turns {recipe.max_turns}, max_tool_calls {recipe.max_tool_calls}), so GRPO would train on "
+            "forced answers. Give the policy more turns or tool calls than it makes.")
 
 
 def choose_varied(pool: Sequence, rewards: dict[str, list[float]], per_dataset: int) -> TaskSelection:
