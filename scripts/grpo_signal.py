@@ -2,7 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/grpo_signal.py --root DIR \\
         [--sft-adapter DIR/adapter] [--recipe demo] [--set FIELD=VALUE ...] [--datasets ml-1m amazon-cds] \\
-        [--answer-mode generate] [--unsolved-from POOL] [--out DIR]
+        [--answer-mode generate] [--unsolved-from POOL | --task-ids ID ...] [--out DIR]
 
 Reads the published tasks, tool indexes and ``assets/base_model`` under ``--root`` (build them
 with the pipeline or ``scripts/sft_learning_curve.py``), takes the recipe's ``n_train_tasks``
@@ -19,7 +19,9 @@ paired per-task figure: each train task's rollout NDCG@10 at its first and its l
 (greedy, the recipe's turn and token budgets) and trains on the first ``n_train_tasks`` per
 dataset it did not solve (NDCG@10 below 1): a solved task's rollouts can only stay or fall.
 A recipe with ``screen_pool`` (the demo's) picks its tasks by the stage's screening instead
-(``training/task_screening.py``); ``--set screen_pool=0`` takes the first tasks.
+(``training/task_screening.py``); ``--set screen_pool=0`` takes the first tasks. ``--task-ids``
+trains on the named train tasks and skips the screening: two recipes compared on the tasks an
+earlier run chose (its ``task_screening.chosen`` in ``metrics.json``) differ only by the recipe.
 Writes ``grpo_signal.json`` to ``--out`` (default ``<root>/grpo_signal``).
 """
 
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--prompt-history-len", type=int, default=10)
     parser.add_argument("--unsolved-from", type=int, default=0, metavar="POOL",
                         help="train on the start policy's unsolved tasks among the first POOL per dataset")
+    parser.add_argument("--task-ids", nargs="+", default=None, metavar="ID",
+                        help="train on these train tasks (dataset/train/N), without the screening")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -63,7 +67,12 @@ def main() -> None:
         overrides[field_name] = yaml.safe_load(value)
     recipe = load_rl_recipe(args.recipe).with_overrides(**overrides)
     layout = ArtifactLayout(args.root.resolve())
-    if args.unsolved_from:
+    if args.unsolved_from and args.task_ids:
+        parser.error("--unsolved-from and --task-ids both choose the tasks: give one")
+    if args.task_ids:  # n_train_tasks 0: look the ids up among all of the pool's tasks
+        tasks, toolboxes = rl_tasks(layout, args.datasets, 0, args.prompt_history_len, args.task_ids,
+                                    task_pool=recipe.task_pool)
+    elif args.unsolved_from:
         tasks, toolboxes = rl_tasks(layout, args.datasets, args.unsolved_from, args.prompt_history_len,
                                     task_pool=recipe.task_pool)
         tasks = unsolved_tasks(tasks, toolboxes, layout.asset_dir("base_model"), args.sft_adapter, recipe,

@@ -245,6 +245,24 @@ def test_the_unimitated_task_pool_leaves_out_every_task_sft_saw_a_solution_of(fi
         rl_stage.rl_tasks(layout, [DATASET], 2, 10, task_pool="unimitated")
 
 
+def test_named_rl_tasks_are_looked_up_among_the_whole_pool_and_an_unknown_id_is_named(tmp_path, monkeypatch):
+    """What ``scripts/grpo_signal.py --task-ids`` trains on: the named train tasks, in pool order."""
+    import recthinker_dagster.stages.rl as rl_stage
+
+    layout = ArtifactLayout(tmp_path)
+    splits = layout.asset_dir("task_splits", DATASET)
+    splits.mkdir(parents=True)
+    real_world().tasks.filter(pl.col("split") == "train").write_parquet(splits / "tasks_train.parquet")
+    monkeypatch.setattr(rl_stage, "load_tool_indexes", lambda layout, dataset: real_world().indexes)
+    every, _ = rl_stage.rl_tasks(layout, [DATASET], 0, 10)
+    named = [every[-1].task_id, every[0].task_id]
+    tasks, toolboxes = rl_stage.rl_tasks(layout, [DATASET], 0, 10, named)
+    assert [t.task_id for t in tasks] == [every[0].task_id, every[-1].task_id]
+    assert toolboxes(tasks[1]).task_id == every[-1].task_id
+    with pytest.raises(ValueError, match=r"\['ml-1m/train/nosuch'\] are not among the train tasks of"):
+        rl_stage.rl_tasks(layout, [DATASET], 0, 10, [every[0].task_id, "ml-1m/train/nosuch"])
+
+
 def test_a_finished_runs_rollouts_are_rebuilt_with_its_recipe_and_tasks(tmp_path, monkeypatch, prepared_base_model):
     import recthinker_dagster.stages.rl as rl_stage
     from recthinker_dagster.training.resampling import GRPORun

@@ -128,7 +128,8 @@ def rl_tasks(layout: ArtifactLayout, datasets: Sequence[str], n_train_tasks: int
         tasks.extend(agent_tasks(frame, indexes, prompt_history_len))
         factories[dataset] = Toolboxes(indexes)
     if task_ids is not None:
-        tasks = only_tasks(tasks, task_ids, f"the first {n_train_tasks} {task_pool} tasks of {list(datasets)}")
+        scope = f"the first {n_train_tasks} {task_pool} tasks" if n_train_tasks > 0 else f"the {task_pool} tasks"
+        tasks = only_tasks(tasks, task_ids, f"{scope} of {list(datasets)}")
     return tasks, DatasetToolboxes(factories)
 
 
