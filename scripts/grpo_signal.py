@@ -57,6 +57,8 @@ def main() -> None:
                         help="train on these train tasks (dataset/train/N), without the screening")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.unsolved_from and args.task_ids:
+        parser.error("--unsolved-from and --task-ids both choose the tasks: give one")
 
     from recthinker_dagster.training.callbacks import LogProgress
     from recthinker_dagster.training.grpo import train_grpo
@@ -67,8 +69,6 @@ def main() -> None:
         overrides[field_name] = yaml.safe_load(value)
     recipe = load_rl_recipe(args.recipe).with_overrides(**overrides)
     layout = ArtifactLayout(args.root.resolve())
-    if args.unsolved_from and args.task_ids:
-        parser.error("--unsolved-from and --task-ids both choose the tasks: give one")
     if args.task_ids:  # n_train_tasks 0: look the ids up among all of the pool's tasks
         tasks, toolboxes = rl_tasks(layout, args.datasets, 0, args.prompt_history_len, args.task_ids,
                                     task_pool=recipe.task_pool)

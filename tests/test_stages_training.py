@@ -214,15 +214,24 @@ def test_dataset_toolboxes_route_each_task_to_its_dataset():
     assert toolboxes(SimpleNamespace(dataset="b", task_id="t1")) == ("b", "t1")
 
 
-def test_the_unimitated_task_pool_leaves_out_every_task_sft_saw_a_solution_of(filtered, tmp_path, monkeypatch):
+def _published_train_tasks(tmp_path, monkeypatch) -> ArtifactLayout:
+    """A project under ``tmp_path`` with the real-world fixture's train tasks published and its
+    tool indexes served in place of the published ones."""
     import recthinker_dagster.stages.rl as rl_stage
 
-    published, _, _, _ = filtered
     layout = ArtifactLayout(tmp_path)
     splits = layout.asset_dir("task_splits", DATASET)
     splits.mkdir(parents=True)
     real_world().tasks.filter(pl.col("split") == "train").write_parquet(splits / "tasks_train.parquet")
     monkeypatch.setattr(rl_stage, "load_tool_indexes", lambda layout, dataset: real_world().indexes)
+    return layout
+
+
+def test_the_unimitated_task_pool_leaves_out_every_task_sft_saw_a_solution_of(filtered, tmp_path, monkeypatch):
+    import recthinker_dagster.stages.rl as rl_stage
+
+    published, _, _, _ = filtered
+    layout = _published_train_tasks(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="materialize filtered_trajectories first"):
         rl_stage.rl_tasks(layout, [DATASET], 0, 10, task_pool="unimitated")
     decisions = pl.read_parquet(published.asset_dir("filtered_trajectories") / "decisions.parquet")
@@ -249,11 +258,7 @@ def test_named_rl_tasks_are_looked_up_among_the_whole_pool_and_an_unknown_id_is_
     """What ``scripts/grpo_signal.py --task-ids`` trains on: the named train tasks, in pool order."""
     import recthinker_dagster.stages.rl as rl_stage
 
-    layout = ArtifactLayout(tmp_path)
-    splits = layout.asset_dir("task_splits", DATASET)
-    splits.mkdir(parents=True)
-    real_world().tasks.filter(pl.col("split") == "train").write_parquet(splits / "tasks_train.parquet")
-    monkeypatch.setattr(rl_stage, "load_tool_indexes", lambda layout, dataset: real_world().indexes)
+    layout = _published_train_tasks(tmp_path, monkeypatch)
     every, _ = rl_stage.rl_tasks(layout, [DATASET], 0, 10)
     named = [every[-1].task_id, every[0].task_id]
     tasks, toolboxes = rl_stage.rl_tasks(layout, [DATASET], 0, 10, named)
